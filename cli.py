@@ -1,0 +1,5 @@
+"""moa-search command line (placeholder until the CLI lands)."""
+
+
+def main() -> None:
+    print("moa-search")

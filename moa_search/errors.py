@@ -1,0 +1,2 @@
+class MoaSearchError(Exception):
+    """One-line user-facing error."""

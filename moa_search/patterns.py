@@ -1,0 +1,285 @@
+"""Sparse attention patterns: which keys a query sees, and what a KV head stores and reads.
+
+Every pattern is a small frozen dataclass registered by name, so plans, the CLI, the
+profiler, the search and the generic tests can iterate over ``PATTERNS`` and a new
+pattern is covered everywhere by adding one class here.
+
+Positions are 0-based. A query at position ``i`` has seen ``n = i + 1`` tokens. All
+patterns are causal (key ``j <= i``).
+
+Cache geometry shared by the runtime and the Triton kernels: a KV head keeps its first
+``sink`` positions in place, and later positions in a ring of ``ring`` slots
+(slot = sink + (p - sink) % ring). A query attends to the sink positions and to the most
+recent ``span_at(n)`` positions. Dense heads are the special case sink=0, ring >= n,
+span = n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moa_search.errors import MoaSearchError
+
+PATTERNS: dict[str, type[Pattern]] = {}
+
+
+def register(cls: type[Pattern]) -> type[Pattern]:
+    """Class decorator: make a pattern known to parse(), plans, CLI and generic tests."""
+    PATTERNS[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base class. Subclasses set ``name`` and implement the geometry methods."""
+
+    name: ClassVar[str] = ""
+    #: True when the kept keys depend on positions only (maskable in prefill, storable in
+    #: a ring). False for data-dependent patterns such as SparQ (full KV stays).
+    static: ClassVar[bool] = True
+
+    # --- geometry -------------------------------------------------------------------
+    @property
+    def sink(self) -> int:
+        return 0
+
+    def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
+        """Recent positions attended by a query that has seen ``n`` tokens (itself included)."""
+        return n
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bool mask, broadcast over ``q_pos[..., :, None]`` and ``k_pos[..., None, :]``."""
+        q = q_pos.unsqueeze(-1)
+        k = k_pos.unsqueeze(-2)
+        span = self.span_at(q + 1)
+        return (k <= q) & ((k < self.sink) | (q - k < span))
+
+    def stored_entries(self, n: int) -> int:
+        """KV entries a head must hold after ``n`` tokens so that later steps stay exact."""
+        return min(n, self.sink + int(self.span_at(n)))
+
+    def ring_size(self, max_len: int) -> int:
+        """Slots after the sink that a cache able to reach ``max_len`` tokens allocates."""
+        return max(1, min(max_len, self.sink + int(self.span_at(max_len))) - self.sink)
+
+    def capacity(self, max_len: int) -> int:
+        """Total slots (sink + ring) allocated for a cache that can reach ``max_len`` tokens."""
+        return min(max_len, self.sink) + self.ring_size(max_len)
+
+    def read_entries(self, n: int, head_dim: int) -> float:
+        """KV rows (K and V each ``head_dim`` wide) read by one decode step at length ``n``."""
+        return float(self.stored_entries(n))
+
+    # --- costs ----------------------------------------------------------------------
+    def bytes_stored(self, n: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V one KV head of one sequence holds after ``n`` tokens."""
+        return 2 * self.stored_entries(n) * head_dim * dtype_bytes
+
+    def bytes_read(self, n: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V one decode step reads for one KV head of one sequence."""
+        return int(round(2 * self.read_entries(n, head_dim) * head_dim * dtype_bytes))
+
+    # --- text form ------------------------------------------------------------------
+    def spec(self) -> str:
+        """Short string that ``parse`` turns back into an equal pattern."""
+        fields = [f for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        if not fields:
+            return self.name
+        args = ",".join(f"{f.name}={_fmt(getattr(self, f.name))}" for f in fields)
+        return f"{self.name}:{args}"
+
+    def validate(self, head_dim: int | None = None) -> None:
+        """Raise ValueError naming the offending parameter."""
+
+    def __str__(self) -> str:
+        return self.spec()
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return repr(value) if not value.is_integer() else f"{value:.1f}"
+    return str(value)
+
+
+@register
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Full causal attention: the baseline every plan is measured against."""
+
+    name: ClassVar[str] = "dense"
+
+    def ring_size(self, max_len: int) -> int:
+        return max_len
+
+
+@register
+@dataclass(frozen=True)
+class Window(Pattern):
+    """Sliding window with attention sinks (StreamingLLM): key j<sink or i-j<span."""
+
+    name: ClassVar[str] = "window"
+    sink: int = 0  # type: ignore[assignment]
+    span: int = 256
+
+    def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
+        if isinstance(n, torch.Tensor):
+            return torch.clamp(n, max=self.span)
+        return min(n, self.span)
+
+    def ring_size(self, max_len: int) -> int:
+        return max(1, min(self.span, max_len))
+
+    def validate(self, head_dim: int | None = None) -> None:
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.span <= 0:
+            raise ValueError(f"span must be > 0, got {self.span}")
+
+
+@register
+@dataclass(frozen=True)
+class Elastic(Pattern):
+    """MoA's elastic span: window of span(n) = floor(alpha + beta*n + 1/2), clamped to [1, n].
+
+    Evaluated per query, so prefill and token-by-token decode agree, and the span keeps
+    growing during generation. beta <= 1 guarantees an evicted key is never needed again.
+    """
+
+    name: ClassVar[str] = "elastic"
+    sink: int = 0  # type: ignore[assignment]
+    alpha: float = 0.0
+    beta: float = 0.25
+
+    def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
+        if isinstance(n, torch.Tensor):
+            raw = torch.floor(self.alpha + self.beta * n.to(torch.float64) + 0.5).to(n.dtype)
+            return torch.minimum(torch.clamp(raw, min=1), n)
+        raw = math.floor(self.alpha + self.beta * n + 0.5)
+        return max(1, min(n, raw))
+
+    def validate(self, head_dim: int | None = None) -> None:
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(
+                f"beta must be in [0, 1] (so evicted keys are never needed again), got {self.beta}"
+            )
+
+
+@register
+@dataclass(frozen=True)
+class SparQ(Pattern):
+    """SparQ decode (arXiv 2312.04985): bandwidth-saving, data-dependent; full KV is stored.
+
+    Per decode step: the top-r components of |q| (summed over the GQA group) select r
+    columns of K, approximate scores pick the top-k positions (the ``local`` most recent
+    always kept), exact attention runs over those, and the result is mixed with mean(V) by
+    the approximate softmax mass of the chosen positions. Prefill is dense.
+    """
+
+    name: ClassVar[str] = "sparq"
+    static: ClassVar[bool] = False
+    r: int = 16
+    k: int | None = None
+    k_ratio: float | None = None
+    local: int = 16
+
+    def k_at(self, n: int) -> int:
+        """Positions attended exactly at length n."""
+        if self.k is not None:
+            want = self.k
+        else:
+            want = math.ceil((self.k_ratio or 0.0) * n)
+        return max(1, min(n, max(want, min(self.local, n))))
+
+    def ring_size(self, max_len: int) -> int:
+        return max_len
+
+    def read_entries(self, n: int, head_dim: int) -> float:
+        # r of head_dim columns of K over n rows, then k full rows of K and V (counted as
+        # rows of the K+V pair, hence /2 for the K-only column read), plus mean(V).
+        return n * self.r / (2 * head_dim) + self.k_at(n) + 0.5
+
+    def validate(self, head_dim: int | None = None) -> None:
+        if self.r <= 0:
+            raise ValueError(f"r must be > 0, got {self.r}")
+        if head_dim is not None and self.r > head_dim:
+            raise ValueError(f"r must be <= head_dim ({head_dim}), got {self.r}")
+        if (self.k is None) == (self.k_ratio is None):
+            raise ValueError("give exactly one of k or k_ratio")
+        if self.k is not None and self.k <= 0:
+            raise ValueError(f"k must be > 0, got {self.k}")
+        if self.k_ratio is not None and not 0 < self.k_ratio <= 1:
+            raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
+        if self.local < 0:
+            raise ValueError(f"local must be >= 0, got {self.local}")
+
+
+def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
+    """Turn ``"window:sink=4,span=256"`` into ``Window(sink=4, span=256)``, validated.
+
+    Raises MoaSearchError with a one-line message on any malformed spec.
+    """
+    if isinstance(spec, Pattern):
+        try:
+            spec.validate(head_dim)
+        except ValueError as exc:
+            raise MoaSearchError(f"pattern {spec.spec()!r}: {exc}") from None
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise MoaSearchError(f"pattern spec must be a non-empty string, got {spec!r}")
+    text = spec.strip()
+    name, _, arg_text = text.partition(":")
+    name = name.strip().lower()
+    if name not in PATTERNS:
+        known = ", ".join(sorted(PATTERNS))
+        raise MoaSearchError(f"unknown pattern {name!r} in {text!r} (known: {known})")
+    cls = PATTERNS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in arg_text.split(","))):
+        key, eq, raw = part.partition("=")
+        key = key.strip()
+        if not eq:
+            raise MoaSearchError(f"pattern {text!r}: expected key=value, got {part!r}")
+        if key not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise MoaSearchError(
+                f"pattern {text!r}: unknown parameter {key!r} (allowed: {allowed})"
+            )
+        kwargs[key] = _convert(text, key, raw.strip(), fields[key].type)
+    pattern = cls(**kwargs)
+    try:
+        pattern.validate(head_dim)
+    except ValueError as exc:
+        raise MoaSearchError(f"pattern {text!r}: {exc}") from None
+    return pattern
+
+
+def _convert(text: str, key: str, raw: str, annotation: object) -> int | float:
+    wants_int = "int" in str(annotation)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MoaSearchError(f"pattern {text!r}: {key} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise MoaSearchError(f"pattern {text!r}: {key} must be finite, got {raw!r}")
+    if wants_int and "float" not in str(annotation):
+        if not value.is_integer():
+            raise MoaSearchError(f"pattern {text!r}: {key} must be an integer, got {raw!r}")
+        return int(value)
+    if wants_int and value.is_integer() and "." not in raw and "e" not in raw.lower():
+        return int(value)
+    return value
+
+
+def dense_causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Plain causal mask with the same broadcasting rules as ``Pattern.allowed``."""
+    return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)

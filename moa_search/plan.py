@@ -1,0 +1,334 @@
+"""Plans: which pattern every (layer, KV head) of one model runs, as a versioned YAML file.
+
+A plan names the model it was made for (shape + config fingerprint), the budget and
+lengths it was searched at, optional predicted/measured metrics, and per layer one pattern
+per KV head. Patterns live per KV head because a GQA group shares its cache; SparQ's index
+set is shared by the group too (as in the SparQ paper's GQA rule), so per-query-head
+patterns are not allowed.
+
+YAML layout (compact: a default plus per-layer overrides)::
+
+    moa_search_plan: 1
+    model: {name_or_path: smollm2-135m, architecture: LlamaForCausalLM, num_layers: 30,
+            num_attention_heads: 9, num_key_value_heads: 3, head_dim: 64, fingerprint: ...}
+    made_for: {lengths: [2048, 4096], budget: {memory: 0.25}}
+    metrics: {}
+    default: dense
+    layers:
+      0: "window:sink=64,span=512"          # every KV head of layer 0
+      3: [dense, "window:sink=4,span=256", "sparq:r=16,k=128,local=16"]  # one per KV head
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moa_search.errors import MoaSearchError
+from moa_search.patterns import Dense, Pattern, parse
+
+PLAN_VERSION = 1
+_FINGERPRINT_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "rope_theta",
+)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a plan needs to know about its model, and a fingerprint to refuse other models."""
+
+    name_or_path: str
+    architecture: str
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    fingerprint: str
+
+    @classmethod
+    def from_config(cls, config: Any, name_or_path: str | None = None) -> ModelIdentity:
+        """Build from a transformers config (or a model, whose ``.config`` is used)."""
+        config = getattr(config, "config", config)
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        return cls(
+            name_or_path=str(name_or_path or getattr(config, "_name_or_path", "") or "unknown"),
+            architecture=str(archs[0]),
+            num_layers=int(config.num_hidden_layers),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            fingerprint=config_fingerprint(config),
+        )
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+def config_fingerprint(config: Any) -> str:
+    """Stable short hash of the config fields that decide attention shapes and weights layout."""
+    config = getattr(config, "config", config)
+    values = {}
+    for key in _FINGERPRINT_KEYS:
+        value = getattr(config, key, None)
+        if key == "head_dim" and value is None:
+            value = config.hidden_size // config.num_attention_heads
+        if key == "rope_theta" and value is None:
+            rope = getattr(config, "rope_parameters", None) or {}
+            value = rope.get("rope_theta") if isinstance(rope, dict) else None
+        values[key] = value
+    blob = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """Per-layer, per-KV-head patterns for one model. ``heads[layer][kv_head]``."""
+
+    model: ModelIdentity
+    heads: list[list[Pattern]]
+    lengths: list[int] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    # --- queries --------------------------------------------------------------------
+    def pattern(self, layer: int, kv_head: int) -> Pattern:
+        return self.heads[layer][kv_head]
+
+    def distinct_patterns(self) -> list[Pattern]:
+        seen: dict[str, Pattern] = {}
+        for row in self.heads:
+            for p in row:
+                seen.setdefault(p.spec(), p)
+        return list(seen.values())
+
+    def kv_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V the plan's cache holds after ``n`` tokens."""
+        d = self.model.head_dim
+        return batch * sum(p.bytes_stored(n, d, dtype_bytes) for row in self.heads for p in row)
+
+    def read_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V one decode step reads at length ``n``."""
+        d = self.model.head_dim
+        return batch * sum(p.bytes_read(n, d, dtype_bytes) for row in self.heads for p in row)
+
+    def dense_kv_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+        m = self.model
+        return batch * m.num_layers * m.num_key_value_heads * 2 * n * m.head_dim * dtype_bytes
+
+    def memory_density(self, n: int) -> float:
+        """Plan KV memory as a fraction of dense at length ``n``."""
+        return self.kv_bytes(n) / self.dense_kv_bytes(n)
+
+    def read_density(self, n: int) -> float:
+        """Plan bytes read per decode step as a fraction of dense at length ``n``."""
+        return self.read_bytes(n) / self.dense_kv_bytes(n)
+
+    # --- (de)serialisation ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        specs = [[p.spec() for p in row] for row in self.heads]
+        counts: dict[str, int] = {}
+        for row in specs:
+            for s in row:
+                counts[s] = counts.get(s, 0) + 1
+        default = max(counts, key=lambda s: counts[s]) if counts else "dense"
+        layers: dict[int, Any] = {}
+        for i, row in enumerate(specs):
+            if all(s == default for s in row):
+                continue
+            layers[i] = row[0] if len(set(row)) == 1 else list(row)
+        return {
+            "moa_search_plan": PLAN_VERSION,
+            "model": dict(self.model.__dict__),
+            "made_for": {"lengths": list(self.lengths), "budget": dict(self.budget)},
+            "metrics": dict(self.metrics),
+            "notes": self.notes,
+            "default": default,
+            "layers": layers,
+        }
+
+    def check_model(self, config: Any, source: str = "plan") -> None:
+        """Refuse to run this plan on a model of another shape or config."""
+        other = ModelIdentity.from_config(config)
+        m = self.model
+        for key in ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(m, key) != getattr(other, key):
+                raise MoaSearchError(
+                    f"{source}: model.{key}: plan was made for {getattr(m, key)}, "
+                    f"model has {getattr(other, key)} (plan targets {m.name_or_path})"
+                )
+        if m.fingerprint != other.fingerprint:
+            raise MoaSearchError(
+                f"{source}: model.fingerprint: plan was made for {m.name_or_path} "
+                f"(fingerprint {m.fingerprint}), model {other.name_or_path} has {other.fingerprint}"
+            )
+
+
+def uniform_plan(model_or_config: Any, spec: str | Pattern, name_or_path: str | None = None) -> Plan:
+    """Give every KV head of every layer the same pattern (``spec`` as the CLI writes it)."""
+    identity = ModelIdentity.from_config(model_or_config, name_or_path)
+    pattern = parse(spec, identity.head_dim)
+    heads = [[pattern] * identity.num_key_value_heads for _ in range(identity.num_layers)]
+    return Plan(model=identity, heads=heads)
+
+
+def plan_from_dict(data: Any, source: str = "plan") -> Plan:
+    """Validate a parsed YAML document; every error names ``source`` and the field path."""
+
+    def fail(path: str, message: str) -> MoaSearchError:
+        return MoaSearchError(f"{source}: {path}: {message}")
+
+    if not isinstance(data, dict):
+        raise fail("<root>", f"expected a mapping, got {type(data).__name__}")
+    version = data.get("moa_search_plan")
+    if version != PLAN_VERSION:
+        raise fail("moa_search_plan", f"expected {PLAN_VERSION}, got {version!r}")
+    allowed_top = {"moa_search_plan", "model", "made_for", "metrics", "notes", "default", "layers"}
+    for key in data:
+        if key not in allowed_top:
+            raise fail(str(key), f"unknown field (allowed: {', '.join(sorted(allowed_top))})")
+
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise fail("model", "expected a mapping with the model identity")
+    ints = ("num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    strs = ("name_or_path", "architecture", "fingerprint")
+    kwargs: dict[str, Any] = {}
+    for key in ints:
+        value = model.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise fail(f"model.{key}", f"expected a positive integer, got {value!r}")
+        kwargs[key] = value
+    for key in strs:
+        value = model.get(key)
+        if not isinstance(value, str) or not value:
+            raise fail(f"model.{key}", f"expected a non-empty string, got {value!r}")
+        kwargs[key] = value
+    extra = set(model) - set(ints) - set(strs)
+    if extra:
+        raise fail(f"model.{sorted(extra)[0]}", "unknown field")
+    if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
+        raise fail("model.num_key_value_heads", "must divide num_attention_heads")
+    identity = ModelIdentity(**kwargs)
+    head_dim = identity.head_dim
+
+    def pattern_at(path: str, spec: Any) -> Pattern:
+        if not isinstance(spec, str):
+            raise fail(path, f"expected a pattern string like 'window:sink=4,span=256', got {spec!r}")
+        try:
+            return parse(spec, head_dim)
+        except MoaSearchError as exc:
+            raise fail(path, str(exc)) from None
+
+    default = pattern_at("default", data.get("default", "dense"))
+    heads = [[default] * identity.num_key_value_heads for _ in range(identity.num_layers)]
+    layers = data.get("layers") or {}
+    if isinstance(layers, list):
+        layers = dict(enumerate(layers))
+    if not isinstance(layers, dict):
+        raise fail("layers", f"expected a mapping layer -> pattern(s), got {type(layers).__name__}")
+    for key, value in layers.items():
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise fail(f"layers.{key}", "layer index must be an integer")
+        if not 0 <= key < identity.num_layers:
+            raise fail(f"layers.{key}", f"layer index out of range [0, {identity.num_layers})")
+        if isinstance(value, list):
+            if len(value) != identity.num_key_value_heads:
+                raise fail(
+                    f"layers.{key}",
+                    f"expected {identity.num_key_value_heads} patterns (one per KV head), "
+                    f"got {len(value)}",
+                )
+            heads[key] = [pattern_at(f"layers.{key}[{j}]", s) for j, s in enumerate(value)]
+        else:
+            heads[key] = [pattern_at(f"layers.{key}", value)] * identity.num_key_value_heads
+
+    made_for = data.get("made_for") or {}
+    if not isinstance(made_for, dict):
+        raise fail("made_for", "expected a mapping")
+    lengths = made_for.get("lengths") or []
+    if not isinstance(lengths, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths
+    ):
+        raise fail("made_for.lengths", f"expected a list of positive integers, got {lengths!r}")
+    budget = made_for.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise fail("made_for.budget", "expected a mapping")
+    metrics = data.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise fail("metrics", "expected a mapping")
+    notes = data.get("notes") or ""
+    if not isinstance(notes, str):
+        raise fail("notes", "expected a string")
+    return Plan(identity, heads, list(lengths), dict(budget), dict(metrics), notes)
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read and validate a plan YAML; one-line MoaSearchError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MoaSearchError(f"{path}: plan file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoaSearchError(f"{path}: cannot read plan ({type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise MoaSearchError(f"{path}: malformed YAML{where}") from None
+    return plan_from_dict(data, source=str(path))
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a plan."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(plan.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def validate(plan_or_path: Plan | str | os.PathLike[str], model_or_config: Any = None) -> Plan:
+    """Load (if a path) and check a plan, optionally against a model; returns the plan."""
+    plan = plan_or_path if isinstance(plan_or_path, Plan) else load_plan(plan_or_path)
+    source = "plan" if isinstance(plan_or_path, Plan) else str(plan_or_path)
+    for i, row in enumerate(plan.heads):
+        for j, p in enumerate(row):
+            try:
+                p.validate(plan.model.head_dim)
+            except ValueError as exc:
+                raise MoaSearchError(f"{source}: layers.{i}[{j}]: {exc}") from None
+    if model_or_config is not None:
+        plan.check_model(model_or_config, source)
+    return plan
+
+
+def dense_plan(model_or_config: Any) -> Plan:
+    return uniform_plan(model_or_config, Dense())

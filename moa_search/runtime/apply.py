@@ -1,0 +1,168 @@
+"""apply_plan / remove_plan: run a transformers causal LM with a plan, reversibly."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Literal
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from moa_search.errors import MoaSearchError
+from moa_search.plan import Plan, validate
+from moa_search.runtime import attention
+from moa_search.runtime.cache import MoACache, MoALayerCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+Backend = Literal["auto", "reference", "triton"]
+
+
+class PlanRuntime:
+    """State shared by the attention modules of one model while a plan is applied.
+
+    Use as a context manager or call :meth:`remove`. ``backend="auto"`` decodes with the
+    Triton kernels on CUDA tensors and with the PyTorch reference elsewhere.
+    """
+
+    def __init__(self, model: torch.nn.Module, plan: Plan, backend: Backend = "auto",
+                 max_cache_len: int | None = None):
+        self.model = model
+        self.plan = plan
+        self.backend = backend
+        self.max_cache_len = max_cache_len
+        self.active_cache: Any = None
+        self.padding_mask: torch.Tensor | None = None
+        self._saved_impl = model.config._attn_implementation
+        self._modules = _attention_modules(model, plan)
+        self._base = _base_model(model)
+        self._signature = inspect.signature(self._base.forward)
+        self._hook = None
+        self._kernels: Any = None
+
+    # --- lifecycle ----------------------------------------------------------------
+    def install(self) -> PlanRuntime:
+        attention.register()
+        for module in self._modules:
+            module._moa_runtime = self
+        _set_attn_impl(self.model, attention.ATTN_NAME)
+        self._hook = self._base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self.model._moa_runtime = self
+        return self
+
+    def remove(self) -> None:
+        """Restore the model's own attention; caches made under the plan stop being valid."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for module in self._modules:
+            module.__dict__.pop("_moa_runtime", None)
+        _set_attn_impl(self.model, self._saved_impl)
+        self.model.__dict__.pop("_moa_runtime", None)
+        self.active_cache = None
+
+    def __enter__(self) -> PlanRuntime:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def new_cache(self, max_cache_len: int | None = None) -> MoACache:
+        """A fresh per-head cache; pass it as ``past_key_values`` or let generate make one."""
+        return MoACache(self.plan, max_cache_len or self.max_cache_len)
+
+    # --- forward pre-hook -----------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        self.padding_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        cache = bound.get("past_key_values")
+        use_cache = bound.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True) and not self.model.training
+        fresh = cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0)
+        if not (use_cache and fresh):
+            self.active_cache = cache
+            return None
+        self.active_cache = cache = self.new_cache()
+        index = _arg_index(self._signature, "past_key_values")
+        if index < len(args):
+            args = (*args[:index], cache, *args[index + 1 :])
+        else:
+            kwargs = {**kwargs, "past_key_values": cache}
+        return args, kwargs
+
+    # --- decode dispatch ------------------------------------------------------------
+    def use_kernels(self, query: torch.Tensor, q_len: int) -> bool:
+        if q_len != 1 or self.backend == "reference" or not query.is_cuda:
+            return False
+        if self._kernels is None:
+            try:
+                from moa_search import kernels  # noqa: PLC0415 - optional, needs triton
+            except ImportError as exc:
+                if self.backend == "triton":
+                    raise MoaSearchError(f"backend 'triton' requested but unavailable: {exc}") from None
+                self._kernels = False
+                return False
+            self._kernels = kernels
+        return bool(self._kernels)
+
+    def kernel_decode(self, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor,
+                      scale: float) -> None:
+        """Decode one token for all heads of ``layer`` with the Triton kernels."""
+        from moa_search.runtime.kernel_dispatch import decode_layer  # noqa: PLC0415
+
+        decode_layer(self._kernels, layer, query, out, scale)
+
+
+def apply_plan(model: torch.nn.Module, plan_or_path: Plan | str | os.PathLike[str], *,
+               backend: Backend = "auto", max_cache_len: int | None = None) -> PlanRuntime:
+    """Run ``model`` with ``plan`` until :func:`remove_plan` (or the context manager exits).
+
+    ``model.generate`` and plain forward calls with ``use_cache`` get a :class:`MoACache`
+    automatically, so window/elastic heads really store fewer entries.
+    """
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MoaSearchError(
+            f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if backend not in ("auto", "reference", "triton"):
+        raise MoaSearchError(f"backend must be auto, reference or triton, got {backend!r}")
+    existing = getattr(model, "_moa_runtime", None)
+    if existing is not None:
+        existing.remove()
+    plan = validate(plan_or_path, model)
+    return PlanRuntime(model, plan, backend, max_cache_len).install()
+
+
+def remove_plan(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_plan` (no-op when no plan is applied)."""
+    runtime = getattr(model, "_moa_runtime", None)
+    if runtime is not None:
+        runtime.remove()
+
+
+def _attention_modules(model: torch.nn.Module, plan: Plan) -> list[torch.nn.Module]:
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    if len(found) != plan.model.num_layers:
+        raise MoaSearchError(
+            f"found {len(found)} attention modules, plan has {plan.model.num_layers} layers"
+        )
+    return found
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(model, "model", None)
+    return base if isinstance(base, torch.nn.Module) and hasattr(base, "layers") else model
+
+
+def _arg_index(signature: inspect.Signature, name: str) -> int:
+    return list(signature.parameters).index(name) if name in signature.parameters else 10**6
+
+
+def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            config._attn_implementation_internal = name

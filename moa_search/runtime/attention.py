@@ -1,0 +1,107 @@
+"""The attention function registered with transformers as ``"moa"``.
+
+transformers' Llama-family attention calls ``ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v,
+mask, scaling=...)``. apply_plan switches the model to ``"moa"`` and tags every attention
+module with its layer's patterns; this function then attends per KV head and, when a
+:class:`MoACache` is active, stores only what each head's pattern needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from moa_search.runtime.cache import MoACache, MoALayerCache
+from moa_search.runtime.reference import attend_head
+
+if TYPE_CHECKING:
+    from moa_search.runtime.apply import PlanRuntime
+
+ATTN_NAME = "moa"
+
+
+def _positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Token positions of a (B, L) real-token mask continuing from ``start``; -1 for padding."""
+    pos = torch.cumsum(real.long(), dim=1) - 1 + (start[:, None] if torch.is_tensor(start) else start)
+    return torch.where(real, pos, torch.full_like(pos, -1))
+
+
+def moa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: (B, Hq, Lq, D); key/value: (B, Hkv, Lk, D). Returns ((B, Lq, Hq, D), None)."""
+    runtime: PlanRuntime = module._moa_runtime
+    layer_idx: int = module.layer_idx
+    patterns = runtime.plan.heads[layer_idx]
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    mask2d = runtime.padding_mask
+
+    cache = runtime.active_cache
+    layer: MoALayerCache | None = None
+    if isinstance(cache, MoACache) and layer_idx < len(cache.layers):
+        layer = cache.layers[layer_idx]
+
+    out = torch.empty_like(query)
+    if layer is not None:
+        real = _real_mask(mask2d, batch, q_len, query.device)
+        q_pos = _positions(real, layer.lengths)
+        if runtime.use_kernels(query, q_len):
+            layer.append(key, value, q_pos)
+            runtime.kernel_decode(layer, query, out, scale)
+        else:
+            for h, pattern in enumerate(patterns):
+                k_old, v_old, pos_old = layer.gather(h)
+                sl = slice(h * group, (h + 1) * group)
+                k_all = torch.cat([k_old.to(key.dtype), key[:, h]], 1) if k_old.numel() else key[:, h]
+                v_all = torch.cat([v_old.to(key.dtype), value[:, h]], 1) if v_old.numel() else value[:, h]
+                k_pos = torch.cat([pos_old, q_pos], 1)
+                v_mean = None
+                if h in layer.sparq_heads and layer.v_sum is not None and q_len == 1:
+                    j = layer.sparq_heads.index(h)
+                    n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
+                    v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
+                out[:, sl] = attend_head(query[:, sl], k_all, v_all, q_pos, k_pos, pattern, scale,
+                                         v_mean)
+            layer.append(key, value, q_pos)
+    else:
+        # No patterned cache (training, use_cache=False, or a user-supplied dense cache):
+        # every head sees the full key range, masked by its pattern.
+        k_len = key.shape[2]
+        real_k = _real_mask(mask2d, batch, k_len, query.device)
+        k_pos = _positions(real_k)
+        q_pos = k_pos[:, -q_len:]
+        for h, pattern in enumerate(patterns):
+            sl = slice(h * group, (h + 1) * group)
+            out[:, sl] = attend_head(query[:, sl], key[:, h], value[:, h], q_pos, k_pos, pattern, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _real_mask(mask2d: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """(B, length) bool of real (non-padding) tokens among the last ``length`` positions."""
+    if mask2d is None or mask2d.shape[-1] < length:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return mask2d[:, -length:].to(device=device).bool()
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The "moa" attention builds its own masks from positions; skip transformers' 4D mask."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="moa"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, moa_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)

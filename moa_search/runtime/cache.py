@@ -1,0 +1,235 @@
+"""Per-head KV cache: every KV head of a layer stores only what its pattern needs.
+
+One packed K buffer and one V buffer per layer, shape (batch, total_slots, head_dim).
+KV head h owns slots [offset_h, offset_h + sink_h + ring_h). Position p of a sequence lives
+at slot offset_h + p when p < sink_h, else offset_h + sink_h + (p - sink_h) % ring_h. Dense
+and SparQ heads are sink=0 with a ring as long as the cache. The Triton decode kernels read
+this layout directly (no copies per step).
+
+Sequences of a batch may hold different numbers of real tokens (left padding is dropped at
+prefill), so lengths are per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from moa_search.patterns import Pattern, SparQ
+from moa_search.plan import Plan
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Slot geometry of one layer's KV heads for caches that can reach ``max_len`` tokens."""
+
+    max_len: int
+    offsets: tuple[int, ...]
+    sinks: tuple[int, ...]
+    rings: tuple[int, ...]
+
+    @classmethod
+    def build(cls, patterns: list[Pattern], max_len: int) -> HeadLayout:
+        offsets, sinks, rings = [], [], []
+        total = 0
+        for p in patterns:
+            sink = min(p.sink, max_len)
+            ring = p.ring_size(max_len)
+            offsets.append(total)
+            sinks.append(sink)
+            rings.append(ring)
+            total += sink + ring
+        return cls(max_len, tuple(offsets), tuple(sinks), tuple(rings))
+
+    @property
+    def total_slots(self) -> int:
+        return self.offsets[-1] + self.sinks[-1] + self.rings[-1] if self.offsets else 0
+
+    def capacity(self, head: int) -> int:
+        return self.sinks[head] + self.rings[head]
+
+
+class MoALayerCache(CacheLayerMixin):
+    """One layer's per-head cache. Writes happen in the attention function (see attention.py),
+    because a multi-token chunk must attend to old entries before the ring overwrites them."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, patterns: list[Pattern], max_cache_len: int | None = None):
+        super().__init__()
+        self.patterns = list(patterns)
+        self.max_cache_len = max_cache_len
+        self.layout: HeadLayout | None = None
+        self.lengths: torch.Tensor | None = None  # (B,) real tokens held per sequence
+        self.processed = 0  # tokens seen including padding: transformers' notion of length
+        self.sparq_heads = [h for h, p in enumerate(self.patterns) if isinstance(p, SparQ)]
+        self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
+        self._meta: dict[str, torch.Tensor] = {}
+
+    # --- transformers' Cache protocol ---------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch = key_states.shape[0]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.processed
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.processed + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.lengths is not None:
+            self.lengths.zero_()
+        if self.v_sum is not None:
+            self.v_sum.zero_()
+        self.processed = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.keys is None:
+            return
+        idx = beam_idx.to(self.keys.device)
+        self.keys = self.keys.index_select(0, idx)
+        self.values = self.values.index_select(0, idx)
+        self.lengths = self.lengths.index_select(0, idx)
+        if self.v_sum is not None:
+            self.v_sum = self.v_sum.index_select(0, idx)
+
+    # --- storage ------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return len(self.patterns)
+
+    def nbytes(self) -> int:
+        """Bytes held by K and V (the running V sums of SparQ heads are reported apart)."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    def slot_positions(self, head: int) -> torch.Tensor:
+        """(B, cap) position stored in each slot of ``head``; -1 where the slot is empty."""
+        layout = self.layout
+        sink, ring = layout.sinks[head], layout.rings[head]
+        n = self.lengths[:, None]
+        local = torch.arange(sink + ring, device=self.device)[None, :]
+        in_sink = local < sink
+        r = local - sink
+        last = n - 1 - sink - r  # distance back from the newest position to slot r's class
+        ring_pos = sink + r + ring * torch.div(last, ring, rounding_mode="floor")
+        pos = torch.where(in_sink, local.expand_as(ring_pos), ring_pos)
+        valid = torch.where(in_sink, local < n, last >= 0)
+        return torch.where(valid, pos, torch.full_like(pos, -1))
+
+    def gather(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys (B, cap, D), values (B, cap, D) and positions (B, cap) of ``head``."""
+        if self.keys is None:
+            batch = self.lengths.shape[0]
+            empty = torch.empty(batch, 0, 0, dtype=self.dtype, device=self.device)
+            return empty, empty, torch.empty(batch, 0, dtype=torch.long, device=self.device)
+        start = self.layout.offsets[head]
+        stop = start + self.layout.capacity(head)
+        return self.keys[:, start:stop], self.values[:, start:stop], self.slot_positions(head)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor):
+        """Store new tokens. key/value: (B, Hkv, L, D); positions: (B, L), -1 for padding."""
+        real = positions >= 0
+        new_lengths = self.lengths + real.sum(1)
+        self._ensure_capacity(int(new_lengths.max()), key_states)
+        self._write(self.keys, self.values, self.layout, key_states, value_states, positions,
+                    new_lengths)
+        if self.sparq_heads:
+            idx = torch.tensor(self.sparq_heads, device=self.device)
+            v = value_states.index_select(1, idx).float() * real[:, None, :, None]
+            self.v_sum += v.sum(2)
+        self.lengths = new_lengths
+        self.processed += key_states.shape[2]
+        self._meta = {}
+
+    def _write(self, keys, values, layout, k_new, v_new, positions, end_lengths) -> None:
+        batch, heads, length, _ = k_new.shape
+        dev = keys.device
+        offs = torch.tensor(layout.offsets, device=dev)[None, :, None]
+        sinks = torch.tensor(layout.sinks, device=dev)[None, :, None]
+        rings = torch.tensor(layout.rings, device=dev)[None, :, None]
+        p = positions[:, None, :].expand(batch, heads, length)
+        end = end_lengths[:, None, None]
+        alive = (p >= 0) & ((p < sinks) | (p >= end - rings))
+        slot = offs + torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, rings))
+        b_idx, h_idx, l_idx = alive.nonzero(as_tuple=True)
+        s_idx = slot[b_idx, h_idx, l_idx]
+        keys[b_idx, s_idx] = k_new[b_idx, h_idx, l_idx].to(keys.dtype)
+        values[b_idx, s_idx] = v_new[b_idx, h_idx, l_idx].to(values.dtype)
+
+    def _ensure_capacity(self, needed: int, like: torch.Tensor) -> None:
+        if self.layout is not None and needed <= self.layout.max_len:
+            return
+        batch, _, _, dim = like.shape
+        if self.layout is None:
+            max_len = max(needed, self.max_cache_len or 0)
+        else:
+            old = self.layout.max_len
+            max_len = max(needed, old + max(256, old // 4))
+        layout = HeadLayout.build(self.patterns, max_len)
+        keys = torch.zeros(batch, layout.total_slots, dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        if self.layout is not None:  # move live entries into the larger layout
+            for h in range(self.num_heads):
+                k, v, pos = self.gather(h)
+                self._write(keys, values, _single(layout, h), k[:, None], v[:, None], pos,
+                            self.lengths)
+        elif self.sparq_heads:
+            self.v_sum = torch.zeros(batch, len(self.sparq_heads), dim, dtype=torch.float32,
+                                     device=self.device)
+        self.keys, self.values, self.layout = keys, values, layout
+
+    def decode_metadata(self) -> dict[str, torch.Tensor]:
+        """int32 tensors the Triton kernels take: offsets, sinks, rings (Hkv,) and span (B, Hkv)."""
+        if not self._meta:
+            dev = self.device
+            lay = self.layout
+            spans = [p.span_at(self.lengths) for p in self.patterns]
+            self._meta = {
+                "head_offset": torch.tensor(lay.offsets, dtype=torch.int32, device=dev),
+                "head_sink": torch.tensor(lay.sinks, dtype=torch.int32, device=dev),
+                "head_ring": torch.tensor(lay.rings, dtype=torch.int32, device=dev),
+                "span": torch.stack(spans, 1).to(torch.int32),
+                "seq_len": self.lengths.to(torch.int32),
+            }
+        return self._meta
+
+
+def _single(layout: HeadLayout, head: int) -> HeadLayout:
+    """A one-head view of ``layout`` used to re-home one head's entries when growing."""
+    return HeadLayout(
+        layout.max_len, (layout.offsets[head],), (layout.sinks[head],), (layout.rings[head],)
+    )
+
+
+class MoACache(Cache):
+    """transformers Cache whose layers hold per-KV-head patterned storage for a plan."""
+
+    def __init__(self, plan: Plan, max_cache_len: int | None = None):
+        layers = [MoALayerCache(row, max_cache_len) for row in plan.heads]
+        super().__init__(layers=layers)
+        self.plan = plan
+
+    def nbytes(self) -> int:
+        """K and V bytes held by all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def seq_lengths(self) -> torch.Tensor | None:
+        """Real tokens held per sequence (padding excluded)."""
+        return self.layers[0].lengths if self.layers else None

@@ -1,0 +1,95 @@
+"""Plain PyTorch attention for one KV head under its pattern: the reference every fast path
+(Triton kernels, FlexAttention) is checked against. Works on any device and dtype."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from moa_search.patterns import Pattern, SparQ, dense_causal
+
+
+def attend_head(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    v_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of the G query heads of one KV group.
+
+    q: (B, G, Lq, D); k, v: (B, M, D); q_pos: (B, Lq) and k_pos: (B, M) token positions,
+    -1 for padding / empty slots. SparQ runs its decode algorithm when Lq == 1 and is dense
+    otherwise (SparQ is a decode method). Returns (B, G, Lq, D); padded queries get zeros.
+    """
+    if isinstance(pattern, SparQ) and q.shape[2] == 1:
+        return sparq_decode(q, k, v, k_pos, pattern, scale, v_mean)
+    rule = dense_causal if not pattern.static else pattern.allowed
+    mask = rule(q_pos, k_pos) & (k_pos >= 0)[:, None, :] & (q_pos >= 0)[:, :, None]
+    has_key = mask.any(-1, keepdim=True)  # (B, Lq, 1)
+    mask = mask | ~has_key  # keep softmax finite on rows with nothing to attend
+    kk = k[:, None].expand(-1, q.shape[1], -1, -1)
+    vv = v[:, None].expand(-1, q.shape[1], -1, -1)
+    out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype),
+                                         attn_mask=mask[:, None], scale=scale)
+    return out * has_key[:, None].to(out.dtype)
+
+
+def sparq_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    pattern: SparQ,
+    scale: float,
+    v_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SparQ (arXiv 2312.04985) for one decode token of one GQA group.
+
+    q: (B, G, 1, D); k, v: (B, M, D); k_pos: (B, M) with -1 for empty slots; v_mean: (B, D)
+    mean of V over the sequence (computed here when not given). The G query heads share
+    the top-r components (|q| summed over the group) and the top-k positions (approximate
+    softmax summed over the group); the ``local`` most recent positions are always kept.
+    """
+    batch, group, _, dim = q.shape
+    qf = q[:, :, 0].float()  # (B, G, D)
+    kf, vf = k.float(), v.float()
+    valid = k_pos >= 0
+    n = valid.sum(1)  # (B,) tokens in the sequence
+    newest = k_pos.max(1).values  # (B,)
+
+    r = min(pattern.r, dim)
+    idx_r = qf.abs().sum(1).topk(r, dim=-1).indices  # (B, r)
+    q_r = qf.gather(2, idx_r[:, None, :].expand(batch, group, r))
+    k_r = kf.gather(2, idx_r[:, None, :].expand(batch, k.shape[1], r))
+    approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / qf.abs().sum(-1).clamp_min(1e-30))
+    s_hat = torch.einsum("bgr,bmr->bgm", q_r, k_r) / approx_scale.clamp_min(1e-30)[..., None]
+    s_hat = s_hat.masked_fill(~valid[:, None, :], float("-inf"))
+    p_hat = torch.softmax(s_hat, dim=-1).nan_to_num(0.0)  # (B, G, M)
+
+    select = p_hat.sum(1)
+    is_local = valid & (k_pos > (newest - pattern.local)[:, None])
+    select = torch.where(is_local, torch.full_like(select, math.inf), select)
+    select = select.masked_fill(~valid, float("-inf"))
+    k_each = torch.tensor([pattern.k_at(int(m)) if m > 0 else 1 for m in n.tolist()],
+                          device=k.device)
+    top = int(min(k.shape[1], int(k_each.max()) if k_each.numel() else 1))
+    idx = select.topk(top, dim=-1).indices  # (B, top)
+    rank_ok = torch.arange(top, device=k.device)[None, :] < k_each[:, None]
+    chosen = valid.gather(1, idx) & rank_ok  # (B, top)
+
+    alpha = (p_hat.gather(2, idx[:, None, :].expand(batch, group, top)) * chosen[:, None]).sum(-1)
+    k_sel = kf.gather(1, idx[..., None].expand(batch, top, dim))
+    v_sel = vf.gather(1, idx[..., None].expand(batch, top, dim))
+    scores = torch.einsum("bgd,btd->bgt", qf, k_sel) * scale
+    scores = scores.masked_fill(~chosen[:, None, :], float("-inf"))
+    y = torch.einsum("bgt,btd->bgd", torch.softmax(scores, -1).nan_to_num(0.0), v_sel)
+    if v_mean is None:
+        v_mean = (vf * valid[..., None]).sum(1) / n.clamp_min(1)[:, None]
+    out = alpha[..., None] * y + (1 - alpha)[..., None] * v_mean.float()[:, None, :]
+    return out[:, :, None, :].to(q.dtype)
