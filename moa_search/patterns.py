@@ -193,10 +193,7 @@ class SparQ(Pattern):
 
     def k_at(self, n: int) -> int:
         """Positions attended exactly at length n."""
-        if self.k is not None:
-            want = self.k
-        else:
-            want = math.ceil((self.k_ratio or 0.0) * n)
+        want = self.k if self.k is not None else math.ceil((self.k_ratio or 0.0) * n)
         return max(1, min(n, max(want, min(self.local, n))))
 
     def ring_size(self, max_len: int) -> int:

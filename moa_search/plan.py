@@ -182,7 +182,9 @@ class Plan:
             )
 
 
-def uniform_plan(model_or_config: Any, spec: str | Pattern, name_or_path: str | None = None) -> Plan:
+def uniform_plan(
+    model_or_config: Any, spec: str | Pattern, name_or_path: str | None = None
+) -> Plan:
     """Give every KV head of every layer the same pattern (``spec`` as the CLI writes it)."""
     identity = ModelIdentity.from_config(model_or_config, name_or_path)
     pattern = parse(spec, identity.head_dim)
@@ -232,7 +234,9 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
 
     def pattern_at(path: str, spec: Any) -> Pattern:
         if not isinstance(spec, str):
-            raise fail(path, f"expected a pattern string like 'window:sink=4,span=256', got {spec!r}")
+            raise fail(
+                path, f"expected a pattern string like 'window:sink=4,span=256', got {spec!r}"
+            )
         try:
             return parse(spec, head_dim)
         except MoaSearchError as exc:

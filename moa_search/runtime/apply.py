@@ -25,8 +25,13 @@ class PlanRuntime:
     Triton kernels on CUDA tensors and with the PyTorch reference elsewhere.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: Plan, backend: Backend = "auto",
-                 max_cache_len: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        backend: Backend = "auto",
+        max_cache_len: int | None = None,
+    ):
         self.model = model
         self.plan = plan
         self.backend = backend
@@ -101,22 +106,30 @@ class PlanRuntime:
                 from moa_search import kernels  # noqa: PLC0415 - optional, needs triton
             except ImportError as exc:
                 if self.backend == "triton":
-                    raise MoaSearchError(f"backend 'triton' requested but unavailable: {exc}") from None
+                    raise MoaSearchError(
+                        f"backend 'triton' requested but unavailable: {exc}"
+                    ) from None
                 self._kernels = False
                 return False
             self._kernels = kernels
         return bool(self._kernels)
 
-    def kernel_decode(self, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor,
-                      scale: float) -> None:
+    def kernel_decode(
+        self, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> None:
         """Decode one token for all heads of ``layer`` with the Triton kernels."""
         from moa_search.runtime.kernel_dispatch import decode_layer  # noqa: PLC0415
 
         decode_layer(self._kernels, layer, query, out, scale)
 
 
-def apply_plan(model: torch.nn.Module, plan_or_path: Plan | str | os.PathLike[str], *,
-               backend: Backend = "auto", max_cache_len: int | None = None) -> PlanRuntime:
+def apply_plan(
+    model: torch.nn.Module,
+    plan_or_path: Plan | str | os.PathLike[str],
+    *,
+    backend: Backend = "auto",
+    max_cache_len: int | None = None,
+) -> PlanRuntime:
     """Run ``model`` with ``plan`` until :func:`remove_plan` (or the context manager exits).
 
     ``model.generate`` and plain forward calls with ``use_cache`` get a :class:`MoACache`
@@ -125,7 +138,8 @@ def apply_plan(model: torch.nn.Module, plan_or_path: Plan | str | os.PathLike[st
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MoaSearchError(
-            f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"model type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if backend not in ("auto", "reference", "triton"):
         raise MoaSearchError(f"backend must be auto, reference or triton, got {backend!r}")

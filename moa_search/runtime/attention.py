@@ -25,7 +25,9 @@ ATTN_NAME = "moa"
 
 def _positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
     """Token positions of a (B, L) real-token mask continuing from ``start``; -1 for padding."""
-    pos = torch.cumsum(real.long(), dim=1) - 1 + (start[:, None] if torch.is_tensor(start) else start)
+    pos = (
+        torch.cumsum(real.long(), dim=1) - 1 + (start[:, None] if torch.is_tensor(start) else start)
+    )
     return torch.where(real, pos, torch.full_like(pos, -1))
 
 
@@ -65,16 +67,23 @@ def moa_attention(
             for h, pattern in enumerate(patterns):
                 k_old, v_old, pos_old = layer.gather(h)
                 sl = slice(h * group, (h + 1) * group)
-                k_all = torch.cat([k_old.to(key.dtype), key[:, h]], 1) if k_old.numel() else key[:, h]
-                v_all = torch.cat([v_old.to(key.dtype), value[:, h]], 1) if v_old.numel() else value[:, h]
+                k_all = (
+                    torch.cat([k_old.to(key.dtype), key[:, h]], 1) if k_old.numel() else key[:, h]
+                )
+                v_all = (
+                    torch.cat([v_old.to(key.dtype), value[:, h]], 1)
+                    if v_old.numel()
+                    else value[:, h]
+                )
                 k_pos = torch.cat([pos_old, q_pos], 1)
                 v_mean = None
                 if h in layer.sparq_heads and layer.v_sum is not None and q_len == 1:
                     j = layer.sparq_heads.index(h)
                     n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
                     v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
-                out[:, sl] = attend_head(query[:, sl], k_all, v_all, q_pos, k_pos, pattern, scale,
-                                         v_mean)
+                out[:, sl] = attend_head(
+                    query[:, sl], k_all, v_all, q_pos, k_pos, pattern, scale, v_mean
+                )
             layer.append(key, value, q_pos)
     else:
         # No patterned cache (training, use_cache=False, or a user-supplied dense cache):
@@ -85,7 +94,9 @@ def moa_attention(
         q_pos = k_pos[:, -q_len:]
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)
-            out[:, sl] = attend_head(query[:, sl], key[:, h], value[:, h], q_pos, k_pos, pattern, scale)
+            out[:, sl] = attend_head(
+                query[:, sl], key[:, h], value[:, h], q_pos, k_pos, pattern, scale
+            )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -148,8 +148,9 @@ class MoALayerCache(CacheLayerMixin):
         real = positions >= 0
         new_lengths = self.lengths + real.sum(1)
         self._ensure_capacity(int(new_lengths.max()), key_states)
-        self._write(self.keys, self.values, self.layout, key_states, value_states, positions,
-                    new_lengths)
+        self._write(
+            self.keys, self.values, self.layout, key_states, value_states, positions, new_lengths
+        )
         if self.sparq_heads:
             idx = torch.tensor(self.sparq_heads, device=self.device)
             v = value_states.index_select(1, idx).float() * real[:, None, :, None]
@@ -188,11 +189,13 @@ class MoALayerCache(CacheLayerMixin):
         if self.layout is not None:  # move live entries into the larger layout
             for h in range(self.num_heads):
                 k, v, pos = self.gather(h)
-                self._write(keys, values, _single(layout, h), k[:, None], v[:, None], pos,
-                            self.lengths)
+                self._write(
+                    keys, values, _single(layout, h), k[:, None], v[:, None], pos, self.lengths
+                )
         elif self.sparq_heads:
-            self.v_sum = torch.zeros(batch, len(self.sparq_heads), dim, dtype=torch.float32,
-                                     device=self.device)
+            self.v_sum = torch.zeros(
+                batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
+            )
         self.keys, self.values, self.layout = keys, values, layout
 
     def decode_metadata(self) -> dict[str, torch.Tensor]:

@@ -35,8 +35,9 @@ def attend_head(
     mask = mask | ~has_key  # keep softmax finite on rows with nothing to attend
     kk = k[:, None].expand(-1, q.shape[1], -1, -1)
     vv = v[:, None].expand(-1, q.shape[1], -1, -1)
-    out = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype),
-                                         attn_mask=mask[:, None], scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, kk.to(q.dtype), vv.to(q.dtype), attn_mask=mask[:, None], scale=scale
+    )
     return out * has_key[:, None].to(out.dtype)
 
 
@@ -76,8 +77,9 @@ def sparq_decode(
     is_local = valid & (k_pos > (newest - pattern.local)[:, None])
     select = torch.where(is_local, torch.full_like(select, math.inf), select)
     select = select.masked_fill(~valid, float("-inf"))
-    k_each = torch.tensor([pattern.k_at(int(m)) if m > 0 else 1 for m in n.tolist()],
-                          device=k.device)
+    k_each = torch.tensor(
+        [pattern.k_at(int(m)) if m > 0 else 1 for m in n.tolist()], device=k.device
+    )
     top = int(min(k.shape[1], int(k_each.max()) if k_each.numel() else 1))
     idx = select.topk(top, dim=-1).indices  # (B, top)
     rank_ok = torch.arange(top, device=k.device)[None, :] < k_each[:, None]

@@ -1,0 +1,45 @@
+"""Human-readable summary of a plan: patterns per layer and costs relative to dense."""
+
+from __future__ import annotations
+
+from moa_search.plan import Plan
+
+
+def describe_plan(plan: Plan, lengths: list[int]) -> str:
+    """Per-layer table (patterns of each KV head, memory and bytes read vs dense) + totals."""
+    m = plan.model
+    lines = [
+        f"plan for {m.name_or_path} ({m.architecture}): {m.num_layers} layers x "
+        f"{m.num_key_value_heads} KV heads ({m.num_attention_heads} query heads), "
+        f"head_dim {m.head_dim}, fingerprint {m.fingerprint}",
+    ]
+    if plan.lengths or plan.budget:
+        lines.append(f"made for lengths {plan.lengths} under budget {plan.budget or '-'}")
+    for key, value in plan.metrics.items():
+        lines.append(f"metric {key}: {value}")
+    header = "layer  " + "  ".join(f"mem@{n:<6}" for n in lengths) + "  "
+    header += "  ".join(f"read@{n:<5}" for n in lengths) + "  patterns (per KV head)"
+    lines.append(header)
+    dense_head = {n: 2 * n * m.head_dim * 2 for n in lengths}
+    for i, row in enumerate(plan.heads):
+        mem = [
+            sum(p.bytes_stored(n, m.head_dim) for p in row) / (dense_head[n] * len(row))
+            for n in lengths
+        ]
+        read = [
+            sum(p.bytes_read(n, m.head_dim) for p in row) / (dense_head[n] * len(row))
+            for n in lengths
+        ]
+        cells = (
+            "  ".join(f"{x:>10.1%}" for x in mem) + "  " + "  ".join(f"{x:>10.1%}" for x in read)
+        )
+        lines.append(f"{i:>5}  {cells}  {' | '.join(p.spec() for p in row)}")
+    totals = "  ".join(f"{plan.memory_density(n):>10.1%}" for n in lengths)
+    totals += "  " + "  ".join(f"{plan.read_density(n):>10.1%}" for n in lengths)
+    lines.append(f"{'total':>5}  {totals}")
+    counts: dict[str, int] = {}
+    for row in plan.heads:
+        for p in row:
+            counts[p.name] = counts.get(p.name, 0) + 1
+    lines.append("heads by family: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""apply_plan on tiny random Llama models: exactness against dense and brute-force references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from moa_search import MoaSearchError, apply_plan, remove_plan, uniform_plan
+from moa_search.patterns import parse
+from tests.conftest import tiny_llama
+
+MIXED = [
+    ["window:sink=2,span=5", "elastic:sink=1,alpha=2,beta=0.5"],
+    ["dense", "window:sink=0,span=3"],
+]
+
+
+def _plan(model, rows):
+    plan = uniform_plan(model, "dense")
+    plan.heads = [[parse(s) for s in row] for row in rows]
+    return plan
+
+
+def _rule(spec: str, i: int, j: int) -> bool:
+    """The issue's rules written out longhand, independent of patterns.py."""
+    if j > i:
+        return False
+    name, _, args = spec.partition(":")
+    kw = {k: float(v) for k, v in (a.split("=") for a in args.split(",") if a)}
+    if name in ("dense", "sparq"):
+        return True
+    sink = kw.get("sink", 0)
+    if name == "window":
+        span = kw["span"]
+    else:
+        n = i + 1
+        span = max(1, min(n, math.floor(kw["alpha"] + kw["beta"] * n + 0.5)))
+    return j < sink or i - j < span
+
+
+def _bruteforce_logits(model, ids, rows):
+    """Eager softmax attention with masks built element by element from ``_rule``."""
+
+    def attn(module, q, k, v, mask, scaling=None, **kw):
+        b, hq, lq, d = q.shape
+        g = hq // k.shape[1]
+        out = torch.empty_like(q)
+        for h in range(hq):
+            spec = rows[module.layer_idx][h // g]
+            m = torch.tensor([[_rule(spec, i, j) for j in range(lq)] for i in range(lq)])
+            s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
+            out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("bruteforce_test", attn)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation_internal = "bruteforce_test"
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        model.config._attn_implementation_internal = saved
+
+
+@torch.no_grad()
+def test_dense_plan_reproduces_logits_and_generate(model):
+    ids = torch.randint(3, 128, (2, 33))
+    ref = model(ids).logits
+    ref_gen = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+    )
+    with apply_plan(model, uniform_plan(model, "dense")):
+        assert (model(ids).logits - ref).abs().max() <= 1e-5
+        gen = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+        )
+    assert torch.equal(gen, ref_gen)
+    assert model.config._attn_implementation == "sdpa", "remove restores the model"
+
+
+@torch.no_grad()
+def test_mixed_plan_prefill_matches_bruteforce(model):
+    ids = torch.randint(3, 128, (2, 24))
+    expected = _bruteforce_logits(model, ids, MIXED)
+    with apply_plan(model, _plan(model, MIXED)):
+        got_nocache = model(ids, use_cache=False).logits
+        got_cache = model(ids, use_cache=True).logits
+    assert (got_nocache - expected).abs().max() <= 1e-5
+    assert (got_cache - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 40])
+@torch.no_grad()
+def test_step_by_step_decode_equals_full_recompute(model, max_cache_len):
+    ids = torch.randint(3, 128, (2, 40))
+    with apply_plan(model, _plan(model, MIXED), max_cache_len=max_cache_len) as rt:
+        full = model(ids, use_cache=False).logits
+        cache = rt.new_cache()
+        pieces = [model(ids[:, :9], past_key_values=cache).logits]
+        pieces.append(model(ids[:, 9:13], past_key_values=cache).logits)  # chunked prefill
+        for t in range(13, 40):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_cache_bytes_equal_plan_prediction(model):
+    n = 50
+    ids = torch.randint(3, 128, (3, n))
+    plan = _plan(model, MIXED)
+    with apply_plan(model, plan, max_cache_len=n) as rt:
+        cache = rt.new_cache()
+        model(ids, past_key_values=cache)
+    assert cache.nbytes() == plan.kv_bytes(n, batch=3, dtype_bytes=4)
+    assert cache.nbytes() < plan.dense_kv_bytes(n, batch=3, dtype_bytes=4)
+
+
+@torch.no_grad()
+def test_sparq_full_r_and_k_equals_dense(model):
+    ids = torch.randint(3, 128, (2, 30))
+    head_dim = model.config.head_dim
+    sparq = uniform_plan(model, f"sparq:r={head_dim},k=4096,local=0")
+    ref = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with apply_plan(model, sparq):
+        got = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=5,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_sparq_small_k_changes_output(model):
+    ids = torch.randint(3, 128, (1, 60))
+    with apply_plan(model, uniform_plan(model, "sparq:r=2,k=2,local=1")) as rt:
+        cache = rt.new_cache()
+        model(ids[:, :-1], past_key_values=cache)
+        sparse = model(ids[:, -1:], past_key_values=cache).logits
+    dense = model(ids).logits[:, -1:]
+    assert (sparse - dense).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_generate_left_padding_matches_unpadded_runs():
+    model = tiny_llama(seed=3)
+    plan = _plan(model, MIXED)
+    a = torch.randint(3, 128, (1, 20))
+    b = torch.randint(3, 128, (1, 13))
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 7:], mask[1, 7:] = b[0], 1
+    with apply_plan(model, plan):
+        both = model.generate(
+            batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        alone = [
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            for x in (a, b)
+        ]
+        sampled = model.generate(
+            batch, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0
+        )
+    assert torch.equal(both[0, 20:], alone[0][0, 20:])
+    assert torch.equal(both[1, 20:], alone[1][0, 13:])
+    assert sampled.shape == (2, 24)
+
+
+def test_plan_for_other_model_refused(model):
+    other = tiny_llama(layers=3)
+    with pytest.raises(MoaSearchError, match="num_layers"):
+        apply_plan(model, uniform_plan(other, "dense"))
+
+
+def test_remove_plan_restores_model(model):
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+        apply_plan(model, uniform_plan(model, "window:sink=0,span=2"))
+        changed = model(ids).logits
+        remove_plan(model)
+        back = model(ids).logits
+    assert (changed - ref).abs().max() > 1e-4
+    assert torch.equal(back, ref)

@@ -1,0 +1,123 @@
+"""Generic tests over every registered pattern, plus the exact rules each one promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moa_search import MoaSearchError
+from moa_search.patterns import PATTERNS, Dense, Elastic, SparQ, Window, parse
+
+EXAMPLES = {
+    "dense": ["dense"],
+    "window": ["window:sink=4,span=16", "window:sink=0,span=1", "window:sink=32,span=8"],
+    "elastic": [
+        "elastic:sink=4,alpha=8,beta=0.25",
+        "elastic:sink=0,alpha=0,beta=1.0",
+        "elastic:sink=2,alpha=3.5,beta=0.0",
+    ],
+    "sparq": ["sparq:r=4,k=8,local=2", "sparq:r=16,k_ratio=0.25,local=0"],
+}
+
+
+def test_every_registered_pattern_has_examples():
+    assert set(EXAMPLES) == set(PATTERNS), "add examples for a new pattern here"
+
+
+ALL_SPECS = [s for specs in EXAMPLES.values() for s in specs]
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_spec_round_trip(spec):
+    p = parse(spec)
+    assert parse(p.spec()) == p
+    assert str(p) == p.spec()
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_mask_is_causal_and_keeps_self(spec):
+    p = parse(spec)
+    pos = torch.arange(70)
+    mask = p.allowed(pos, pos)
+    assert not mask.triu(1).any(), "a pattern may never look at future keys"
+    if p.static:
+        assert mask.diagonal().all(), "every query sees its own key"
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_storage_covers_every_future_query(spec):
+    """Keys a later query needs were never evicted: stored set at n is a superset."""
+    p = parse(spec)
+    if not p.static:
+        return
+    pos = torch.arange(90)
+    mask = p.allowed(pos, pos)
+    for n in range(1, 90):
+        needed_later = mask[n - 1 :, :n].any(0).sum().item()
+        # keys still needed at or after step n are within what the head stores at n
+        assert needed_later <= p.stored_entries(n)
+        assert p.stored_entries(n) <= n
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_costs_are_consistent(spec):
+    p = parse(spec)
+    for n in (1, 7, 64, 1000):
+        stored = p.bytes_stored(n, 64, 2)
+        assert stored == 2 * p.stored_entries(n) * 64 * 2
+        assert p.bytes_read(n, 64, 2) > 0
+        assert p.capacity(n) >= p.stored_entries(n)
+        if p.static:
+            assert p.bytes_read(n, 64, 2) == stored
+
+
+def test_window_rule_exact():
+    p = Window(sink=2, span=3)
+    pos = torch.arange(8)
+    mask = p.allowed(pos, pos)
+    for i in range(8):
+        for j in range(8):
+            assert bool(mask[i, j]) == (j <= i and (j < 2 or i - j < 3))
+
+
+def test_elastic_span_rule_and_growth():
+    p = Elastic(sink=1, alpha=2, beta=0.5)
+    assert [p.span_at(n) for n in (1, 2, 3, 4, 10)] == [1, 2, 3, 4, 7]
+    spans = [p.span_at(n) for n in range(1, 200)]
+    assert all(b - a in (0, 1) for a, b in zip(spans, spans[1:]))
+    assert p.span_at(torch.tensor([1, 10])).tolist() == [1, 7]
+
+
+def test_sparq_counts_bandwidth_not_memory():
+    p = SparQ(r=16, k=128, local=16)
+    assert p.stored_entries(4096) == 4096, "SparQ keeps the full cache"
+    assert p.bytes_read(4096, 128) < Dense().bytes_read(4096, 128) / 3
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("nope", "unknown pattern"),
+        ("window:span=0", "span must be > 0"),
+        ("window:sink=-1,span=4", "sink must be >= 0"),
+        ("window:spam=4", "unknown parameter"),
+        ("window:span", "expected key=value"),
+        ("window:span=abc", "must be a number"),
+        ("window:span=2.5", "must be an integer"),
+        ("elastic:beta=1.5", "beta must be in [0, 1]"),
+        ("sparq:r=16", "exactly one of k or k_ratio"),
+        ("sparq:r=0,k=4", "r must be > 0"),
+        ("sparq:r=4,k_ratio=2", "k_ratio must be in (0, 1]"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_specs_give_one_line_errors(spec, fragment):
+    with pytest.raises(MoaSearchError) as err:
+        parse(spec)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_r_larger_than_head_dim_rejected():
+    with pytest.raises(MoaSearchError, match="r must be <= head_dim"):
+        parse("sparq:r=128,k=4", head_dim=64)
