@@ -68,7 +68,8 @@ class MoALayerCache(CacheLayerMixin):
         self.processed = 0  # tokens seen including padding: transformers' notion of length
         self.sparq_heads = [h for h, p in enumerate(self.patterns) if isinstance(p, SparQ)]
         self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
-        self._meta: dict[str, torch.Tensor] = {}
+        self._geom: dict = {}
+        self._sparq_index: torch.Tensor | None = None
 
     # --- transformers' Cache protocol ---------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -144,31 +145,44 @@ class MoALayerCache(CacheLayerMixin):
         return self.keys[:, start:stop], self.values[:, start:stop], self.slot_positions(head)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor):
-        """Store new tokens. key/value: (B, Hkv, L, D); positions: (B, L), -1 for padding."""
+        """Store new tokens. key/value: (B, Hkv, L, D); positions: (B, L), -1 for padding.
+
+        Decode steps (L == 1) make no host synchronisation, so they can be CUDA-graph captured.
+        """
         real = positions >= 0
         new_lengths = self.lengths + real.sum(1)
-        self._ensure_capacity(int(new_lengths.max()), key_states)
+        # processed + L bounds every sequence's length without reading device memory.
+        self._ensure_capacity(self.processed + key_states.shape[2], key_states)
         self._write(
-            self.keys, self.values, self.layout, key_states, value_states, positions, new_lengths
+            self.keys, self.values, self._geom, key_states, value_states, positions, new_lengths
         )
         if self.sparq_heads:
-            idx = torch.tensor(self.sparq_heads, device=self.device)
-            v = value_states.index_select(1, idx).float() * real[:, None, :, None]
+            v = value_states.index_select(1, self._sparq_index).float() * real[:, None, :, None]
             self.v_sum += v.sum(2)
         self.lengths = new_lengths
         self.processed += key_states.shape[2]
-        self._meta = {}
 
-    def _write(self, keys, values, layout, k_new, v_new, positions, end_lengths) -> None:
+    @staticmethod
+    def _write(keys, values, geom, k_new, v_new, positions, end_lengths) -> None:
+        """Scatter new entries to their slots; only entries still alive at the end are written,
+        so a chunk longer than a ring never writes one slot twice."""
         batch, heads, length, _ = k_new.shape
-        dev = keys.device
-        offs = torch.tensor(layout.offsets, device=dev)[None, :, None]
-        sinks = torch.tensor(layout.sinks, device=dev)[None, :, None]
-        rings = torch.tensor(layout.rings, device=dev)[None, :, None]
+        offs, sinks, rings = geom["offsets"], geom["sinks"], geom["rings"]
         p = positions[:, None, :].expand(batch, heads, length)
+        slot = offs + torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, rings))
+        if length == 1:  # decode: one slot per (b, h); padding rewrites the old value
+            b_idx = torch.arange(batch, device=keys.device)[:, None].expand(batch, heads)
+            s_idx = slot[:, :, 0]
+            real = (p[:, :, 0] >= 0)[..., None]
+            keys[b_idx, s_idx] = torch.where(
+                real, k_new[:, :, 0].to(keys.dtype), keys[b_idx, s_idx]
+            )
+            values[b_idx, s_idx] = torch.where(
+                real, v_new[:, :, 0].to(values.dtype), values[b_idx, s_idx]
+            )
+            return
         end = end_lengths[:, None, None]
         alive = (p >= 0) & ((p < sinks) | (p >= end - rings))
-        slot = offs + torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, rings))
         b_idx, h_idx, l_idx = alive.nonzero(as_tuple=True)
         s_idx = slot[b_idx, h_idx, l_idx]
         keys[b_idx, s_idx] = k_new[b_idx, h_idx, l_idx].to(keys.dtype)
@@ -184,41 +198,48 @@ class MoALayerCache(CacheLayerMixin):
             old = self.layout.max_len
             max_len = max(needed, old + max(256, old // 4))
         layout = HeadLayout.build(self.patterns, max_len)
+        geom = _geometry(layout, self.device)
         keys = torch.zeros(batch, layout.total_slots, dim, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
         if self.layout is not None:  # move live entries into the larger layout
             for h in range(self.num_heads):
                 k, v, pos = self.gather(h)
-                self._write(
-                    keys, values, _single(layout, h), k[:, None], v[:, None], pos, self.lengths
+                one = {key: t[:, h : h + 1] for key, t in geom.items() if key != "int32"}
+                self._write(keys, values, one, k[:, None], v[:, None], pos, self.lengths)
+        else:
+            self._sparq_index = torch.tensor(self.sparq_heads, dtype=torch.long, device=self.device)
+            if self.sparq_heads:
+                self.v_sum = torch.zeros(
+                    batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
                 )
-        elif self.sparq_heads:
-            self.v_sum = torch.zeros(
-                batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
-            )
-        self.keys, self.values, self.layout = keys, values, layout
+        self.keys, self.values, self.layout, self._geom = keys, values, layout, geom
 
     def decode_metadata(self) -> dict[str, torch.Tensor]:
-        """int32 tensors the Triton kernels take: offsets, sinks, rings (Hkv,) and span (B, Hkv)."""
-        if not self._meta:
-            dev = self.device
-            lay = self.layout
-            spans = [p.span_at(self.lengths) for p in self.patterns]
-            self._meta = {
-                "head_offset": torch.tensor(lay.offsets, dtype=torch.int32, device=dev),
-                "head_sink": torch.tensor(lay.sinks, dtype=torch.int32, device=dev),
-                "head_ring": torch.tensor(lay.rings, dtype=torch.int32, device=dev),
-                "span": torch.stack(spans, 1).to(torch.int32),
-                "seq_len": self.lengths.to(torch.int32),
-            }
-        return self._meta
+        """What the Triton kernels take: int32 head_offset / head_sink / head_ring (Hkv,),
+        span (B, Hkv) for the current lengths, and seq_len (B,). No host synchronisation."""
+        spans = torch.stack([torch.as_tensor(p.span_at(self.lengths)) for p in self.patterns], 1)
+        meta = dict(self._geom["int32"])
+        meta["span"] = spans.to(torch.int32)
+        meta["seq_len"] = self.lengths.to(torch.int32)
+        return meta
 
 
-def _single(layout: HeadLayout, head: int) -> HeadLayout:
-    """A one-head view of ``layout`` used to re-home one head's entries when growing."""
-    return HeadLayout(
-        layout.max_len, (layout.offsets[head],), (layout.sinks[head],), (layout.rings[head],)
-    )
+def _geometry(layout: HeadLayout, device: torch.device) -> dict:
+    """Layout as device tensors, built once per layout (not per step)."""
+
+    def t(values: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return {
+        "offsets": t(layout.offsets, torch.long)[None, :, None],
+        "sinks": t(layout.sinks, torch.long)[None, :, None],
+        "rings": t(layout.rings, torch.long)[None, :, None],
+        "int32": {
+            "head_offset": t(layout.offsets, torch.int32),
+            "head_sink": t(layout.sinks, torch.int32),
+            "head_ring": t(layout.rings, torch.int32),
+        },
+    }
 
 
 class MoACache(Cache):
