@@ -150,7 +150,7 @@ class MoALayerCache(CacheLayerMixin):
         Decode steps (L == 1) make no host synchronisation, so they can be CUDA-graph captured.
         """
         real = positions >= 0
-        new_lengths = self.lengths + real.sum(1)
+        new_lengths = self.lengths + real.sum(1)  # before the write: alive-ness needs the end
         # processed + L bounds every sequence's length without reading device memory.
         self._ensure_capacity(self.processed + key_states.shape[2], key_states)
         self._write(
@@ -159,7 +159,7 @@ class MoALayerCache(CacheLayerMixin):
         if self.sparq_heads:
             v = value_states.index_select(1, self._sparq_index).float() * real[:, None, :, None]
             self.v_sum += v.sum(2)
-        self.lengths = new_lengths
+        self.lengths.copy_(new_lengths)  # in place: a captured CUDA graph keeps advancing it
         self.processed += key_states.shape[2]
 
     @staticmethod
