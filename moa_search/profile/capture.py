@@ -1,0 +1,231 @@
+"""Run one sample forward + backward and price every candidate inside each layer's backward.
+
+Why inside the backward: the influence needs Q, K, V and dL/dO of a layer at the same
+time. A custom attention function (registered with transformers' AttentionInterface)
+wraps SDPA in an autograd Function whose backward recomputes attention, hands
+(q, k, v, dO) to :func:`layer_influence` and frees them; with gradient checkpointing
+only one layer's tensors are alive at once, so memory stays O(N * tile) above training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from moa_search.patterns import Pattern, SparQ
+from moa_search.profile.influence import LayerInfluence, layer_influence
+
+ATTN_NAME = "moa_profile"
+LOSS_CHUNK = 1024  # tokens per lm_head + cross-entropy chunk (vocab-sized logits are large)
+
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+
+
+class _ProfiledAttention(torch.autograd.Function):
+    """Causal SDPA whose backward also calls ``hook(layer, q, k, v, dO, scale)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, layer: int, hook: LayerHook):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.layer, ctx.hook = scale, layer, hook
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    @staticmethod
+    def backward(ctx, d_out):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(
+                *leaves, is_causal=True, scale=ctx.scale, enable_gqa=True
+            )
+            grads = torch.autograd.grad(out, leaves, d_out)
+        with torch.no_grad():
+            ctx.hook(ctx.layer, q.detach(), k.detach(), v.detach(), d_out.detach(), ctx.scale)
+        return (*grads, None, None, None)
+
+
+def _profile_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: (1, Hq, N, D); key/value: (1, Hkv, N, D). Returns ((1, N, Hq, D), None)."""
+    hook: LayerHook = module._moa_profile_hook
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = _ProfiledAttention.apply(query, key, value, scale, module.layer_idx, hook)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Samples are unpadded and causal: skip transformers' 4D mask."""
+    return None
+
+
+def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            config._attn_implementation_internal = name
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Self-attention modules in layer order (Llama-family layout)."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+
+
+@contextmanager
+def profiling(
+    model: torch.nn.Module, hook: LayerHook, gradient_checkpointing: bool = True
+) -> Iterator[None]:
+    """Switch ``model`` to the profiling attention (and checkpointing); restore on exit."""
+    AttentionInterface.register(ATTN_NAME, _profile_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    saved_impl = model.config._attn_implementation
+    saved_train = model.training
+    saved_grad = [p.requires_grad for p in model.parameters()]
+    saved_ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+    modules = attention_modules(model)
+    for m in modules:
+        m._moa_profile_hook = hook
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()  # transformers only checkpoints in train mode; Llama has no dropout
+    _set_attn_impl(model, ATTN_NAME)
+    try:
+        yield
+    finally:
+        _set_attn_impl(model, saved_impl)
+        for m in modules:
+            m.__dict__.pop("_moa_profile_hook", None)
+        for p, g in zip(model.parameters(), saved_grad, strict=True):
+            p.requires_grad_(g)
+        if gradient_checkpointing and not saved_ckpt:
+            model.gradient_checkpointing_disable()
+        model.train(saved_train)
+
+
+def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or not hasattr(base, "layers"):
+        base = model.model
+    return base, model.get_output_embeddings()
+
+
+def _chunk_loss(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    return (F.cross_entropy(logits, targets, reduction="none") * weight).sum()
+
+
+def sample_loss(
+    model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, need_grad: bool
+) -> torch.Tensor:
+    """Mean next-token loss over marked tokens. input_ids, loss_mask: (N,).
+
+    The lm_head + cross-entropy runs in checkpointed chunks so vocab x N logits never
+    exist at once (128k vocab x 32k tokens would be 16 GB). Gradients flow from the
+    input embeddings, so no parameter gradients are kept.
+    """
+    base, head = _base_and_head(model)
+    device = model.get_input_embeddings().weight.device
+    ids = input_ids.to(device)[None]
+    embeds = model.get_input_embeddings()(ids)
+    if need_grad:
+        embeds = embeds.detach().requires_grad_(True)
+    hidden = base(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+    targets = ids[0, 1:]
+    weight = loss_mask.to(device)[1:].float()
+    count = weight.sum().clamp_min(1.0)
+    hidden = hidden[:-1].to(head.weight.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for c0 in range(0, hidden.shape[0], LOSS_CHUNK):
+        sl = slice(c0, c0 + LOSS_CHUNK)
+        args = (
+            hidden[sl],
+            head,
+            targets[sl].to(head.weight.device),
+            weight[sl].to(head.weight.device),
+        )
+        part = (
+            checkpoint(_chunk_loss, *args, use_reentrant=False)
+            if need_grad
+            else (_chunk_loss(*args))
+        )
+        total = total + part.to(total.device)
+    return total / count.to(total.device)
+
+
+class InfluenceRecorder:
+    """Collects :class:`LayerInfluence` per layer during one backward pass (on CPU)."""
+
+    def __init__(
+        self,
+        static: Sequence[Pattern],
+        sparq: Sequence[SparQ],
+        block_size: int,
+        tile_rows: int | None = None,
+    ):
+        self.static, self.sparq = list(static), list(sparq)
+        self.block_size, self.tile_rows = block_size, tile_rows
+        self.layers: dict[int, LayerInfluence] = {}
+
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        do: torch.Tensor,
+        scale: float,
+    ) -> None:
+        res = layer_influence(
+            q[0], k[0], v[0], do[0], scale, self.static, self.sparq, self.block_size, self.tile_rows
+        )
+        self.layers[layer] = LayerInfluence(
+            **{
+                f: getattr(res, f).cpu()
+                for f in ("moa", "row", "signed", "sparq_row", "sparq_signed", "blocks")
+            }
+        )
+
+
+def profile_sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    recorder: InfluenceRecorder,
+    gradient_checkpointing: bool = True,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward + backward; returns (dense loss, stacked results over layers).
+
+    Results: moa/row/signed (L, H, Cs), sparq_row/sparq_signed (L, H, Cq), blocks
+    (L, H, N/B, N/B).
+    """
+    recorder.layers.clear()
+    with profiling(model, recorder, gradient_checkpointing):
+        loss = sample_loss(model, input_ids, loss_mask, need_grad=True)
+        loss.backward()
+    n_layers = len(attention_modules(model))
+    missing = [i for i in range(n_layers) if i not in recorder.layers]
+    if missing:
+        raise RuntimeError(f"no gradient reached attention layers {missing}")
+    out = {
+        f: torch.stack([getattr(recorder.layers[i], f) for i in range(n_layers)])
+        for f in ("moa", "row", "signed", "sparq_row", "sparq_signed", "blocks")
+    }
+    return float(loss.detach()), out

@@ -1,0 +1,93 @@
+"""Profile pictures: where the sensitive heads are, and which heads look far back.
+
+* ``sensitivity_<family>.png``-style grid in one file: layer x query-head heatmap of the
+  predicted |loss change|, averaged over the family's candidates, at the longest length.
+* ``influence_distance.png``: per head, the share of total influence within distance d;
+  local heads rise at once, retrieval heads keep climbing to the far end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moa_search.profile.store import atomic_write
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def sensitivity_heatmap(table: pd.DataFrame, path: Path) -> Path:
+    """One panel per non-dense family: log10 mean |first-order change| (``delta_row_mean``,
+    a magnitude, so heads whose signed effects cancel still show) per (layer, query head)."""
+    plt = _pyplot()
+    length = int(table["length"].max())
+    rows = table[(table["head"] >= 0) & (table["length"] == length) & (table["family"] != "dense")]
+    families = sorted(rows["family"].unique())
+    fig, axes = plt.subplots(
+        1, max(1, len(families)), figsize=(4.2 * max(1, len(families)), 5), squeeze=False
+    )
+    for ax, fam in zip(axes[0], families, strict=False):
+        grid = (
+            rows[rows["family"] == fam]
+            .groupby(["layer", "head"])["delta_row_mean"]
+            .mean()
+            .unstack("head")
+            .sort_index()
+        )
+        img = ax.imshow(
+            np.log10(grid.to_numpy().clip(1e-9)), aspect="auto", origin="lower", cmap="viridis"
+        )
+        ax.set_title(
+            f"{fam}: log10 sensitivity |dloss|\n(mean over candidates, N={length})", fontsize=9
+        )
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        fig.colorbar(img, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def influence_distance(distance: torch.Tensor, block_size: int, path: Path) -> Path:
+    """distance: (L, H, nb) influence summed per block distance at one length."""
+    plt = _pyplot()
+    layers, heads, nb = distance.shape
+    curves = distance.double().reshape(layers * heads, nb)
+    share = curves.cumsum(-1) / curves.sum(-1, keepdim=True).clamp_min(1e-30)
+    x = (np.arange(nb) + 1) * block_size
+    near = share[:, : max(1, nb // 16)][:, -1].numpy()  # share within the nearest 1/16
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    cmap = plt.get_cmap("coolwarm_r")
+    for i in np.argsort(near):
+        ax.plot(x, share[i].numpy(), color=cmap(float(near[i])), lw=0.6, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("attention distance (tokens, block upper edge)")
+    ax.set_ylabel("share of influence within distance")
+    ax.set_title("per head: blue = local, red = retrieval")
+    img = ax2.imshow(
+        near.reshape(layers, heads),
+        aspect="auto",
+        origin="lower",
+        cmap="coolwarm_r",
+        vmin=0,
+        vmax=1,
+    )
+    ax2.set_title(f"share of influence within {max(1, nb // 16) * block_size} tokens")
+    ax2.set_xlabel("query head")
+    ax2.set_ylabel("layer")
+    fig.colorbar(img, ax=ax2, shrink=0.8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

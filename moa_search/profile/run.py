@@ -1,0 +1,462 @@
+"""``profile(...)``: the one library call behind ``moa-search profile``.
+
+Why this shape: each (length, sample) is one forward + backward whose result is
+checkpointed on its own, so the work splits over devices (one worker process per
+device, results merged from the checkpoint files) and a killed run resumes where it
+stopped. Merging, validation and plots run once every checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from moa_search.errors import MoaSearchError
+from moa_search.patterns import Pattern
+from moa_search.plan import ModelIdentity
+from moa_search.profile import calib as calib_mod
+from moa_search.profile import store
+from moa_search.profile.candidates import resolve_candidates, split_static
+from moa_search.profile.capture import InfluenceRecorder, profile_sample
+from moa_search.profile.table import PRIMARY, build_table, mean_blocks
+
+METHOD_VERSION = "moa-influence-1"
+DEFAULT_LENGTHS = (2048, 4096, 8192)
+
+
+@dataclass
+class ProfileResult:
+    """Where the profile went, its tidy table and its metadata."""
+
+    out: Path
+    table: pd.DataFrame
+    meta: dict[str, Any]
+
+
+# --- small helpers ------------------------------------------------------------------
+def _device_list(device: str | None, devices: str | Sequence[str] | None) -> list[str]:
+    if devices:
+        found = [d.strip() for d in (devices.split(",") if isinstance(devices, str) else devices)]
+        return [d for d in found if d]
+    if device:
+        return [device]
+    return ["cuda" if torch.cuda.is_available() else "cpu"]
+
+
+def _dtype_name(dtype: str | torch.dtype | None, device: str) -> str:
+    if dtype is None:
+        return "bfloat16" if device.startswith(("cuda", "auto")) else "float32"
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    name = names.get(dtype, dtype)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise MoaSearchError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    return name
+
+
+def _check_lengths(lengths: Sequence[int] | str, block_size: int) -> list[int]:
+    if isinstance(lengths, str):
+        try:
+            lengths = [int(x) for x in lengths.split(",") if x.strip()]
+        except ValueError:
+            raise MoaSearchError(
+                f"lengths: expected integers like 2048,4096, got {lengths!r}"
+            ) from None
+    if isinstance(lengths, int):
+        lengths = [lengths]
+    if block_size <= 0:
+        raise MoaSearchError(f"block_size: expected a positive integer, got {block_size}")
+    found = sorted({int(n) for n in lengths})
+    if not found:
+        raise MoaSearchError("lengths: expected at least one length")
+    for n in found:
+        if n <= 0 or n % block_size:
+            raise MoaSearchError(
+                f"lengths: {n} is not a positive multiple of the block size "
+                f"{block_size} (use e.g. {max(1, n // block_size) * block_size})"
+            )
+    return found
+
+
+def _config(model: Any) -> Any:
+    if isinstance(model, torch.nn.Module):
+        return model.config
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from moa_search.models import resolve_model_path  # noqa: PLC0415
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model))
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MoaSearchError(f"cannot load model {model!r}: {first}") from None
+
+
+def load_for_profile(model: Any, dtype: str, device: str) -> torch.nn.Module:
+    """A model on ``device``; ``device="auto"`` shards it over all GPUs (accelerate)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    from moa_search.models import load_model, resolve_model_path  # noqa: PLC0415
+
+    if device != "auto":
+        return load_model(model, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model), dtype=getattr(torch, dtype), device_map="auto"
+    ).eval()
+
+
+def _tokenizer(model: Any) -> Any:
+    from moa_search.models import load_tokenizer  # noqa: PLC0415
+
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "")
+    if not name:
+        return None
+    try:
+        return load_tokenizer(name)
+    except MoaSearchError:
+        return None
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _oom_message(device: Any, length: int) -> str:
+    return (
+        f"out of memory on {device} at length {length}: try smaller --lengths, fewer "
+        f"--samples, keep gradient checkpointing on, or shard with --device auto"
+    )
+
+
+# --- one job ------------------------------------------------------------------------
+def run_job(
+    model: torch.nn.Module,
+    sample: calib_mod.Sample,
+    length: int,
+    index: int,
+    recorder: InfluenceRecorder,
+    out: Path,
+    gradient_checkpointing: bool,
+) -> None:
+    """Profile one (length, sample) and checkpoint it atomically."""
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        loss, res = profile_sample(
+            model, sample.input_ids, sample.loss_mask, recorder, gradient_checkpointing
+        )
+    except torch.OutOfMemoryError:
+        raise MoaSearchError(_oom_message(device, length)) from None
+    seconds = time.perf_counter() - start
+    res["loss"] = torch.tensor([loss], dtype=torch.float64)
+    meta = {
+        "seconds": f"{seconds:.3f}",
+        "peak_bytes": str(_peak_bytes(device)),
+        "device": str(device),
+    }
+    store.write_tensors(store.checkpoint_path(out, length, index), res, meta)
+
+
+def _recorder(
+    cands: Sequence[Pattern], block_size: int, tile_rows: int | None
+) -> InfluenceRecorder:
+    static, sparq = split_static(cands)
+    return InfluenceRecorder(static, sparq, block_size, tile_rows)
+
+
+def _worker(
+    spec: dict[str, Any],
+    device: str,
+    jobs: list[tuple[int, int]],
+    out: str,
+    rank: int,
+    threads: int,
+) -> None:
+    """Process entry for data-parallel profiling: load, run its jobs, report errors."""
+    out_p = Path(out)
+    try:
+        torch.set_num_threads(max(1, threads))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        from moa_search.patterns import parse  # noqa: PLC0415
+
+        model = load_for_profile(spec["model"], spec["dtype"], device)
+        cands = [parse(c) for c in spec["candidates"]]
+        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"])
+        samples = calib_mod.from_tensors(store.read_tensors(out_p / store.CALIB))
+        for length, i in jobs:
+            run_job(
+                model,
+                samples[length][i],
+                length,
+                i,
+                recorder,
+                out_p,
+                spec["gradient_checkpointing"],
+            )
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        text = str(exc).strip().splitlines()
+        msg = text[0] if text else type(exc).__name__
+        if not isinstance(exc, MoaSearchError):
+            msg = f"{type(exc).__name__}: {msg}"
+        (out_p / store.CHECKPOINTS / f"worker{rank}.error").write_text(f"{device}: {msg}\n")
+        raise SystemExit(1) from None
+
+
+def _run_parallel(
+    spec: dict[str, Any], devices: list[str], todo: list[tuple[int, int]], out: Path, bar: Any
+) -> None:
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    ctx = mp.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    for f in (out / store.CHECKPOINTS).glob("worker*.error"):
+        f.unlink()
+    procs = []
+    for rank, dev in enumerate(devices):
+        mine = todo[rank :: len(devices)]
+        if mine:
+            p = ctx.Process(target=_worker, args=(spec, dev, mine, str(out), rank, threads))
+            p.start()
+            procs.append(p)
+    seen = 0
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            now = len(store.done_jobs(out, todo))
+            bar.update(now - seen)
+            seen = now
+    finally:
+        for p in procs:
+            p.join()
+    bar.update(len(store.done_jobs(out, todo)) - seen)
+    errors = sorted((out / store.CHECKPOINTS).glob("worker*.error"))
+    if errors:
+        raise MoaSearchError(errors[0].read_text().strip())
+    bad = [p.exitcode for p in procs if p.exitcode]
+    if bad:
+        raise MoaSearchError(f"a profiling worker exited with code {bad[0]}")
+
+
+# --- entry point --------------------------------------------------------------------
+def profile(
+    model: str | torch.nn.Module = "smollm2-135m",
+    calib: Any = None,
+    lengths: Sequence[int] | str = DEFAULT_LENGTHS,
+    out: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    devices: str | Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    samples: int = 8,
+    block_size: int = 64,
+    seed: int = 0,
+    loss: str = "all",
+    gradient_checkpointing: bool = True,
+    validate: int = 0,
+    overwrite: bool = False,
+    candidates: Sequence[str | Pattern] | str | None = None,
+    tile_rows: int | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> ProfileResult:
+    """Profile per-head sensitivity of ``model`` to every candidate pattern; resumable.
+
+    Writes ``out``/profile.parquet, influence.safetensors, meta.json, plots/*.png and
+    checkpoints; a rerun with the same arguments continues, other arguments are refused
+    unless ``overwrite``. ``devices="cuda:0,cuda:1"`` splits samples over devices;
+    ``device="auto"`` shards one model over all GPUs. ``validate=M`` measures M single-head
+    ablations and stores the Spearman correlation with the prediction.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    wall = time.perf_counter()
+    device_list = _device_list(device, devices)
+    dtype_name = _dtype_name(dtype, device_list[0])
+    lengths = _check_lengths(lengths, block_size)
+    if samples <= 0:
+        raise MoaSearchError(f"samples: expected a positive integer, got {samples}")
+    if isinstance(model, torch.nn.Module) and len(device_list) > 1:
+        raise MoaSearchError(
+            "devices: several devices need a model name or path, not a model object"
+        )
+    config = _config(model)
+    from moa_search.models import check_supported  # noqa: PLC0415
+
+    check_supported(config)
+    name = model if isinstance(model, (str, os.PathLike)) else None
+    identity = ModelIdentity.from_config(config, str(name) if name else None)
+    cands = resolve_candidates(candidates, lengths, block_size, identity.head_dim)
+    split_static(cands)
+    out = Path(out) if out is not None else Path("profiles") / Path(identity.name_or_path).name
+
+    loaded = model if isinstance(model, torch.nn.Module) else None
+    if loaded is None and len(device_list) == 1:
+        loaded = load_for_profile(model, dtype_name, device_list[0])
+    given = isinstance(calib, (torch.Tensor, list, tuple))
+    tokenizer = None if given else _tokenizer(model)
+    sample_sets = {
+        n: calib_mod.load_samples(calib, tokenizer, n, samples, seed, loss) for n in lengths
+    }
+    counts = {n: len(s) for n, s in sample_sets.items()}
+    calib_hash = calib_mod.calibration_hash(sample_sets)
+    args = {
+        "method_version": METHOD_VERSION,
+        "model": dict(identity.__dict__),
+        "calibration_hash": calib_hash,
+        "lengths": lengths,
+        "block_size": block_size,
+        "samples": {str(n): c for n, c in counts.items()},
+        "seed": seed,
+        "loss": loss,
+        "dtype": dtype_name,
+        "candidates": [c.spec() for c in cands],
+    }
+    resumed = store.prepare_folder(out, args, overwrite)
+    if not (out / store.CALIB).is_file():
+        store.write_tensors(out / store.CALIB, calib_mod.to_tensors(sample_sets))
+
+    jobs = [(n, i) for n in lengths for i in range(counts[n])]
+    done = store.done_jobs(out, jobs)
+    todo = [j for j in jobs if j not in done]
+    bar = tqdm(
+        total=len(jobs), initial=len(done), desc="profile", unit="sample", disable=not progress
+    )
+    try:
+        if todo and len(device_list) > 1:
+            spec = {
+                "model": str(model),
+                "dtype": dtype_name,
+                "block_size": block_size,
+                "candidates": args["candidates"],
+                "tile_rows": tile_rows,
+                "gradient_checkpointing": gradient_checkpointing,
+            }
+            _run_parallel(spec, device_list, todo, out, bar)
+        elif todo:
+            recorder = _recorder(cands, block_size, tile_rows)
+            for n, i in todo:
+                bar.set_postfix(length=n, sample=i)
+                run_job(loaded, sample_sets[n][i], n, i, recorder, out, gradient_checkpointing)
+                bar.update(1)
+    finally:
+        bar.close()
+
+    table = build_table(
+        out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
+    )
+    store.atomic_write(out / "profile.parquet", lambda tmp: table.to_parquet(tmp, index=False))
+    blocks = mean_blocks(out, lengths, counts)
+    store.write_tensors(
+        out / "influence.safetensors",
+        blocks,
+        {"block_size": str(block_size), "lengths": ",".join(map(str, lengths))},
+    )
+
+    validation = _maybe_validate(
+        model,
+        loaded,
+        device_list[0],
+        dtype_name,
+        validate,
+        seed,
+        out,
+        table,
+        sample_sets,
+        lengths,
+        progress,
+    )
+    jobs_meta = [store.read_tensors_metadata(store.checkpoint_path(out, *j)) for j in jobs]
+    meta = {
+        "method_version": METHOD_VERSION,
+        "model": dict(identity.__dict__),
+        "calibration": {
+            "source": "given tokens" if given else "built-in" if calib is None else str(calib),
+            "hash": calib_hash,
+            "loss": loss,
+            "n_samples": counts,
+        },
+        "lengths": lengths,
+        "block_size": block_size,
+        "seed": seed,
+        "dtype": dtype_name,
+        "candidates": args["candidates"],
+        "primary_estimator": PRIMARY,
+        "devices": device_list,
+        "gradient_checkpointing": gradient_checkpointing,
+        "elapsed_s": round(sum(float(m.get("seconds", 0)) for m in jobs_meta), 3),
+        "wall_s_last_run": round(time.perf_counter() - wall, 3),
+        "resumed": resumed,
+        "peak_memory_bytes": max(int(m.get("peak_bytes", 0)) for m in jobs_meta),
+        "spearman": validation.get("spearman") if validation else None,
+        "validation": {k: v for k, v in validation.items() if k != "records"}
+        if validation
+        else None,
+    }
+    store.write_json(out / "meta.json", meta)
+    if plots:
+        from moa_search.profile import plots as plots_mod  # noqa: PLC0415
+
+        plots_mod.sensitivity_heatmap(table, out / "plots" / "sensitivity_heatmap.png")
+        plots_mod.influence_distance(
+            blocks[f"distance.{lengths[-1]}"], block_size, out / "plots" / "influence_distance.png"
+        )
+    if validation and progress:
+        print(
+            f"validation: Spearman(predicted, measured) = {validation['spearman']} over "
+            f"{validation['pairs']} single-head ablations at length {validation['length']}",
+            file=sys.stderr,
+        )
+    return ProfileResult(out, table, meta)
+
+
+def _maybe_validate(
+    model: Any,
+    loaded: torch.nn.Module | None,
+    device: str,
+    dtype: str,
+    m: int,
+    seed: int,
+    out: Path,
+    table: pd.DataFrame,
+    sample_sets: dict[int, list[calib_mod.Sample]],
+    lengths: list[int],
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Run (or reuse from validation.json) the single-head ablation check."""
+    if m <= 0:
+        return None
+    path = out / "validation.json"
+    if path.is_file():
+        import json  # noqa: PLC0415
+
+        old = json.loads(path.read_text())
+        if old.get("m") == m and old.get("seed") == seed:
+            return old
+    from moa_search.profile.validate import validate_profile  # noqa: PLC0415
+
+    if loaded is None:
+        loaded = load_for_profile(model, dtype, device)
+    length = lengths[0]
+    try:
+        result = validate_profile(loaded, sample_sets[length], table, length, m, seed, progress)
+    except torch.OutOfMemoryError:
+        raise MoaSearchError(_oom_message(device, length)) from None
+    result.update(m=m, seed=seed)
+    store.write_json(path, result)
+    return result

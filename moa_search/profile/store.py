@@ -1,0 +1,123 @@
+"""The profile folder on disk: atomic files, per-(sample, length) checkpoints, resume rules.
+
+Layout of ``out/``::
+
+    args.json                   what the profile was asked for (a rerun must match)
+    calibration.safetensors     the exact token ids + loss masks profiled
+    checkpoints/len{N}/s{i}.safetensors   one finished (sample, length): kill-safe unit
+    profile.parquet  influence.safetensors  meta.json  plots/*.png   the results
+
+Every file is written to a temp name in the same folder and renamed, so a kill leaves
+either the old file or the new one, never half of one; no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moa_search.errors import MoaSearchError
+
+ARGS = "args.json"
+CALIB = "calibration.safetensors"
+CHECKPOINTS = "checkpoints"
+RESULTS = ("profile.parquet", "influence.safetensors", "meta.json", "validation.json")
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``; the temp file never survives."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    text = json.dumps(data, indent=1, sort_keys=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def checkpoint_path(out: Path, length: int, sample: int) -> Path:
+    return out / CHECKPOINTS / f"len{length}" / f"s{sample:05d}.safetensors"
+
+
+def done_jobs(out: Path, jobs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """(length, sample) pairs whose checkpoint exists (complete: writes are atomic)."""
+    return {j for j in jobs if checkpoint_path(out, *j).is_file()}
+
+
+def prepare_folder(out: Path, args: dict[str, Any], overwrite: bool) -> bool:
+    """Claim ``out`` for these args. Returns True when resuming earlier work.
+
+    Refuses (one line) when the folder holds a profile made with other arguments,
+    unless ``overwrite``, which deletes only the files this module writes.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ARGS
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old == args:
+            return True
+        if not overwrite:
+            diff = _first_difference(old, args)
+            raise MoaSearchError(
+                f"{path}: folder holds a profile made with other arguments "
+                f"({diff}); pass --overwrite or choose another --out"
+            )
+    elif any(out.iterdir()) and not overwrite and (out / CHECKPOINTS).exists():
+        raise MoaSearchError(f"{out}: has checkpoints but no {ARGS}; pass --overwrite")
+    if overwrite:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / "plots", ignore_errors=True)
+        for name in (*RESULTS, CALIB):
+            (out / name).unlink(missing_ok=True)
+    write_json(path, args)
+    return False
+
+
+def _first_difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return f"unreadable {ARGS}"
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            a, b = json.dumps(old.get(key)), json.dumps(new.get(key))
+            if len(a) > 60 or len(b) > 60:
+                return f"{key} differs"
+            return f"{key}: was {a}, now {b}"
+    return "unknown difference"
+
+
+def read_tensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without loading its tensors."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -1,0 +1,194 @@
+"""Fidelity: measured loss increase of single-head ablations vs the profile's prediction.
+
+Why: a first-order estimate is only useful if it ranks (head, pattern) choices like the
+real loss does. For M sampled (layer, kv_head, pattern) triples we rerun the model with
+that one KV head changed and everything else dense, and report the Spearman rank
+correlation between predicted and measured loss increase.
+
+Static patterns run through ``apply_plan`` (no cache: each head is masked by its
+pattern). SparQ is a decode method (dense in prefill), so for it every position of the
+one head is computed as a SparQ decode step would (``sparq_prefill``, checked against
+``runtime.reference.sparq_decode`` in the tests) -- teacher-forced decoding, in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from moa_search.patterns import Pattern, SparQ, parse
+from moa_search.plan import dense_plan
+from moa_search.profile.calib import Sample
+from moa_search.profile.capture import _no_mask, _set_attn_impl, attention_modules, sample_loss
+from moa_search.profile.sparq_estimate import sparq_prefill
+from moa_search.runtime import apply_plan
+
+SPARQ_ATTN = "moa_profile_sparq"
+
+
+def _sparq_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Dense causal SDPA, except one KV group decoded with SparQ at every position."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=True
+    )
+    target = getattr(module, "_moa_sparq_target", None)
+    if target is not None:
+        kv, pattern = target
+        group = query.shape[1] // key.shape[1]
+        sl = slice(kv * group, (kv + 1) * group)
+        out = out.clone()
+        for b in range(query.shape[0]):
+            out[b, sl] = sparq_prefill(query[b, sl], key[b, kv], value[b, kv], pattern, scale).to(
+                out.dtype
+            )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def _losses(model: torch.nn.Module, samples: Sequence[Sample]) -> np.ndarray:
+    return np.array(
+        [float(sample_loss(model, s.input_ids, s.loss_mask, need_grad=False)) for s in samples]
+    )
+
+
+@torch.no_grad()
+def static_losses(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    layer: int | None,
+    kv_head: int,
+    pattern: Pattern | None,
+) -> np.ndarray:
+    """Per-sample loss with a plan dense everywhere except (layer, kv_head) -> pattern."""
+    plan = dense_plan(model)
+    if layer is not None and pattern is not None:
+        plan.heads = [list(row) for row in plan.heads]
+        plan.heads[layer][kv_head] = pattern
+    with apply_plan(model, plan, backend="reference"):
+        return _losses(model, samples)
+
+
+@torch.no_grad()
+def sparq_losses(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    layer: int | None,
+    kv_head: int,
+    pattern: SparQ | None,
+) -> np.ndarray:
+    """Per-sample loss with one KV head decoded by SparQ at every position (None: dense)."""
+    AttentionInterface.register(SPARQ_ATTN, _sparq_attention)
+    AttentionMaskInterface.register(SPARQ_ATTN, _no_mask)
+    saved = model.config._attn_implementation
+    modules = attention_modules(model)
+    if layer is not None and pattern is not None:
+        modules[layer]._moa_sparq_target = (kv_head, pattern)
+    _set_attn_impl(model, SPARQ_ATTN)
+    try:
+        return _losses(model, samples)
+    finally:
+        _set_attn_impl(model, saved)
+        for m in modules:
+            m.__dict__.pop("_moa_sparq_target", None)
+
+
+def pick_pairs(table: pd.DataFrame, length: int, m: int, seed: int) -> pd.DataFrame:
+    """M distinct KV-head rows (not dense) at ``length``, drawn with a fixed seed."""
+    rows = table[(table["head"] == -1) & (table["length"] == length) & (table["family"] != "dense")]
+    m = min(m, len(rows))
+    return rows.sample(n=m, random_state=seed).sort_values(["layer", "kv_head", "pattern"])
+
+
+def validate_profile(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    table: pd.DataFrame,
+    length: int,
+    m: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure M single-head ablations; Spearman of each estimator vs measured.
+
+    ``table`` must hold the per-sample means over exactly ``samples`` at ``length``.
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    head_dim = int(
+        getattr(model.config, "head_dim", 0)
+        or model.config.hidden_size // model.config.num_attention_heads
+    )
+    pairs = pick_pairs(table, length, m, seed)
+    base_static = static_losses(model, samples, None, 0, None)
+    base_sparq = sparq_losses(model, samples, None, 0, None)
+    records = []
+    for _, row in tqdm(list(pairs.iterrows()), desc=f"validate @{length}", disable=not progress):
+        pattern = parse(row["pattern"], head_dim)
+        layer, kv = int(row["layer"]), int(row["kv_head"])
+        if isinstance(pattern, SparQ):
+            measured = sparq_losses(model, samples, layer, kv, pattern) - base_sparq
+        else:
+            measured = static_losses(model, samples, layer, kv, pattern) - base_static
+        records.append(
+            {
+                "layer": layer,
+                "kv_head": kv,
+                "pattern": row["pattern"],
+                "family": row["family"],
+                "measured": float(measured.mean()),
+                "measured_std": float(measured.std()),
+                **{
+                    c: float(row[c])
+                    for c in (
+                        "delta_loss_mean",
+                        "delta_moa_mean",
+                        "delta_row_mean",
+                        "delta_signed_mean",
+                    )
+                },
+            }
+        )
+    model.train(was_training)
+    frame = pd.DataFrame(records)
+    result: dict[str, Any] = {"length": length, "pairs": len(frame), "n_samples": len(samples)}
+    for col, key in (
+        ("delta_loss_mean", "spearman"),
+        ("delta_row_mean", "spearman_row"),
+        ("delta_moa_mean", "spearman_moa"),
+        ("delta_signed_mean", "spearman_signed"),
+    ):
+        if not len(frame):
+            result[key] = None
+            continue
+        ok = frame[col].notna()
+        result[key] = _spearman(frame.loc[ok, col], frame.loc[ok, "measured"])
+    for fam in sorted(frame["family"].unique()) if len(frame) else []:
+        sub = frame[frame["family"] == fam]
+        result[f"spearman_{fam}"] = _spearman(sub["delta_loss_mean"], sub["measured"])
+    result["records"] = records
+    return result
+
+
+def _spearman(a: pd.Series, b: pd.Series) -> float | None:
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return None
+    return float(spearmanr(a.to_numpy(), b.to_numpy()).statistic)
