@@ -1,0 +1,1 @@
+"""Built-in texts, their splits, calibration and retrieval sets."""

