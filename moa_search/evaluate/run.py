@@ -1,0 +1,321 @@
+"""``evaluate(...)``: the plan against dense and uniform baselines at equal budget.
+
+Flow: check arguments (cheap, before any model loads) -> load model and plan (plan validated
+against the model) -> list the work (section, point, method, task, length) -> run it,
+applying each method once per length and showing every method the same prompts -> write
+trials.csv, results.csv, results.md and plots into ``out``.
+
+Budget sweep (``budgets`` and/or ``sweep_plans``), at one length (``sweep_length``, default
+the longest eval length): every point gets uniform baselines rebuilt at that point's budget.
+The plan side of a point is either one of ``sweep_plans`` (e.g. a search's Pareto plans; each
+sits at its own density) or, for each memory fraction in ``budgets``, the main plan with its
+window / elastic sizes scaled to that fraction (``baselines.scale_plan``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from moa_search.errors import MoaSearchError
+from moa_search.evaluate import aggregate, report
+from moa_search.evaluate.baselines import (
+    BASELINES,
+    DEFAULT_SINK,
+    Method,
+    build_methods,
+    dense_method,
+    scale_plan,
+)
+from moa_search.evaluate.tasks import (
+    Item,
+    check_tasks,
+    method_applied,
+    ppl_items,
+    retrieval_items,
+    run_item,
+)
+from moa_search.plan import Plan, validate
+
+DEFAULT_LENGTHS = (2048, 4096, 8192)
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class EvalResult:
+    """What ``evaluate`` wrote, also returned as tables for notebooks and tests."""
+
+    out: Path
+    trials: pd.DataFrame
+    summary: pd.DataFrame
+    derived: pd.DataFrame
+    files: list[Path]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Work:
+    section: str
+    point: str
+    method: Method
+    length: int
+
+
+def check_baselines(baselines: Sequence[str]) -> tuple[str, ...]:
+    """Normalise and refuse unknown baseline names (one-line error)."""
+    out: list[str] = []
+    for b in baselines:
+        name = str(b).strip().lower()
+        if name not in BASELINES:
+            raise MoaSearchError(f"unknown baseline {b!r} (known: {', '.join(BASELINES)})")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def _check_numbers(lengths, depths, samples, budgets) -> tuple[int, ...]:
+    lengths = tuple(sorted({int(n) for n in lengths}))
+    if not lengths or lengths[0] <= 0:
+        raise MoaSearchError(f"lengths must be positive integers, got {lengths!r}")
+    if not depths or not all(0 <= float(d) <= 1 for d in depths):
+        raise MoaSearchError(f"depths must be in [0, 1], got {tuple(depths)!r}")
+    if int(samples) <= 0:
+        raise MoaSearchError(f"samples must be a positive integer, got {samples!r}")
+    for b in budgets or ():
+        if not 0 < float(b) <= 1:
+            raise MoaSearchError(f"budgets are memory fractions in (0, 1], got {b!r}")
+    return lengths
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MoaSearchError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoaSearchError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def _load(model: Any, tokenizer: Any, device: str, dtype: str) -> tuple[Any, Any, str]:
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise MoaSearchError("evaluate: pass tokenizer= together with a loaded model")
+        return model.eval(), tokenizer, getattr(model.config, "_name_or_path", "") or "model"
+    from moa_search.models import load_model, load_tokenizer  # noqa: PLC0415 - heavy import
+
+    _device(device)
+    loaded = load_model(model, dtype=dtype, device=device)
+    return loaded, tokenizer or load_tokenizer(model), str(model)
+
+
+def _check_lengths(model: Any, lengths: tuple[int, ...]) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and lengths[-1] > int(limit):
+        raise MoaSearchError(
+            f"length {lengths[-1]} exceeds the model's context "
+            f"(config.max_position_embeddings = {limit})"
+        )
+
+
+def _load_plan(plan: Plan | PathLike, model: Any) -> tuple[Plan, str]:
+    source = "" if isinstance(plan, Plan) else Path(plan).name
+    return validate(plan, model), source
+
+
+def _work(
+    plan: Plan,
+    source: str,
+    lengths: tuple[int, ...],
+    baselines: tuple[str, ...],
+    sweep: list[tuple[str, Plan]],
+    sweep_length: int,
+    opts: dict,
+) -> list[_Work]:
+    work = []
+    for n in lengths:
+        for m in build_methods(plan, n, baselines, source, **opts):
+            work.append(_Work("main", "plan", m, n))
+    non_dense = tuple(b for b in baselines if b != "dense")
+    for label, p in sweep:
+        for m in build_methods(p, sweep_length, non_dense, label, **opts):
+            work.append(_Work("sweep", label, m, sweep_length))
+    if sweep and "dense" in baselines:
+        work.append(_Work("sweep", "dense", dense_method(), sweep_length))
+    return work
+
+
+def _skip_reason(method: Method, task: str) -> str | None:
+    plan = method.plan
+    if task == "ppl" and plan is not None and not any(p.static for r in plan.heads for p in r):
+        return "perplexity not measured: SparQ is decode-only (dense prefill), so it equals dense"
+    return None
+
+
+def _sweep_points(
+    plan: Plan,
+    model: Any,
+    budgets: Sequence[float] | None,
+    sweep_plans: Sequence[Plan | PathLike] | None,
+    n: int,
+) -> list[tuple[str, Plan]]:
+    points = []
+    for p in sweep_plans or ():
+        loaded, source = _load_plan(p, model)
+        points.append((f"{source or 'plan'}@{loaded.memory_density(n):.3f}", loaded))
+    for b in budgets or ():
+        points.append((f"memory={float(b):g}", scale_plan(plan, n, float(b))))
+    return points
+
+
+def evaluate(
+    model: Any = "smollm2-135m",
+    plan: Plan | PathLike | None = None,
+    baselines: Sequence[str] = BASELINES,
+    tasks: Sequence[str] = ("ppl", "passkey", "kv-retrieval"),
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    samples: int = 10,
+    out: PathLike = "eval",
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    budgets: Sequence[float] | None = None,
+    sweep_plans: Sequence[Plan | PathLike] | None = None,
+    sweep_length: int | None = None,
+    *,
+    tokenizer: Any = None,
+    backend: str = "auto",
+    sink: int = DEFAULT_SINK,
+    elastic_beta: float | None = None,
+    sparq_r: int | None = None,
+    ppl_corpus: str = "austen",
+    prompt_format: str | None = None,
+    max_new_tokens: int | None = None,
+    confidence: float = 0.95,
+    plots: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``plan`` on ``model`` against dense and uniform baselines at equal budget.
+
+    ``samples`` is per cell: ppl windows per length, passkey prompts per (length, depth),
+    kv prompts per length (depths cycled). A retrieval prompt plus its greedy answer
+    (``max_new_tokens``, default 10 passkey / 14 kv) fits in the eval length. ``model`` is
+    a name/path or a loaded model (then pass ``tokenizer``). Returns the tables it wrote to
+    ``out``; see the module doc for the sweep. Every bad input is a one-line MoaSearchError.
+    """
+    t0 = time.perf_counter()
+    if plan is None:
+        raise MoaSearchError("evaluate: a plan is required (--plan PLAN.yaml)")
+    task_names = check_tasks(tasks)
+    base_names = check_baselines(baselines)
+    n_all = _check_numbers(lengths, depths, samples, budgets)
+    depths = tuple(float(d) for d in depths)
+    s_len = int(sweep_length or n_all[-1])
+    net, tok, model_name = _load(model, tokenizer, device, dtype)
+    main_plan, source = _load_plan(plan, net)
+    _check_lengths(net, tuple(sorted({*n_all, s_len})))
+    sweep = _sweep_points(main_plan, net, budgets, sweep_plans, s_len)
+    opts = dict(sink=sink, elastic_beta=elastic_beta, sparq_r=sparq_r)
+    work = _work(main_plan, source, n_all, base_names, sweep, s_len, opts)
+    torch.manual_seed(seed)
+
+    items: dict[tuple[str, int], list[Item]] = {}
+
+    def inputs(task: str, n: int) -> list[Item]:
+        if (task, n) not in items:
+            if task == "ppl":
+                items[task, n] = ppl_items(tok, n, samples, seed, ppl_corpus)
+            else:
+                items[task, n] = retrieval_items(
+                    tok, task, n, depths, samples, seed, prompt_format, max_new_tokens
+                )
+        return items[task, n]
+
+    todo = [[t for t in task_names if not _skip_reason(w.method, t)] for w in work]
+    notes = sorted(
+        {
+            f"{w.method.name}: {r}"
+            for w in work
+            for t in task_names
+            if (r := _skip_reason(w.method, t))
+        }
+    )
+    total = sum(len(inputs(t, w.length)) for w, ts in zip(work, todo, strict=True) for t in ts)
+    rows: list[dict] = []
+    partial = Path(out) / "trials.partial.csv"  # crash safety for long runs: kept per cell
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, str, int], list[dict]] = {}  # dense results, reused by the sweep
+    bar = tqdm(total=total, desc="evaluate", unit="trial", disable=not progress)
+    for w, tasks_here in zip(work, todo, strict=True):
+        with method_applied(net, w.method, backend, w.length):
+            for task in tasks_here:
+                key = (w.method.name, task, w.length)
+                if w.method.is_reference and key in done:
+                    rows.extend({**r, "section": w.section, "point": w.point} for r in done[key])
+                    bar.update(len(done[key]))
+                    continue
+                bar.set_postfix_str(f"{w.point}/{w.method.name} {task} n={w.length}")
+                cell = []
+                for item in inputs(task, w.length):
+                    trial = run_item(net, tok, w.method, item)
+                    cell.append(
+                        {"section": w.section, "point": w.point, **_method_cols(w), **asdict(trial)}
+                    )
+                    bar.update(1)
+                if w.method.is_reference:
+                    done[key] = cell
+                rows.extend(cell)
+                pd.DataFrame(rows).to_csv(partial, index=False)
+    bar.close()
+
+    trials = pd.DataFrame(rows)
+    summary = aggregate.summarize(trials, confidence, seed)
+    profiled = max(main_plan.lengths) if main_plan.lengths else None
+    summary["beyond_profiled"] = (
+        summary.length > profiled if profiled else pd.Series(pd.NA, index=summary.index)
+    )
+    derived = aggregate.derived(summary)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "model": model_name,
+        "plan": source or "(in memory)",
+        "plan_profiled_lengths": list(main_plan.lengths),
+        "device": str(net.device),
+        "dtype": str(next(net.parameters()).dtype).replace("torch.", ""),
+        "backend": backend,
+        "seed": seed,
+        "samples_per_cell": int(samples),
+        "lengths": list(n_all),
+        "depths": list(depths),
+        "tasks": list(task_names),
+        "baselines": list(base_names),
+        "sweep_length": s_len if sweep else None,
+        "sweep_points": [label for label, _ in sweep],
+        "ppl_corpus": ppl_corpus,
+        "confidence": confidence,
+        "notes": notes,
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+    }
+    files = report.write_all(Path(out), trials, summary, derived, meta, plots=plots)
+    partial.unlink(missing_ok=True)
+    return EvalResult(Path(out), trials, summary, derived, files, seconds)
+
+
+def _method_cols(w: _Work) -> dict:
+    m = w.method
+    return {
+        "description": m.description,
+        "memory_density": m.memory_density,
+        "read_density": m.read_density,
+    }

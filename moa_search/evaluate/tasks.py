@@ -1,0 +1,204 @@
+"""The three tasks: perplexity on held-out text, passkey retrieval, key-value retrieval.
+
+Why these and how they are run:
+- Perplexity uses the ``test`` split only (never the calibration documents the profiler saw),
+  cut into non-overlapping windows of exactly ``length`` tokens. It runs one masked prefill
+  with ``use_cache=False`` (every head masked by its pattern); for static patterns (dense,
+  window, elastic) this equals decoding token by token through the per-head cache, which the
+  runtime tests check. SparQ is a decode-only method (its prefill is dense), so its
+  perplexity would just repeat dense: those heads are reported, not hidden (see run.py).
+- Retrieval prompts are built once per (task, length, sample) and decoded greedily through
+  ``model.generate`` with the plan applied, so the answer comes out of the plan's real decode
+  path (per-head cache, window heads that really dropped old entries), not a mask.
+- Every sample has a fixed seed; the same prompts are shown to every method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moa_search.data.retrieval import (
+    greedy_generate,
+    make_kv_sample,
+    make_passkey_sample,
+    score_answer,
+)
+from moa_search.data.texts import load_texts
+from moa_search.errors import MoaSearchError
+from moa_search.evaluate.baselines import Method
+from moa_search.runtime import apply_plan
+
+TASKS = ("ppl", "passkey", "kv-retrieval")
+RETRIEVAL_TASKS = ("passkey", "kv-retrieval")
+DEFAULT_NEW_TOKENS = {"passkey": 10, "kv-retrieval": 14}
+_LOGIT_CHUNK = 1024  # tokens per lm_head chunk: keeps (chunk x vocab) fp32 logits small
+
+
+@dataclass
+class Trial:
+    """One scored unit: a retrieval prompt or a perplexity window, for one method."""
+
+    method: str
+    task: str
+    length: int
+    depth: float
+    sample: int
+    seed: int
+    correct: float = math.nan  # 1.0 / 0.0 for retrieval
+    nll: float = math.nan  # mean NLL per token for perplexity
+    tokens: int = 0  # predicted tokens (ppl) or prompt tokens (retrieval)
+    output: str = ""
+    answer: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Item:
+    """A task input shared by all methods: a retrieval sample or a token window."""
+
+    task: str
+    length: int
+    depth: float
+    sample: int
+    seed: int
+    ids: tuple[int, ...]
+    answer: str = ""
+    new_tokens: int = 0  # greedy tokens to generate (retrieval)
+
+
+def check_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Normalise and refuse unknown task names (one-line error)."""
+    out = []
+    for t in tasks:
+        name = str(t).strip().lower()
+        if name not in TASKS:
+            raise MoaSearchError(f"unknown task {t!r} (known: {', '.join(TASKS)})")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise MoaSearchError(f"no tasks given (known: {', '.join(TASKS)})")
+    return tuple(out)
+
+
+# --- inputs -------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def _test_tokens(tokenizer: Any, corpus: str) -> np.ndarray:
+    docs = load_texts("test", corpus)
+    if not docs:
+        raise MoaSearchError(f"no {corpus!r} documents in the test split")
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for doc in docs:
+        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def ppl_items(tokenizer: Any, length: int, samples: int, seed: int, corpus: str) -> list[Item]:
+    """``samples`` non-overlapping windows of ``length`` test tokens, picked by ``seed``."""
+    tokens = _test_tokens(tokenizer, corpus)
+    slots = len(tokens) // length
+    if slots < samples:
+        raise MoaSearchError(
+            f"ppl: test split of {corpus!r} has {len(tokens)} tokens, room for {slots} windows "
+            f"of {length}; asked for {samples} (lower --samples or pick another corpus)"
+        )
+    rng = np.random.default_rng([seed, length])
+    chosen = sorted(rng.choice(slots, size=samples, replace=False).tolist())
+    windows = [tuple(tokens[s * length : (s + 1) * length].tolist()) for s in chosen]
+    return [Item("ppl", length, math.nan, i, seed, ids) for i, ids in enumerate(windows)]
+
+
+def retrieval_items(
+    tokenizer: Any,
+    task: str,
+    length: int,
+    depths: tuple[float, ...],
+    samples: int,
+    seed: int,
+    prompt_format: str | None = None,
+    new_tokens: int | None = None,
+) -> list[Item]:
+    """Passkey: ``samples`` prompts per depth. KV: ``samples`` prompts, depths cycled.
+
+    The prompt is ``length - new_tokens`` tokens, so prompt plus answer fit in ``length``
+    (and a model whose context is exactly ``length`` is never run past it).
+    """
+    if task not in RETRIEVAL_TASKS:
+        raise MoaSearchError(f"unknown retrieval task {task!r} (known: {RETRIEVAL_TASKS})")
+    new = new_tokens or DEFAULT_NEW_TOKENS[task]
+    fmt = {"prompt_format": prompt_format} if prompt_format else {}
+    items = []
+    for i, depth in _cells(task, depths, samples):
+        if task == "passkey":
+            s = make_passkey_sample(tokenizer, length - new, depth, seed + i, **fmt)
+        else:
+            s = make_kv_sample(tokenizer, length - new, depth, seed + i, **fmt)
+        items.append(Item(task, length, depth, i, seed + i, tuple(s.prompt_ids), s.answer, new))
+    return items
+
+
+def _cells(task: str, depths: tuple[float, ...], samples: int) -> list[tuple[int, float]]:
+    if task == "passkey":
+        return [(i, d) for d in depths for i in range(samples)]
+    return [(i, depths[i % len(depths)]) for i in range(samples)]
+
+
+# --- running ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def method_applied(model: Any, method: Method, backend: str, max_len: int) -> Iterator[None]:
+    """Run ``model`` under ``method`` (nothing to do for the dense reference)."""
+    if method.plan is None:
+        yield
+        return
+    with apply_plan(model, method.plan, backend=backend, max_cache_len=max_len):
+        yield
+
+
+@torch.no_grad()
+def window_nll(model: Any, ids: list[int] | tuple[int, ...]) -> tuple[float, int]:
+    """Mean next-token NLL over one window (labels = inputs shifted) and the token count.
+
+    Runs the decoder once and the LM head in chunks, so an 8k window never materialises a
+    full (8k x vocab) fp32 logit matrix.
+    """
+    x = torch.tensor([list(ids)], device=model.device)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None:
+        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        return float(F.cross_entropy(logits, x[0, 1:])), x.shape[1] - 1
+    hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[0]
+    total, count = 0.0, x.shape[1] - 1
+    for s in range(0, count, _LOGIT_CHUNK):
+        e = min(count, s + _LOGIT_CHUNK)
+        logits = head(hidden[s:e]).float()
+        total += float(F.cross_entropy(logits, x[0, s + 1 : e + 1], reduction="sum"))
+    return total / count, count
+
+
+def run_item(model: Any, tokenizer: Any, method: Method, item: Item) -> Trial:
+    """Score one item under the method already applied to ``model``."""
+    start = time.perf_counter()
+    trial = Trial(method.name, item.task, item.length, item.depth, item.sample, item.seed)
+    if item.task == "ppl":
+        trial.nll, trial.tokens = window_nll(model, item.ids)
+    else:
+        text = greedy_generate(model, tokenizer, list(item.ids), max_new_tokens=item.new_tokens)
+        trial.correct = float(score_answer(text, item.answer))
+        trial.output, trial.answer, trial.tokens = text.strip(), item.answer, len(item.ids)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    trial.seconds = time.perf_counter() - start
+    return trial
