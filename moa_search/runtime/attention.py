@@ -15,6 +15,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from moa_search.runtime.cache import MoACache, MoALayerCache
+from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
 
 if TYPE_CHECKING:
@@ -58,11 +59,17 @@ def moa_attention(
 
     out = torch.empty_like(query)
     if layer is not None:
-        real = _real_mask(mask2d, batch, q_len, query.device)
-        q_pos = _positions(real, layer.lengths)
+        if q_len == 1 and mask2d is None:  # decode without padding: position = length
+            q_pos = layer.lengths[:, None].clone()
+        else:
+            real = _real_mask(mask2d, batch, q_len, query.device)
+            q_pos = _positions(real, layer.lengths)
         if runtime.use_kernels(query, q_len):
             layer.append(key, value, q_pos)
             runtime.kernel_decode(layer, query, out, scale)
+        elif _fresh_unpadded(runtime, layer, mask2d, q_len):
+            fresh_prefill(query, key, value, patterns, scale, out=out)
+            layer.append(key, value, q_pos)
         else:
             for h, pattern in enumerate(patterns):
                 k_old, v_old, pos_old = layer.gather(h)
@@ -98,6 +105,14 @@ def moa_attention(
                 query[:, sl], key[:, h], value[:, h], q_pos, k_pos, pattern, scale
             )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _fresh_unpadded(runtime, layer: MoALayerCache, mask2d, q_len: int) -> bool:
+    """Prompt into an empty cache with no padding: the fast prefill applies (not with the
+    "reference" backend, which keeps the plain per-head path)."""
+    if runtime.backend == "reference" or q_len == 1 or layer.processed != 0:
+        return False
+    return mask2d is None or bool(mask2d[:, -q_len:].all())
 
 
 def _real_mask(mask2d: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_search.patterns import Pattern, SparQ
+from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
 from moa_search.plan import Plan
 
 
@@ -199,12 +199,13 @@ class MoALayerCache(CacheLayerMixin):
             max_len = max(needed, old + max(256, old // 4))
         layout = HeadLayout.build(self.patterns, max_len)
         geom = _geometry(layout, self.device)
+        geom["span_affine"] = _span_affine(self.patterns, self.device)
         keys = torch.zeros(batch, layout.total_slots, dim, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
         if self.layout is not None:  # move live entries into the larger layout
             for h in range(self.num_heads):
                 k, v, pos = self.gather(h)
-                one = {key: t[:, h : h + 1] for key, t in geom.items() if key != "int32"}
+                one = {key: geom[key][:, h : h + 1] for key in ("offsets", "sinks", "rings")}
                 self._write(keys, values, one, k[:, None], v[:, None], pos, self.lengths)
         else:
             self._sparq_index = torch.tensor(self.sparq_heads, dtype=torch.long, device=self.device)
@@ -217,11 +218,35 @@ class MoALayerCache(CacheLayerMixin):
     def decode_metadata(self) -> dict[str, torch.Tensor]:
         """What the Triton kernels take: int32 head_offset / head_sink / head_ring (Hkv,),
         span (B, Hkv) for the current lengths, and seq_len (B,). No host synchronisation."""
-        spans = torch.stack([torch.as_tensor(p.span_at(self.lengths)) for p in self.patterns], 1)
+        affine = self._geom.get("span_affine")
+        if affine is not None:  # every pattern's span is clamp(floor(a + b*n + 1/2), 1, n)
+            n = self.lengths[:, None].to(torch.float64)
+            spans = torch.minimum(torch.floor(affine[0] + affine[1] * n + 0.5).clamp_min(1), n)
+        else:
+            spans = torch.stack(
+                [torch.as_tensor(p.span_at(self.lengths)) for p in self.patterns], 1
+            )
         meta = dict(self._geom["int32"])
         meta["span"] = spans.to(torch.int32)
         meta["seq_len"] = self.lengths.to(torch.int32)
         return meta
+
+
+def _span_affine(patterns: list[Pattern], device: torch.device) -> torch.Tensor | None:
+    """(2, Hkv) float64 (a, b) with span_at(n) == clamp(floor(a + b*n + 1/2), 1, n) for every
+    head, so decode computes all spans of a layer in a few kernels; None if a pattern is not
+    one of the built-in ones (then each pattern's span_at is called)."""
+    rows = []
+    for p in patterns:
+        if type(p) in (Dense, SparQ):
+            rows.append((0.0, 1.0))
+        elif type(p) is Window:
+            rows.append((float(p.span), 0.0))
+        elif type(p) is Elastic:
+            rows.append((float(p.alpha), float(p.beta)))
+        else:
+            return None
+    return torch.tensor(rows, dtype=torch.float64, device=device).T[:, None, :].contiguous()
 
 
 def _geometry(layout: HeadLayout, device: torch.device) -> dict:

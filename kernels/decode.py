@@ -1,0 +1,397 @@
+"""Mixed-pattern decode attention: dense / window+sink / elastic KV heads in ONE launch.
+
+Layout (shared with ``moa_search.runtime.cache``): per layer one packed K and one packed V
+buffer of shape (B, C_total, D). KV head h owns slots [off_h, off_h + sink_h + ring_h);
+position p lives at slot off_h + p if p < sink_h else off_h + sink_h + (p - sink_h) % ring_h.
+With n = seq_len[b] tokens, the query of head h attends to positions
+[0, min(sink_h, n)) and [max(sink_h, n - span[b, h]), n).
+
+Algorithm (flash-decoding): the valid positions of every (b, h) are enumerated as a
+logical list (sink part, then window part); the list is cut into chunks of ``chunk``
+positions and program (b, h, s) handles chunk s, for all G query heads of the GQA group
+at once (K/V tile loaded once, ``tl.dot`` with a G_PAD x D query block). Programs whose
+chunk lies past their head's valid length exit at once, so short windows cost little.
+A second small kernel merges the partial (max, sum, acc) of each (b, h). When one chunk
+covers every head (short contexts) the first kernel writes the output directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, check_common, interpreting, next_pow2, pick_chunk
+
+LOG2E = 1.4426950408889634
+
+#: Launch parameters; the benchmark may override them (chosen on an H200, see kernels/NOTES.md).
+TUNING: dict[str, int] = {
+    "block_n": 64,
+    "num_warps": 4,
+    "num_stages": 3,
+    "chunk_lo": 256,
+    "chunk_hi": 1024,
+}
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b accumulated in fp32; fp32 operands use exact (non-tf32) products."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _attend_block(
+    q, k_ptrs, v_ptrs, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr
+):
+    """One online-softmax step over a tile of key rows.
+
+    q: (G_PAD, D) query block; k_ptrs/v_ptrs: (BLOCK_N, D) pointers; valid: (BLOCK_N,);
+    m_i, l_i: (G_PAD,) running max (log2 units) and sum; acc: (G_PAD, D) fp32.
+    """
+    k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mixed_decode_kernel(
+    Q,
+    K,
+    V,
+    Off,
+    Sink,
+    Ring,
+    Span,
+    SeqLen,
+    HeadIds,
+    Out,
+    PartM,
+    PartL,
+    PartAcc,
+    Count,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_span,
+    n_list,
+    chunk,
+    num_splits,
+    qk_scale,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * n_list + i
+    sid = tl.program_id(1)  # chunk index
+    b = pid // n_list
+    i = pid % n_list
+    h = tl.load(HeadIds + i) if HAS_IDS else i
+    n = tl.load(SeqLen + b)
+    off = tl.load(Off + h)
+    sink = tl.load(Sink + h)
+    ring = tl.load(Ring + h)
+    span = tl.load(Span + b * stride_span + h)
+    s0 = tl.minimum(sink, n)  # sink positions [0, s0)
+    w0 = tl.minimum(tl.maximum(sink, n - span), n)  # window positions [w0, n)
+    total = s0 + (n - w0)
+    lo = sid * chunk
+    hi = tl.minimum(lo + chunk, total)
+    r0 = (w0 - sink) % ring  # ring index of position w0
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    gmask = g < G
+    b64 = b.to(tl.int64)
+    q = tl.load(
+        Q + b64 * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
+    q = q.to(K.dtype.element_ty)
+    k_base = K + b64 * stride_kb + off.to(tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + off.to(tl.int64) * stride_vn
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # logical index into the valid list
+        valid = j < hi
+        ridx = r0 + (j - s0)  # < 2 * ring because the window is no longer than the ring
+        ridx = tl.where(ridx >= ring, ridx - ring, ridx)
+        slot = tl.where(j < s0, j, sink + ridx)
+        slot = tl.where(valid, slot, 0)
+        m_i, l_i, acc = _attend_block(
+            q,
+            k_base + slot[:, None] * stride_kn + d[None, :],
+            v_base + slot[:, None] * stride_vn + d[None, :],
+            valid,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            UPCAST,
+            IEEE,
+        )
+
+    if SPLIT:
+        if sid == 0:
+            tl.store(Count + pid, tl.cdiv(total, chunk))
+        if lo < total:
+            row = pid * num_splits + sid
+            tl.store(PartM + row * G + g, m_i, mask=gmask)
+            tl.store(PartL + row * G + g, l_i, mask=gmask)
+            tl.store(PartAcc + (row * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+    else:
+        y = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            Out + b64 * stride_ob + (h * G + g)[:, None] * stride_oh + d[None, :],
+            y.to(Out.dtype.element_ty),
+            mask=gmask[:, None],
+        )
+
+
+@triton.jit
+def _merge_kernel(
+    PartM,
+    PartL,
+    PartAcc,
+    PartAlpha,
+    Count,
+    HeadIds,
+    SeqLen,
+    VSum,
+    Out,
+    stride_ob,
+    stride_oh,
+    stride_vsb,
+    stride_vsh,
+    n_list,
+    num_splits,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    SPARQ: tl.constexpr,
+):
+    """Merge split-K partials of one query head; SparQ adds alpha * y + (1 - alpha) * mean(V)."""
+    pid = tl.program_id(0)  # (b * n_list + i) * G + g
+    bh = pid // G
+    g = pid % G
+    b = bh // n_list
+    i = bh % n_list
+    h = tl.load(HeadIds + i) if HAS_IDS else i
+    cnt = tl.load(Count + bh)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+    lsum = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    asum = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s_start in range(0, cnt, BLOCK_S):
+        s = s_start + tl.arange(0, BLOCK_S)
+        smask = s < cnt
+        row = (bh * num_splits + s) * G + g
+        ms = tl.load(PartM + row, mask=smask, other=float("-inf"))
+        ls = tl.load(PartL + row, mask=smask, other=0.0)
+        part = tl.load(PartAcc + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw nothing
+        scale_old = tl.exp2(m - m_use)
+        w = tl.exp2(ms - m_use)
+        lsum = lsum * scale_old + tl.sum(ls * w, 0)
+        acc = acc * scale_old + tl.sum(part * w[:, None], 0)
+        m = m_new
+        if SPARQ:
+            asum += tl.sum(tl.load(PartAlpha + row, mask=smask, other=0.0), 0)
+    y = acc / tl.where(lsum > 0, lsum, 1.0)
+    b64 = b.to(tl.int64)
+    if SPARQ:
+        n = tl.load(SeqLen + b).to(tl.float32)
+        vmean = tl.load(VSum + b64 * stride_vsb + i * stride_vsh + d) / n
+        y = asum * y + (1.0 - asum) * vmean
+    tl.store(Out + b64 * stride_ob + (h * G + g) * stride_oh + d, y.to(Out.dtype.element_ty))
+
+
+def merge_partials(
+    part_m: torch.Tensor,
+    part_l: torch.Tensor,
+    part_acc: torch.Tensor,
+    count: torch.Tensor,
+    out: torch.Tensor,
+    head_ids: torch.Tensor | None,
+    n_list: int,
+    group: int,
+    *,
+    part_alpha: torch.Tensor | None = None,
+    seq_len: torch.Tensor | None = None,
+    v_sum: torch.Tensor | None = None,
+) -> None:
+    """Launch the merge kernel. part_m/part_l: (B*n_list, S, G); part_acc: (B*n_list, S, G, D);
+    count: (B*n_list,) active splits; SparQ also passes part_alpha (B*n_list, S, G),
+    seq_len (B,) and v_sum (B, n_list, D) fp32."""
+    rows, splits = part_m.shape[0], part_m.shape[1]
+    dim = part_acc.shape[-1]
+    sparq = part_alpha is not None
+    dummy = count
+    block_d = min(dim, 64)  # (rows * G * D/64) programs: enough parallelism at B=1
+    _merge_kernel[(rows * group, dim // block_d)](
+        part_m,
+        part_l,
+        part_acc,
+        part_alpha if sparq else part_m,
+        count,
+        head_ids if head_ids is not None else dummy,
+        seq_len if sparq else dummy,
+        v_sum if sparq else part_m,
+        out,
+        out.stride(0),
+        out.stride(1),
+        v_sum.stride(0) if sparq else 0,
+        v_sum.stride(1) if sparq else 0,
+        n_list,
+        splits,
+        G=group,
+        D=dim,
+        BLOCK_S=min(64, max(16, next_pow2(splits))),
+        BLOCK_D=block_d,
+        HAS_IDS=head_ids is not None,
+        SPARQ=sparq,
+        num_warps=4,
+    )
+
+
+def mixed_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    head_offset: torch.Tensor,
+    head_sink: torch.Tensor,
+    head_ring: torch.Tensor,
+    span: torch.Tensor,
+    seq_len: torch.Tensor,
+    scale: float,
+    head_ids: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    max_len: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new token for dense / window / elastic KV heads, one launch.
+
+    Args:
+        q: (B, Hq, D) query of the newest token (position seq_len[b] - 1); Hq = Hkv * G and
+            query head j belongs to KV head j // G. Last dim contiguous.
+        k_cache, v_cache: (B, C_total, D) packed per-head caches (layout in module doc).
+        head_offset, head_sink, head_ring: int32 (Hkv,) slot geometry per KV head.
+        span: int32 (B, Hkv) recent positions attended (dense: seq_len; may exceed it).
+        seq_len: int32 (B,) tokens per sequence including the new one (>= 1, ragged).
+        scale: softmax scale (usually D ** -0.5).
+        head_ids: optional int32 (n,) KV heads to compute; other heads of ``out`` are left
+            untouched (the runtime routes SparQ heads elsewhere this way).
+        out: optional (B, Hq, D) output, same dtype as q.
+        max_len: optional Python-int upper bound of seq_len (sizes the split-K grid without
+            a host sync); defaults to C_total, always safe but launches more programs.
+        chunk: override the positions per split-K program (tuning).
+
+    Requires ring_h >= min(span, n - sink_h) (what the cache keeps). Accumulates in fp32.
+    Returns ``out``.
+    """
+    batch, hq, dim = check_common(q, k_cache, v_cache)
+    hkv = head_offset.shape[0]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    n_list = head_ids.numel() if head_ids is not None else hkv
+    if batch == 0 or n_list == 0:
+        return out
+    span = span.contiguous()
+    dev = q.device
+    block_n = TUNING["block_n"]
+    bound = max_len if max_len is not None else k_cache.shape[1]
+    if chunk is None:
+        chunk = pick_chunk(
+            bound, batch * n_list, dev, block_n, TUNING["chunk_lo"], TUNING["chunk_hi"]
+        )
+    splits = max(1, cdiv(bound, chunk))
+    split = splits > 1
+    g_pad = max(16, next_pow2(group))
+    rows = batch * n_list
+    if split:
+        part_m = torch.empty(rows, splits, group, dtype=torch.float32, device=dev)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(rows, splits, group, dim, dtype=torch.float32, device=dev)
+        count = torch.empty(rows, dtype=torch.int32, device=dev)
+    else:
+        part_m = part_l = part_acc = count = out
+    upcast = interpreting()
+    _mixed_decode_kernel[(rows, splits)](
+        q,
+        k_cache,
+        v_cache,
+        head_offset,
+        head_sink,
+        head_ring,
+        span,
+        seq_len,
+        head_ids if head_ids is not None else head_offset,
+        out,
+        part_m,
+        part_l,
+        part_acc,
+        count,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        span.stride(0),
+        n_list,
+        chunk,
+        splits,
+        scale * LOG2E,
+        G=group,
+        G_PAD=g_pad,
+        D=dim,
+        BLOCK_N=block_n,
+        HAS_IDS=head_ids is not None,
+        SPLIT=split,
+        UPCAST=upcast,
+        IEEE=k_cache.dtype == torch.float32,
+        num_warps=TUNING["num_warps"],
+        num_stages=TUNING["num_stages"],
+    )
+    if split:
+        merge_partials(part_m, part_l, part_acc, count, out, head_ids, n_list, group)
+    return out

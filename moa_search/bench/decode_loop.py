@@ -1,0 +1,348 @@
+"""Static-shape decode loops for the benchmark: dense (transformers StaticCache + SDPA) and a
+plan (MoACache preallocated to ``max_cache_len``), each step optionally one CUDA-graph replay.
+
+A step is: forward of one token per sequence (``logits_to_keep=1``), greedy argmax, the
+token written to an output buffer, and the input / position buffers advanced -- all on the
+device, so a replay needs no host work and no synchronisation. Order of use::
+
+    loop = PlanLoop(model, plan, batch, max_cache_len)   # or DenseLoop(...)
+    loop.allocate()          # one dummy token: caches allocate their full buffers
+    loop.capture()           # warm-up + CUDA graph (no-op off CUDA); state is reset after
+    loop.fill_synthetic(n)   # random K/V, every sequence at length n   -- or --
+    first = loop.prefill(input_ids)
+    loop.run(steps)          # tokens in loop.out_tokens[:, :steps]
+    loop.close()
+
+Caches keep their buffers for the loop's life (reset() zeroes lengths, not storage), so
+the captured graph stays valid across prefill / fill / set_length.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from moa_search.errors import MoaSearchError
+from moa_search.plan import Plan
+
+
+class DecodeLoop:
+    """Shared machinery; subclasses own the cache. ``ids``/``pos``: (B, 1) long,
+    ``cache_pos``: (1,) long, ``out_tokens``: (B, capacity) long, ``step_idx``: (1,) long."""
+
+    name = "decode"
+
+    def __init__(
+        self,
+        model: Any,
+        batch: int,
+        max_cache_len: int,
+        *,
+        use_graph: bool | None = None,
+        out_capacity: int | None = None,
+    ):
+        self.model = model
+        self.batch = int(batch)
+        self.max_cache_len = int(max_cache_len)
+        self.device = next(model.parameters()).device
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else bool(use_graph)
+        if self.use_graph and self.device.type != "cuda":
+            raise MoaSearchError("CUDA graphs need a CUDA model")
+        dev, long = self.device, torch.long
+        self.ids = torch.zeros(self.batch, 1, dtype=long, device=dev)
+        self.pos = torch.zeros(self.batch, 1, dtype=long, device=dev)
+        self.cache_pos = torch.zeros(1, dtype=long, device=dev)
+        self.step_idx = torch.zeros(1, dtype=long, device=dev)
+        cap = out_capacity or self.max_cache_len
+        self.out_tokens = torch.zeros(self.batch, cap, dtype=long, device=dev)
+        self.cache: Any = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.length = 0  # tokens every sequence holds (host copy, set by prefill / fill)
+
+    # --- cache-specific hooks ----------------------------------------------------------
+    def _new_cache(self) -> Any:
+        raise NotImplementedError
+
+    def _set_cache_length(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _randomize_cache(self, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def kv_nbytes(self) -> int:
+        raise NotImplementedError
+
+    def predicted_kv_bytes(self) -> int:
+        raise NotImplementedError
+
+    # --- lifecycle ---------------------------------------------------------------------
+    @torch.no_grad()
+    def allocate(self) -> int:
+        """Create the cache and its full buffers with one dummy token; returns the bytes the
+        allocator gained (cache + small metadata), measured on CUDA, else ``kv_nbytes()``."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        self.cache = self._new_cache()
+        self._forward(self.ids, self.pos, self.cache_pos)
+        self.cache.reset()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device) - before
+        return self.kv_nbytes()
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
+        return self.model(
+            input_ids=ids,
+            position_ids=pos,
+            cache_position=cache_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    def _step(self) -> None:
+        logits = self._forward(self.ids, self.pos, self.cache_pos).logits
+        nxt = logits[:, -1].argmax(-1)
+        self.out_tokens.index_copy_(1, self.step_idx, nxt[:, None])
+        self.ids.copy_(nxt[:, None])
+        self.pos.add_(1)
+        self.cache_pos.add_(1)
+        self.step_idx.add_(1)
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Warm up (compiles Triton kernels, creates cuBLAS handles) and capture one step in a
+        CUDA graph. State (lengths, buffers) is restored, so call before prefill / fill."""
+        if self.cache is None:
+            self.allocate()
+        if not self.use_graph:
+            return
+        self.set_length(1)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.set_length(1)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+        self.cache.reset()
+        self.set_length(0)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, L) through the cache (no padding); returns the first generated
+        token (B,) and leaves the loop ready to decode the next."""
+        if input_ids.shape[0] != self.batch:
+            raise MoaSearchError(f"prefill: batch {input_ids.shape[0]} != loop batch {self.batch}")
+        if self.cache is None:
+            self.allocate()
+        length = input_ids.shape[1]
+        if length + 1 > self.max_cache_len:
+            raise MoaSearchError(f"prompt of {length} tokens needs max_cache_len > {length}")
+        self.cache.reset()
+        self._set_cache_length(0)
+        pos = torch.arange(length, device=self.device)
+        out = self._forward(input_ids.to(self.device), pos[None].expand(self.batch, -1), pos)
+        first = out.logits[:, -1].argmax(-1)
+        self.length = length
+        self._set_buffers(length, first)
+        return first
+
+    @torch.no_grad()
+    def fill_synthetic(self, length: int, seed: int = 0) -> None:
+        """Every sequence holds ``length`` tokens of random K/V (speed runs: no prefill)."""
+        if self.cache is None:
+            self.allocate()
+        if length + 1 > self.max_cache_len:
+            raise MoaSearchError(f"length {length} needs max_cache_len > {length}")
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._randomize_cache(gen)
+        self.set_length(length)
+        tokens = torch.randint(0, self._vocab(), (self.batch,), generator=gen, device=self.device)
+        self.ids.copy_(tokens[:, None])
+
+    def _vocab(self) -> int:
+        return int(self.model.config.get_text_config().vocab_size)
+
+    def set_length(self, n: int) -> None:
+        """Make every sequence hold ``n`` tokens (stored entries keep their values)."""
+        self._set_cache_length(n)
+        self.length = n
+        self._set_buffers(n, None)
+
+    def _set_buffers(self, n: int, next_ids: torch.Tensor | None) -> None:
+        if next_ids is not None:
+            self.ids.copy_(next_ids.view(-1, 1))
+        self.pos.fill_(n)
+        self.cache_pos.fill_(n)
+        self.step_idx.zero_()
+
+    @torch.no_grad()
+    def run(self, steps: int, *, graph: bool | None = None) -> float:
+        """Decode ``steps`` tokens from the current state; returns seconds (device-timed on
+        CUDA). Tokens land in ``out_tokens[:, :steps]``."""
+        if self.length + steps > self.max_cache_len:
+            raise MoaSearchError(
+                f"{steps} steps from length {self.length} exceed max_cache_len {self.max_cache_len}"
+            )
+        if steps > self.out_tokens.shape[1]:
+            raise MoaSearchError(f"{steps} steps exceed the output buffer")
+        use_graph = self.graph is not None if graph is None else graph
+        if use_graph and self.graph is None:
+            raise MoaSearchError("run(graph=True) before capture()")
+        self.step_idx.zero_()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if use_graph:
+                self.graph.replay()
+            else:
+                self._step()
+        if cuda:
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            seconds = time.perf_counter() - t0
+        self._set_cache_host_length(self.length + steps)
+        self.length += steps
+        return seconds
+
+    def _set_cache_host_length(self, n: int) -> None:
+        """Bring host-side counters in line after graph replays (device state advanced)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy tokens (B, new_tokens) after the prompt: what model.generate returns."""
+        first = self.prefill(input_ids)
+        if new_tokens <= 1:
+            return first[:, None][:, :new_tokens]
+        self.run(new_tokens - 1)
+        return torch.cat([first[:, None], self.out_tokens[:, : new_tokens - 1]], 1)
+
+    def close(self) -> None:
+        self.graph = None
+        self.cache = None
+
+
+class DenseLoop(DecodeLoop):
+    """transformers ``StaticCache`` with the model's own attention (``attn_implementation``,
+    default SDPA): what a user gets from ``generate(cache_implementation="static")``."""
+
+    name = "dense"
+
+    def __init__(
+        self,
+        model: Any,
+        batch: int,
+        max_cache_len: int,
+        *,
+        attn_implementation: str = "sdpa",
+        **kwargs: Any,
+    ):
+        if getattr(model, "_moa_runtime", None) is not None:
+            raise MoaSearchError("DenseLoop: remove the plan from the model first")
+        super().__init__(model, batch, max_cache_len, **kwargs)
+        self._saved_impl = model.config._attn_implementation
+        if attn_implementation != self._saved_impl:
+            model.set_attn_implementation(attn_implementation)
+
+    def _new_cache(self) -> Any:
+        from transformers import StaticCache  # noqa: PLC0415
+
+        return StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+
+    def _static_layers(self) -> list[Any]:
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
+    def _set_cache_length(self, n: int) -> None:
+        for layer in self._static_layers():
+            layer.cumulative_length.fill_(n)
+
+    def _randomize_cache(self, generator: torch.Generator) -> None:
+        for layer in self._static_layers():
+            layer.keys.normal_(generator=generator)
+            layer.values.normal_(generator=generator)
+
+    def kv_nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self._static_layers()
+            for t in (layer.keys, layer.values)
+        )
+
+    def predicted_kv_bytes(self) -> int:
+        from moa_search.plan import dense_plan  # noqa: PLC0415
+
+        dtype_bytes = torch.finfo(self.model.dtype).bits // 8
+        return dense_plan(self.model).dense_kv_bytes(self.max_cache_len, self.batch, dtype_bytes)
+
+    def close(self) -> None:
+        super().close()
+        if self.model.config._attn_implementation != self._saved_impl:
+            self.model.set_attn_implementation(self._saved_impl)
+
+
+class PlanLoop(DecodeLoop):
+    """The plan through :func:`moa_search.runtime.apply_plan` with a :class:`MoACache`
+    preallocated to ``max_cache_len`` (decode on CUDA: the Triton kernels)."""
+
+    name = "plan"
+
+    def __init__(
+        self,
+        model: Any,
+        plan: Plan,
+        batch: int,
+        max_cache_len: int,
+        *,
+        backend: str = "auto",
+        **kwargs: Any,
+    ):
+        from moa_search.runtime import apply_plan  # noqa: PLC0415
+
+        super().__init__(model, batch, max_cache_len, **kwargs)
+        self.plan = plan
+        self.runtime = apply_plan(model, plan, backend=backend, max_cache_len=max_cache_len)
+
+    def _new_cache(self) -> Any:
+        return self.runtime.new_cache(self.max_cache_len)
+
+    def _set_cache_length(self, n: int) -> None:
+        for layer in self.cache.layers:
+            if layer.lengths is not None:
+                layer.lengths.fill_(n)
+            layer.processed = n
+
+    def _set_cache_host_length(self, n: int) -> None:
+        for layer in self.cache.layers:
+            layer.processed = n
+
+    def _randomize_cache(self, generator: torch.Generator) -> None:
+        for layer in self.cache.layers:
+            layer.keys.normal_(generator=generator)
+            layer.values.normal_(generator=generator)
+            if layer.v_sum is not None:
+                layer.v_sum.normal_(generator=generator)
+
+    def kv_nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def predicted_kv_bytes(self) -> int:
+        dtype_bytes = torch.finfo(self.model.dtype).bits // 8
+        return self.plan.kv_bytes(self.max_cache_len, self.batch, dtype_bytes)
+
+    def close(self) -> None:
+        super().close()
+        self.runtime.remove()

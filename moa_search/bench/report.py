@@ -1,0 +1,230 @@
+"""Bench outputs: bench.csv (every row), bench.md (tables with the device named), and plots
+(tokens/s vs batch per context; peak memory and KV bytes vs context)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """All rows, union of their keys as columns (atomic write)."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as handle:
+        w = csv.DictWriter(handle, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+    return path
+
+
+def _ok(rows, mode):
+    return [r for r in rows if r.get("mode") == mode and r.get("status") == "ok"]
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Markdown tables: decode sweep with speedups, equal memory, prefill, overhead."""
+    lines = [f"# moa-search bench: {meta.get('model')} on {meta.get('device')}", ""]
+    lines.append(
+        f"torch {meta.get('torch')}; new tokens {meta.get('new_tokens')}; "
+        f"plan {meta.get('plan') or 'synthetic ' + str(meta.get('synthetic'))}"
+    )
+    lines.append("")
+    sweep = [r for r in rows if r.get("mode") == "sweep"]
+    base = {(r["config"], r["context"], r["batch"]): r for r in _ok(rows, "sweep")}
+    lines += [
+        "## Decode (CUDA-graph replays; synthetic cache at `context` tokens)",
+        "",
+        "| context | batch | config | KV density | tok/s | ms/token | x dense-sdpa | "
+        "x dense-moa | peak GiB | KV GiB | KV vs predicted | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        key = (r["context"], r["batch"])
+        sp = {}
+        for d in ("dense-sdpa", "dense-moa"):
+            ref = base.get((d, *key))
+            sp[d] = (r["tok_s"] / ref["tok_s"]) if ref and r.get("tok_s") else None
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['config']} | {_fmt(r.get('kv_density'), 3)} "
+            f"| {_fmt(r.get('tok_s'), 1)} | {_fmt(r.get('step_ms'), 3)} | {_fmt(sp['dense-sdpa'])} "
+            f"| {_fmt(sp['dense-moa'])} | {_fmt(r.get('peak_gib'))} "
+            f"| {_fmt((r.get('kv_bytes') or 0) / GIB if r.get('kv_bytes') else None)} "
+            f"| {_fmt(r.get('kv_err_pct'), 3)}% | {r.get('status')} |"
+        )
+    eq = [r for r in rows if r.get("mode") == "equal-memory"]
+    if eq:
+        lines += [
+            "",
+            f"## Equal memory (budget {eq[0].get('budget_gib')} GiB)",
+            "",
+            "| context | config | max batch | predicted | tok/s | x dense-sdpa | x dense-moa "
+            "| peak GiB | tries (batch, fits) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        by = {(r["config"], r["context"]): r for r in eq}
+        for r in eq:
+            sp = {}
+            for d in ("dense-sdpa", "dense-moa"):
+                ref = by.get((d, r["context"]))
+                ok = ref and ref.get("tok_s") and r.get("tok_s")
+                sp[d] = r["tok_s"] / ref["tok_s"] if ok else None
+            lines.append(
+                f"| {r['context']} | {r['config']} | {r.get('batch')} | {r.get('predicted_batch')} "
+                f"| {_fmt(r.get('tok_s'), 1)} | {_fmt(sp['dense-sdpa'])} | {_fmt(sp['dense-moa'])} "
+                f"| {_fmt(r.get('peak_gib'))} | {r.get('tries')} |"
+            )
+    pre = [r for r in rows if r.get("mode") == "prefill"]
+    if pre:
+        lines += [
+            "",
+            "## Prefill (real prompt into a fresh cache)",
+            "",
+            "| context | batch | config | seconds | tok/s | x dense-sdpa time | peak GiB "
+            "| status |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        pb = {(r["config"], r["context"]): r for r in pre if r.get("status") == "ok"}
+        for r in pre:
+            ref = pb.get(("dense-sdpa", r["context"]))
+            rel = r["prefill_s"] / ref["prefill_s"] if ref and r.get("prefill_s") else None
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['config']} | {_fmt(r.get('prefill_s'), 3)} "
+                f"| {_fmt(r.get('prefill_tok_s'), 0)} | {_fmt(rel)} | {_fmt(r.get('peak_gib'))} "
+                f"| {r.get('status')} |"
+            )
+    ov = [r for r in rows if "eager_step_ms" in r]
+    if ov:
+        lines += [
+            "",
+            "## Per-step overhead and kernel time (profiler, eager steps)",
+            "",
+            "| context | batch | config | graph ms | eager ms | kernel sum ms | overhead % "
+            "| attention ms | gemm ms | other ms | kernels/step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ov:
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['config']} | {_fmt(r.get('step_ms'), 3)} "
+                f"| {_fmt(r.get('eager_step_ms'), 3)} | {_fmt(r.get('kernel_ms'), 3)} "
+                f"| {_fmt(r.get('overhead_pct'), 1)} | {_fmt(r.get('kernel_attention_ms'), 3)} "
+                f"| {_fmt(r.get('kernel_gemm_ms'), 3)} | {_fmt(r.get('kernel_other_ms'), 3)} "
+                f"| {r.get('kernels_per_step', '-')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict[str, Any]], out: Path, device: str) -> list[Path]:
+    """tokens_per_s.png (tok/s vs batch, one panel per context) and memory.png (peak and
+    KV GiB vs context at each batch). Skipped without matplotlib."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return []
+    sweep = _ok(rows, "sweep")
+    eq = _ok(rows, "equal-memory")
+    paths = []
+    contexts = sorted({r["context"] for r in sweep})
+    configs = list(dict.fromkeys(r["config"] for r in sweep))
+    if contexts:
+        fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+        for ax, ctx in zip(axes[0], contexts, strict=True):
+            for cfg in configs:
+                pts = sorted(
+                    (r["batch"], r["tok_s"])
+                    for r in sweep
+                    if r["config"] == cfg and r["context"] == ctx
+                )
+                if pts:
+                    line = ax.plot(*zip(*pts, strict=True), marker="o", label=cfg)[0]
+                for r in eq:
+                    if r["config"] == cfg and r["context"] == ctx:
+                        ax.scatter(
+                            [r["batch"]],
+                            [r["tok_s"]],
+                            marker="*",
+                            s=150,
+                            color=line.get_color() if pts else None,
+                        )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch (star: max batch at the memory budget)")
+            ax.set_ylabel("decode tokens/s")
+            ax.set_title(f"context {ctx}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"decode throughput, {device}")
+        fig.tight_layout()
+        paths.append(out / "tokens_per_s.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for cfg in configs:
+            for bs in sorted({r["batch"] for r in sweep}):
+                pts = sorted(
+                    (r["context"], r["peak_gib"], r["kv_bytes"] / GIB)
+                    for r in sweep
+                    if r["config"] == cfg and r["batch"] == bs and "peak_gib" in r
+                )
+                if len(pts) >= 1:
+                    xs, peak, kv = zip(*pts, strict=True)
+                    line = ax.plot(xs, peak, marker="o", label=f"{cfg} B={bs} peak")[0]
+                    ax.plot(xs, kv, ls="--", color=line.get_color(), label=f"{cfg} B={bs} KV")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("GiB")
+        ax.set_title(f"memory vs context, {device}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out / "memory.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "bench.csv")
+    (out / "bench.md").write_text(markdown(rows, meta))
+    plots(rows, out, str(meta.get("device")))
+
+
+def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read bench.csv back (numbers as numbers) to re-render tables or plots."""
+    rows = []
+    with open(path, newline="") as handle:
+        for r in csv.DictReader(handle):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if v == "":
+                    continue
+                try:
+                    row[k] = int(v)
+                except ValueError:
+                    try:
+                        row[k] = float(v)
+                    except ValueError:
+                        row[k] = v
+            rows.append(row)
+    return rows

@@ -1,0 +1,517 @@
+"""``bench``: dense and a plan side by side -- prefill time, decode tokens/s and per-token
+latency (CUDA-graph replays), peak GPU memory, KV bytes measured vs predicted -- over
+batch x context, plus the equal-memory mode (largest batch within a budget, and its speed).
+
+Configurations (``configs``):
+
+- ``dense-sdpa``: transformers StaticCache + SDPA, what a user runs
+  (``generate(cache_implementation="static")``); with a static cache transformers passes a
+  mask, so SDPA repeats K/V for GQA.
+- ``dense-moa``: a uniform dense plan through the moa runtime (same Triton kernel as the
+  plan): the like-for-like dense baseline.
+- ``plan``: the plan file, or a synthetic plan at ``synthetic`` density made for each context.
+
+Decode runs start from a synthetic cache (random K/V, every sequence at ``context``): decode
+speed depends on lengths, not values, and a real prefill of B x 32k tokens would dominate
+the run. Prefill is timed apart, at ``prefill_batch`` sequences of ``context`` real tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, PlanLoop
+from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_max_batch
+from moa_search.bench.models import build_model, ensure_kernels, weight_bytes
+from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
+from moa_search.errors import MoaSearchError
+from moa_search.plan import Plan, load_plan, uniform_plan
+
+CONFIGS = ("dense-sdpa", "dense-moa", "plan")
+GIB = 2**30
+EXTRA_SLOTS = 32  # cache room past context + new tokens for warm-up / profiling steps
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class Bench:
+    """State of one run: the model, the plans per context, rows written as they come."""
+
+    def __init__(
+        self,
+        model: Any,
+        plan_for: Any,
+        *,
+        new_tokens: int,
+        device: torch.device,
+        out: Path | None,
+        configs: Sequence[str],
+        dtype_bytes: int,
+    ):
+        self.model = model
+        self.plan_for = plan_for
+        self.new_tokens = new_tokens
+        self.device = device
+        self.out = out
+        self.configs = list(configs)
+        self.dtype_bytes = dtype_bytes
+        self.weights = weight_bytes(model)
+        self.rows: list[dict[str, Any]] = []
+        self.capacity = (
+            torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        )
+
+    # --- helpers -----------------------------------------------------------------------
+    def plan_of(self, config: str, context: int) -> Plan | None:
+        if config == "dense-sdpa":
+            return None
+        if config == "dense-moa":
+            return uniform_plan(self.model, "dense")
+        return self.plan_for(context)
+
+    def kv_per_seq(self, config: str, context: int) -> int:
+        max_len = context + self.new_tokens + EXTRA_SLOTS
+        plan = self.plan_of(config, context) or uniform_plan(self.model, "dense")
+        return plan.kv_bytes(max_len, 1, self.dtype_bytes)
+
+    def make_loop(self, config: str, batch: int, context: int) -> DecodeLoop:
+        max_len = context + self.new_tokens + EXTRA_SLOTS
+        plan = self.plan_of(config, context)
+        if plan is None:
+            return DenseLoop(self.model, batch, max_len, out_capacity=self.new_tokens + 8)
+        return PlanLoop(self.model, plan, batch, max_len, out_capacity=self.new_tokens + 8)
+
+    def emit(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.out is not None:
+            from moa_search.bench.report import write_csv  # noqa: PLC0415
+
+            write_csv(self.rows, self.out / "bench.csv")
+        keys = ("mode", "config", "context", "batch", "status", "tok_s", "step_ms", "peak_gib")
+        _log(" ".join(f"{k}={row.get(k)}" for k in keys if k in row))
+
+    # --- measurements ------------------------------------------------------------------
+    def decode(
+        self, config: str, batch: int, context: int, mode: str = "sweep", overhead: bool = False
+    ) -> dict[str, Any]:
+        """One decode measurement; the row (status ok / oom / error)."""
+        plan = self.plan_of(config, context)
+        row: dict[str, Any] = {
+            "mode": mode,
+            "config": config,
+            "context": context,
+            "batch": batch,
+            "new_tokens": self.new_tokens,
+            "weights_bytes": self.weights,
+            "kv_density": (plan.memory_density(context) if plan is not None else 1.0),
+        }
+        _free(self.device)
+        loop = None
+        try:
+            loop = self.make_loop(config, batch, context)
+            t0 = time.perf_counter()
+            kv_alloc = loop.allocate()
+            loop.capture()
+            row["setup_s"] = round(time.perf_counter() - t0, 3)
+            loop.fill_synthetic(context)
+            loop.run(4)  # warm replays
+            loop.fill_synthetic(context)
+            seconds = loop.run(self.new_tokens)
+            row.update(self._timing(loop, batch, context, seconds, plan))
+            row["graph"] = loop.graph is not None
+            row["kv_bytes"] = loop.kv_nbytes()
+            row["kv_alloc_bytes"] = kv_alloc
+            row["kv_pred_bytes"] = loop.predicted_kv_bytes()
+            row["kv_err_pct"] = round(100 * (kv_alloc / row["kv_pred_bytes"] - 1), 3)
+            if self.device.type == "cuda":
+                row["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                row["peak_gib"] = round(row["peak_bytes"] / GIB, 3)
+                row["reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / GIB, 3)
+            if overhead:
+                row.update(self._overhead(loop, context, row["step_ms"]))
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except Exception as exc:  # keep the sweep going; the row says what broke
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        finally:
+            if loop is not None:
+                loop.close()
+            del loop
+            _free(self.device)
+        return row
+
+    def _timing(self, loop, batch, context, seconds, plan) -> dict[str, Any]:
+        step = seconds / self.new_tokens
+        read = (plan or uniform_plan(self.model, "dense")).read_bytes(
+            context, batch, self.dtype_bytes
+        )
+        return {
+            "step_ms": round(step * 1e3, 4),
+            "tok_s": round(batch / step, 2),
+            "kv_read_bytes": read,
+            "achieved_gbs": round((read + self.weights) / step / 1e9, 1),
+        }
+
+    def _overhead(self, loop: DecodeLoop, context: int, graph_ms: float) -> dict[str, Any]:
+        """Eager step time, and the device-kernel time of one step by category (profiler):
+        overhead = graph step - kernel sum (what is neither a kernel nor hidden by the graph)."""
+        res: dict[str, Any] = {}
+        steps = 8
+        loop.fill_synthetic(context)
+        res["eager_step_ms"] = round(loop.run(steps, graph=False) / steps * 1e3, 4)
+        try:
+            from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+            loop.fill_synthetic(context)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                loop.run(3, graph=False)
+                torch.cuda.synchronize(self.device)
+            cats: dict[str, float] = {}
+            count = 0
+            for evt in prof.key_averages():
+                us = getattr(evt, "self_device_time_total", None)
+                if us is None:
+                    us = getattr(evt, "self_cuda_time_total", 0)
+                if not us or evt.key.startswith("ProfilerStep"):
+                    continue
+                if getattr(evt, "device_type", None) is not None and "CUDA" not in str(
+                    evt.device_type
+                ):
+                    continue
+                cat = _category(evt.key)
+                cats[cat] = cats.get(cat, 0.0) + us / 3 / 1e3
+                count += evt.count
+            total = sum(cats.values())
+            res["kernel_ms"] = round(total, 4)
+            res["kernels_per_step"] = round(count / 3)
+            for cat, ms in sorted(cats.items()):
+                res[f"kernel_{cat}_ms"] = round(ms, 4)
+            res["overhead_pct"] = round(100 * (graph_ms - total) / graph_ms, 2)
+        except Exception as exc:  # profiler unavailable: keep the eager number
+            res["profile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        return res
+
+    def prefill(self, config: str, context: int, batch: int) -> dict[str, Any]:
+        """Time a real prompt of ``context`` tokens x ``batch`` into a fresh cache."""
+        plan = self.plan_of(config, context)
+        row: dict[str, Any] = {
+            "mode": "prefill",
+            "config": config,
+            "context": context,
+            "batch": batch,
+        }
+        _free(self.device)
+        runtime = None
+        try:
+            from moa_search.runtime import apply_plan  # noqa: PLC0415
+
+            if plan is not None:
+                runtime = apply_plan(self.model, plan, max_cache_len=context + 1)
+            gen = torch.Generator(device=self.device).manual_seed(1)
+            vocab = self.model.config.get_text_config().vocab_size
+            with torch.no_grad():
+                warm = torch.randint(
+                    0, vocab, (batch, min(context, 512)), generator=gen, device=self.device
+                )
+                self.model(warm, use_cache=True, logits_to_keep=1)
+                ids = torch.randint(0, vocab, (batch, context), generator=gen, device=self.device)
+                _free(self.device)
+                t0 = time.perf_counter()
+                if self.device.type == "cuda":
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                out = self.model(ids, use_cache=True, logits_to_keep=1)
+                if self.device.type == "cuda":
+                    end.record()
+                    end.synchronize()
+                    seconds = start.elapsed_time(end) / 1e3
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 3)
+                else:
+                    seconds = time.perf_counter() - t0
+                del out
+            row["prefill_s"] = round(seconds, 4)
+            row["prefill_tok_s"] = round(batch * context / seconds, 1)
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except Exception as exc:
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        finally:
+            if runtime is not None:
+                runtime.remove()
+            _free(self.device)
+        return row
+
+    def equal_memory(self, config: str, context: int, budget: int, max_tries: int) -> None:
+        """Largest batch within ``budget`` (predicted from bytes + the margin measured in the
+        sweep, then verified by running it) and its decode speed."""
+        kv1 = self.kv_per_seq(config, context)
+        measured = {
+            r["batch"]: r["peak_bytes"]
+            for r in self.rows
+            if r.get("mode") == "sweep"
+            and r.get("config") == config
+            and r.get("context") == context
+            and r.get("status") == "ok"
+            and "peak_bytes" in r
+        }
+        model = fit_margin(self.weights, kv1, measured)
+        rows: dict[int, dict[str, Any]] = {}
+
+        def try_batch(b: int) -> int | None:
+            row = self.decode(config, b, context, mode="equal-memory-try")
+            rows[b] = row
+            return row.get("peak_bytes") if row["status"] == "ok" else None
+
+        res: FitResult = search_max_batch(budget, model, try_batch, max_tries=max_tries)
+        if res.batch and res.batch in rows:
+            row = dict(rows[res.batch])
+        else:
+            row = {"config": config, "context": context, "batch": res.batch, "status": "none-fit"}
+        row.update(
+            {
+                "mode": "equal-memory",
+                "budget_gib": round(budget / GIB, 3),
+                "predicted_batch": res.predicted,
+                "margin_fixed_gib": round(model.fixed / GIB, 3),
+                "margin_per_seq_mib": round(model.per_seq / 2**20, 2),
+                "tries": json.dumps([[b, ok] for b, ok, _ in res.tries]),
+            }
+        )
+        self.emit(row)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    if any(
+        s in low
+        for s in (
+            "mixed_decode",
+            "merge_kernel",
+            "sparq",
+            "flash",
+            "fmha",
+            "attention",
+            "sdpa",
+            "efficient",
+        )
+    ):
+        return "attention"
+    if any(
+        s in low
+        for s in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "matmul", "cublas", "splitk", "sm90")
+    ):
+        return "gemm"
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    return "other"
+
+
+def _as_list(value: int | str | Sequence[int]) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return [int(v) for v in value]
+
+
+def bench(
+    model: str = "llama3-8b-shape",
+    plan: str | os.PathLike[str] | Plan | None = None,
+    *,
+    synthetic: float | str | None = None,
+    batch: int | str | Sequence[int] = (1, 8, 32),
+    context: int | str | Sequence[int] = (4096, 32768),
+    new_tokens: int = 128,
+    memory_budget: str | int | None = "60GiB",
+    out: str | os.PathLike[str] | None = "bench_out",
+    configs: Sequence[str] = CONFIGS,
+    prefill_batch: int | None = 1,
+    overhead_at: tuple[int, int] | None = (8, 32768),
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    seed: int = 0,
+    max_tries: int = 4,
+) -> list[dict[str, Any]]:
+    """Dense vs plan, side by side; writes OUT/bench.csv, bench.md, plots, run.json.
+
+    Args:
+        model: a shape from :data:`moa_search.bench.models.SHAPES` (random weights, no
+            download), the default alias ``smollm2-135m``, or any HF name / path.
+        plan: a plan YAML (or Plan) for ``model``; or give ``synthetic``.
+        synthetic: density (``0.25``) or ``"density=0.25,seed=1"``: a synthetic plan made for
+            each context (see :func:`moa_search.bench.synthetic.synthetic_plan`).
+        batch, context: the sweep (lists or "1,8,32").
+        new_tokens: decode steps timed per point.
+        memory_budget: equal-memory mode budget ("60GiB"); None skips the mode.
+        configs: any of ``dense-sdpa``, ``dense-moa``, ``plan``.
+        prefill_batch: sequences per timed prefill (None: no prefill timing).
+        overhead_at: (batch, context) where eager vs graph time and the kernel-time breakdown
+            are measured (skipped when not in the sweep).
+    Returns the rows (also in OUT/bench.csv).
+    """
+    if (plan is None) == (synthetic is None):
+        raise MoaSearchError("give exactly one of plan or synthetic")
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        raise MoaSearchError(f"unknown config {bad[0]!r} (known: {', '.join(CONFIGS)})")
+    if new_tokens < 1:
+        raise MoaSearchError("new_tokens must be >= 1")
+    batches, contexts = _as_list(batch), _as_list(context)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoaSearchError("device cuda requested but no GPU is visible")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if dev.type == "cuda":
+        ensure_kernels()
+
+    t0 = time.perf_counter()
+    net = build_model(model, dtype=dtype, device=dev, seed=seed)
+    _log(f"model {model} built in {time.perf_counter() - t0:.1f}s")
+    dtype_bytes = torch.finfo(net.dtype).bits // 8
+
+    if plan is not None:
+        fixed = plan if isinstance(plan, Plan) else load_plan(plan)
+        fixed.check_model(net)
+
+        def plan_for(ctx: int) -> Plan:
+            return fixed
+    else:
+        kwargs = (
+            parse_synthetic(synthetic)
+            if isinstance(synthetic, str)
+            else {"density": float(synthetic)}
+        )
+        cache: dict[int, Plan] = {}
+
+        def plan_for(ctx: int) -> Plan:
+            if ctx not in cache:
+                kw = {"length": ctx, "seed": seed, **kwargs}
+                cache[ctx] = synthetic_plan(net, **kw)
+                if out_dir is not None:
+                    from moa_search.plan import save_plan  # noqa: PLC0415
+
+                    save_plan(cache[ctx], out_dir / f"plan_synthetic_{ctx}.yaml")
+            return cache[ctx]
+
+    b = Bench(
+        net,
+        plan_for,
+        new_tokens=new_tokens,
+        device=dev,
+        out=out_dir,
+        configs=configs,
+        dtype_bytes=dtype_bytes,
+    )
+    meta = {
+        "model": model,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "new_tokens": new_tokens,
+        "batch": batches,
+        "context": contexts,
+        "configs": list(configs),
+        "weights_bytes": b.weights,
+        "memory_budget": memory_budget,
+        "plan": str(plan) if plan is not None else None,
+        "synthetic": synthetic,
+        "argv": sys.argv,
+    }
+    if out_dir is not None:
+        (out_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    _log(f"device {meta['device']}, weights {b.weights / GIB:.2f} GiB")
+
+    for ctx in contexts:
+        if prefill_batch:
+            for config in configs:
+                b.emit(b.prefill(config, ctx, prefill_batch))
+        for bs in batches:
+            for config in configs:
+                need = b.weights + bs * b.kv_per_seq(config, ctx)
+                if b.capacity and need > 0.97 * b.capacity:
+                    b.emit(
+                        {
+                            "mode": "sweep",
+                            "config": config,
+                            "context": ctx,
+                            "batch": bs,
+                            "status": f"skipped: needs {need / GIB:.1f} GiB",
+                        }
+                    )
+                    continue
+                ov = overhead_at is not None and (bs, ctx) == tuple(overhead_at)
+                b.emit(b.decode(config, bs, ctx, overhead=ov))
+        if memory_budget is not None:
+            budget = parse_bytes(memory_budget)
+            for config in configs:
+                b.equal_memory(config, ctx, budget, max_tries)
+
+    if out_dir is not None:
+        from moa_search.bench.report import write_report  # noqa: PLC0415
+
+        write_report(b.rows, out_dir, meta)
+    _log(f"done in {time.perf_counter() - t0:.1f}s")
+    return b.rows
+
+
+def _cli() -> None:  # python -m moa_search.bench.run (until the CLI command exists)
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="llama3-8b-shape")
+    ap.add_argument("--plan")
+    ap.add_argument("--synthetic")
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--context", default="4096,32768")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--memory-budget", default="60GiB")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--prefill-batch", type=int, default=1)
+    ap.add_argument("--overhead-at", default="8,32768")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    a = ap.parse_args()
+    ov = tuple(int(x) for x in a.overhead_at.split(",")) if a.overhead_at else None
+    bench(
+        a.model,
+        a.plan,
+        synthetic=a.synthetic,
+        batch=a.batch,
+        context=a.context,
+        new_tokens=a.new_tokens,
+        memory_budget=None if a.memory_budget in ("", "none") else a.memory_budget,
+        out=a.out,
+        configs=a.configs.split(","),
+        prefill_batch=a.prefill_batch or None,
+        overhead_at=ov,
+        device=a.device,
+        dtype=a.dtype,
+    )
+
+
+if __name__ == "__main__":
+    _cli()

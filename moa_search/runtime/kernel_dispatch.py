@@ -1,0 +1,75 @@
+"""Route one decode step of a layer to the Triton kernels: one launch for all dense /
+window / elastic heads, one SparQ pipeline per distinct SparQ setting. No host syncs, so a
+decode step can be captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+
+from moa_search.patterns import SparQ
+from moa_search.runtime.cache import MoALayerCache
+
+
+def _static_heads(layer: MoALayerCache) -> torch.Tensor:
+    if getattr(layer, "_static_ids", None) is None:
+        ids = [h for h, p in enumerate(layer.patterns) if p.static]
+        layer._static_ids = torch.tensor(ids, dtype=torch.int32, device=layer.device)
+    return layer._static_ids
+
+
+def _sparq_groups(layer: MoALayerCache) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
+    """SparQ heads grouped by identical settings: (pattern, head ids, rows of v_sum)."""
+    if getattr(layer, "_sparq_groups", None) is None:
+        groups: dict[SparQ, list[int]] = {}
+        for h in layer.sparq_heads:
+            groups.setdefault(layer.patterns[h], []).append(h)
+        dev = layer.device
+        layer._sparq_groups = [
+            (
+                p,
+                torch.tensor(heads, dtype=torch.int32, device=dev),
+                torch.tensor([layer.sparq_heads.index(h) for h in heads], device=dev),
+            )
+            for p, heads in groups.items()
+        ]
+    return layer._sparq_groups
+
+
+def _k_per_sequence(p: SparQ, n: torch.Tensor, count: int) -> torch.Tensor:
+    """SparQ.k_at(n_b) for a k_ratio pattern, on device: (B, count) int32."""
+    want = torch.ceil(n.double() * float(p.k_ratio)).long()
+    k = torch.maximum(want, torch.clamp(n, max=p.local))
+    k = torch.clamp(torch.minimum(k, n), min=1)
+    return k[:, None].expand(-1, count).to(torch.int32).contiguous()
+
+
+def decode_layer(
+    kernels: ModuleType, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor, scale: float
+) -> None:
+    """query / out: (B, Hq, 1, D). The new token must already be appended to ``layer``."""
+    q = query[:, :, 0].contiguous()
+    o = torch.empty_like(q)
+    meta = layer.decode_metadata()
+    max_len = layer.layout.max_len
+    static_ids = _static_heads(layer)
+    if static_ids.numel():
+        kernels.mixed_decode(
+            q, layer.keys, layer.values, meta["head_offset"], meta["head_sink"],
+            meta["head_ring"], meta["span"], meta["seq_len"], scale,
+            head_ids=static_ids, out=o, max_len=max_len,
+        )  # fmt: skip
+    for pattern, head_ids, rows in _sparq_groups(layer):
+        if pattern.k is not None:
+            k, k_max = pattern.k, pattern.k
+        else:
+            k = _k_per_sequence(pattern, layer.lengths, len(rows))
+            k_max = max(1, min(max_len, math.ceil(pattern.k_ratio * max_len) + pattern.local))
+        kernels.sparq_decode(
+            q, layer.keys, layer.values, meta["head_offset"], meta["seq_len"],
+            layer.v_sum.index_select(1, rows), min(pattern.r, q.shape[-1]), k, pattern.local,
+            scale, head_ids, out=o, max_len=max_len, k_max=k_max,
+        )  # fmt: skip
+    out[:, :, 0] = o

@@ -1,0 +1,132 @@
+"""Fast prefill for a fresh cache: dense-like heads in one causal SDPA call, window / elastic
+heads by query chunks over only the keys their pattern can reach.
+
+The plain path (``reference.attend_head`` per KV head) builds an L x L boolean mask per head
+and attends over every key: at 32k tokens that is a 1 GiB mask per head and the full
+quadratic cost for a 4k window. Here, for a prompt that starts at position 0 with no
+padding (the usual prefill), heads are grouped:
+
+- full heads (dense, SparQ -- dense in prefill -- and static patterns that reach every key
+  at this length): one ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)``
+  (FlashAttention on CUDA);
+- every distinct window / elastic pattern of the layer: queries in chunks of ``chunk``
+  positions; chunk [c0, c1) attends to the sink keys and the band [c1 - 1 - span_max + 1 ..
+  c1) with a small (chunk x band) mask, so work is ~ L x (chunk + span) instead of L^2 / 2.
+
+Exact: same keys and softmax as the reference, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moa_search.patterns import Dense, Pattern
+
+DEFAULT_CHUNK = 2048
+
+
+def covers_all(pattern: Pattern, length: int) -> bool:
+    """True when every query of a prompt of ``length`` tokens sees all earlier keys."""
+    if isinstance(pattern, Dense) or not pattern.static:
+        return True
+    n = torch.arange(1, length + 1, dtype=torch.long)
+    return bool((pattern.sink + torch.as_tensor(pattern.span_at(n)) >= n).all())
+
+
+def fresh_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    patterns: list[Pattern],
+    scale: float,
+    out: torch.Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
+
+    query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head.
+    Returns ``out`` (B, Hq, L, D), same dtype as query.
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    full: list[int] = []
+    sparse: dict[str, tuple[Pattern, list[int]]] = {}
+    for h, p in enumerate(patterns):
+        if covers_all(p, length):
+            full.append(h)
+        else:
+            sparse.setdefault(p.spec(), (p, []))[1].append(h)
+
+    if full:
+        qi = _q_heads(full, group)
+        everything = len(full) == kv_heads
+        q = query if everything else query[:, qi]
+        k = key if everything else key[:, full]
+        v = value if everything else value[:, full]
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale, enable_gqa=group > 1
+        )
+        if everything:
+            out.copy_(y)
+        else:
+            out[:, qi] = y
+
+    for pattern, heads in sparse.values():
+        _banded(query, key, value, pattern, heads, group, scale, out, chunk)
+    return out
+
+
+def _q_heads(kv_heads: list[int], group: int) -> list[int]:
+    return [h * group + g for h in kv_heads for g in range(group)]
+
+
+def _sdpa_masked(q, k, v, mask, scale):
+    """Masked SDPA off the cuDNN backend: cuDNN builds a plan per new shape (milliseconds
+    each), and the memory-efficient kernel handles masks well."""
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _banded(query, key, value, pattern, heads, group, scale, out, chunk) -> None:
+    """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
+
+    Every chunk reads a band of the same width (positions before the sink or before 0 are
+    masked), so all full chunks share one shape."""
+    batch, _, length, dim = query.shape
+    dev = query.device
+    qi = _q_heads(heads, group)
+    n_h = len(heads)
+    k_g = key[:, heads].to(query.dtype)  # (B, n_h, L, D)
+    v_g = value[:, heads].to(query.dtype)
+    q_g = query[:, qi]  # (B, n_h * G, L, D)
+    sink = min(pattern.sink, length)
+    pos = torch.arange(length, device=dev)
+    spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (L,) span of query i
+    span_max = int(spans.max())
+    chunk = max(16, min(chunk, length))
+    width = min(length, -(-(chunk + span_max - 1) // 64) * 64)  # band keys per chunk
+    sink_pos = pos[:sink]
+    for c0 in range(0, length, chunk):
+        c1 = min(length, c0 + chunk)
+        band = c1 - width + torch.arange(width, device=dev)  # may start below 0
+        idx = band.clamp_min(0)
+        q_pos = pos[c0:c1, None]
+        in_band = (
+            (band[None] >= sink) & (band[None] <= q_pos) & (q_pos - band[None] < spans[c0:c1, None])
+        )
+        mask = torch.cat([sink_pos[None] <= q_pos, in_band], 1) if sink else in_band
+        k = torch.cat([k_g[:, :, :sink], k_g.index_select(2, idx)], 2)
+        v = torch.cat([v_g[:, :, :sink], v_g.index_select(2, idx)], 2)
+        m = k.shape[2]
+        if group > 1:
+            k = k[:, :, None].expand(batch, n_h, group, m, dim).reshape(batch, n_h * group, m, dim)
+            v = v[:, :, None].expand(batch, n_h, group, m, dim).reshape(batch, n_h * group, m, dim)
+        out[:, qi, c0:c1] = _sdpa_masked(q_g[:, :, c0:c1], k, v, mask[None, None], scale)

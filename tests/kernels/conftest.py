@@ -1,0 +1,111 @@
+"""Kernel tests: CPU runs use Triton's interpreter; ``moa_search.kernels`` is loaded from the
+``kernels/`` folder when the package is not installed (no repo root on sys.path, so the
+top-level name ``kernels`` stays free for the PyPI package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _use_interpreter() -> None:
+    """CPU only: run Triton kernels in its interpreter.
+
+    TRITON_INTERPRET must be set before triton is imported, but transformers (imported by
+    tests/conftest.py and by moa_search) imports torch._dynamo, which imports triton. So
+    when triton is already loaded in compiled mode, drop its Python modules (keeping the
+    native ``triton._C`` extension) and let the kernels import it afresh in interpreter
+    mode. Nothing on CPU uses the old modules afterwards.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    loaded = sys.modules.get("triton.language.standard")
+    if loaded is None:
+        return
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+    if isinstance(loaded.sum, InterpretedFunction):
+        return
+    for name in list(sys.modules):
+        if (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C"):
+            del sys.modules[name]
+
+
+if not torch.cuda.is_available():
+    _use_interpreter()
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them
+    for ``range(lo, hi)`` bounds, which NumPy >= 2.4 refuses; index through the element."""
+    import numpy as np  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+    from triton.runtime import interpreter  # noqa: PLC0415
+
+    original = interpreter._patch_lang
+
+    def patch_lang(fn):  # noqa: ANN001, ANN202
+        scope = original(fn)
+        scope.set_attr(
+            tl.core.tensor,
+            "__index__",
+            lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]),
+        )
+        return scope
+
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _fix_interpreter_loop_bounds()
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, folder: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ensure_kernels_package() -> types.ModuleType:
+    """Import ``moa_search.kernels``, falling back to loading it from ``kernels/``."""
+    try:
+        import moa_search.kernels as mk  # noqa: PLC0415
+
+        return mk
+    except ImportError:
+        pass
+    try:
+        import moa_search as parent  # noqa: PLC0415
+    except ImportError:
+        parent = _load("moa_search", ROOT / "moa_search")
+    mk = _load("moa_search.kernels", ROOT / "kernels")
+    parent.kernels = mk
+    return mk
+
+
+ensure_kernels_package()
+
+
+@pytest.fixture(scope="session")
+def sweep_size() -> int:
+    """Random cases of the big sweep: $MOA_KERNEL_SWEEP, else 60 on GPU and 0 on CPU."""
+    env = os.environ.get("MOA_KERNEL_SWEEP")
+    if env:
+        return int(env)
+    return 60 if torch.cuda.is_available() else 0
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,293 @@
+"""mixed_decode and sparq_decode against the PyTorch references.
+
+CPU (TRITON_INTERPRET=1): a few hand-picked small cases covering every code path.
+GPU: the same plus a randomized sweep of $MOA_KERNEL_SWEEP cases per kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from moa_search.kernels import mixed_decode, mixed_decode_ref, sparq_decode, sparq_decode_ref
+from moa_search.kernels.sparq import sparq_kt_from_cache
+from moa_search.kernels.testing import HeadGeom, build_layer, random_heads
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+SENTINEL = 7.0  # written into ``out`` rows the kernel must leave alone
+
+
+def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def run_mixed(
+    heads: list[HeadGeom],
+    lens: list[int],
+    group: int,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    head_ids: list[int] | None = None,
+    max_len: int | None = None,
+    chunk: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Run kernel and reference on one case; return max abs error (asserts untouched rows)."""
+    lay = build_layer(heads, lens, group, dim, dtype, device, seed)
+    lay.pop("v_sum")
+    ids = None if head_ids is None else torch.tensor(head_ids, dtype=torch.int32, device=device)
+    scale = dim**-0.5
+    out = torch.full_like(lay["q"], SENTINEL)
+    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk)
+    ref = mixed_decode_ref(**lay, scale=scale, head_ids=ids, out=torch.full_like(out, SENTINEL))
+    if head_ids is not None:
+        keep = torch.ones(len(heads), dtype=torch.bool)
+        keep[head_ids] = False
+        rows = keep.repeat_interleave(group).to(device)
+        assert (out[:, rows] == SENTINEL).all(), "kernel wrote heads outside head_ids"
+    return _max_err(out, ref)
+
+
+def run_sparq(
+    lens: list[int],
+    hkv: int,
+    sparq_ids: list[int],
+    group: int,
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    r: int,
+    k: int | list[list[int]],
+    local: int,
+    max_len: int,
+    use_kt: bool,
+    seed: int = 0,
+) -> float:
+    heads = [HeadGeom.dense(max_len) for _ in range(hkv)]
+    lay = build_layer(heads, lens, group, dim, dtype, device, seed)
+    ids = torch.tensor(sparq_ids, dtype=torch.int32, device=device)
+    v_sum = lay["v_sum"][:, sparq_ids].contiguous()
+    args = dict(
+        q=lay["q"],
+        k_cache=lay["k_cache"],
+        v_cache=lay["v_cache"],
+        head_offset=lay["head_offset"],
+        seq_len=lay["seq_len"],
+        v_sum=v_sum,
+        r=r,
+        local=local,
+        scale=dim**-0.5,
+        head_ids=ids,
+    )
+    kk = torch.tensor(k, dtype=torch.int32, device=device) if isinstance(k, list) else k
+    out = torch.full_like(lay["q"], SENTINEL)
+    kt = sparq_kt_from_cache(lay["k_cache"], lay["head_offset"], ids, max_len) if use_kt else None
+    k_max = max(max(row) for row in k) if isinstance(k, list) else None
+    sparq_decode(**args, k=kk, out=out, max_len=max_len, k_max=k_max, kt=kt)
+    ref = sparq_decode_ref(**args, k=kk, out=torch.full_like(out, SENTINEL))
+    keep = torch.ones(hkv, dtype=torch.bool)
+    keep[sparq_ids] = False
+    assert (out[:, keep.repeat_interleave(group).to(device)] == SENTINEL).all()
+    return _max_err(out, ref)
+
+
+# --- small fixed cases (CPU interpreter and GPU) -------------------------------------------
+N = 150
+MIXED_CASES = {
+    # name: (heads, lens, group, dim, kwargs)
+    "dense_gqa4_split": ([HeadGeom.dense(N)] * 2, [150, 37], 4, 64, {"chunk": 64}),
+    "dense_mha_nosplit": ([HeadGeom.dense(N)], [150, 1, 80], 1, 64, {}),
+    "window_wrap_sink": (
+        [HeadGeom.window(4, 40, N), HeadGeom.window(0, 17, N, 3)],
+        [150, 45, 3],
+        2,
+        64,
+        {"chunk": 64},
+    ),
+    "sink_gt_n_span_ge_n": (
+        [HeadGeom.window(200, 16, N), HeadGeom.window(2, 500, N)],
+        [150, 9],
+        2,
+        128,
+        {"chunk": 64},
+    ),
+    "elastic_mix_ids": (
+        [
+            HeadGeom.dense(N),
+            HeadGeom.elastic(3, 4.0, 0.3, N),
+            HeadGeom.window(1, 33, N),
+            HeadGeom.dense(N),
+        ],
+        [150, 77],
+        2,
+        64,
+        {"chunk": 64, "head_ids": [1, 2]},
+    ),
+    "max_len_hint": (
+        [HeadGeom.elastic(0, 0.0, 0.5, N), HeadGeom.dense(N)],
+        [150, 150],
+        8,
+        64,
+        {"max_len": 150},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(MIXED_CASES))
+def test_mixed_fixed(name: str, dtype: torch.dtype, device: torch.device) -> None:
+    heads, lens, group, dim, kw = MIXED_CASES[name]
+    err = run_mixed(heads, lens, group, dim, dtype, device, **kw)
+    assert err <= TOL[dtype], f"{name}: max abs err {err:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "use_kt", "k"),
+    [
+        (torch.float32, False, 24),
+        (torch.bfloat16, True, 24),
+        (torch.float32, True, [[30, 8], [5, 200]]),
+    ],
+    ids=["fp32_gather", "bf16_kt", "fp32_k_tensor"],
+)
+def test_sparq_fixed(
+    dtype: torch.dtype, use_kt: bool, k: int | list[list[int]], device: torch.device
+) -> None:
+    err = run_sparq(
+        [120, 20], 3, [0, 2], 2, 64, dtype, device, r=16, k=k, local=4, max_len=128, use_kt=use_kt
+    )
+    assert err <= TOL[dtype], f"max abs err {err:.3g}"
+
+
+def test_graph_capturable_no_sync(device: torch.device) -> None:
+    """The decode path must not synchronise with the host (CUDA-graph capture)."""
+    if device.type != "cuda":
+        pytest.skip("needs CUDA")
+    heads = [HeadGeom.dense(512), HeadGeom.window(4, 64, 512)]
+    lay = build_layer(heads, [512, 300], 4, 128, torch.bfloat16, device)
+    lay.pop("v_sum")
+    out = torch.empty_like(lay["q"])
+    mixed_decode(**lay, scale=0.1, out=out, max_len=512)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mixed_decode(**lay, scale=0.1, out=out, max_len=512)
+    graph.replay()
+    ref = mixed_decode_ref(**lay, scale=0.1)
+    assert _max_err(out, ref) <= 2e-2
+
+
+# --- randomized sweep (GPU; size from $MOA_KERNEL_SWEEP) ------------------------------------
+def _random_mixed(rng: random.Random, device: torch.device) -> tuple[dict, float]:
+    dtype = rng.choice([torch.bfloat16, torch.bfloat16, torch.float16, torch.float32])
+    dim = rng.choice([64, 128])
+    group = rng.choice([1, 2, 4, 8])
+    hkv = rng.randint(1, 6)
+    max_len = rng.choice([16, 200, 1000, 3000, 9000] if device.type == "cuda" else [16, 200])
+    batch = rng.randint(1, 5)
+    lens = [rng.randint(1, max_len) for _ in range(batch)]
+    if rng.random() < 0.5:
+        lens[0] = max_len
+    heads = random_heads(rng, hkv, max_len)
+    ids = sorted(rng.sample(range(hkv), rng.randint(1, hkv))) if rng.random() < 0.3 else None
+    hint = rng.choice([None, max_len])
+    desc = {
+        "dtype": str(dtype),
+        "dim": dim,
+        "group": group,
+        "lens": lens,
+        "ids": ids,
+        "heads": [(h.kind, h.sink, h.ring) for h in heads],
+    }
+    err = run_mixed(
+        heads,
+        lens,
+        group,
+        dim,
+        dtype,
+        device,
+        head_ids=ids,
+        max_len=hint,
+        seed=rng.randint(0, 1 << 30),
+    )
+    return desc, err / TOL[dtype]
+
+
+def _random_sparq(rng: random.Random, device: torch.device) -> tuple[dict, float]:
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+    dim = rng.choice([64, 128])
+    group = rng.choice([1, 2, 4, 8])
+    hkv = rng.randint(1, 4)
+    ids = sorted(rng.sample(range(hkv), rng.randint(1, hkv)))
+    max_len = rng.choice([64, 500, 2000, 6000] if device.type == "cuda" else [64, 200])
+    batch = rng.randint(1, 4)
+    lens = [rng.randint(1, max_len) for _ in range(batch)]
+    r = rng.choice([4, 8, 16, 32])
+    local = rng.choice([0, 4, 16])
+    if rng.random() < 0.3:
+        k: int | list[list[int]] = [[rng.randint(1, max_len) for _ in ids] for _ in lens]
+    else:
+        k = rng.choice([1, 16, 64, max(1, max_len // 8)])
+    use_kt = rng.random() < 0.5
+    desc = {
+        "dtype": str(dtype),
+        "dim": dim,
+        "group": group,
+        "lens": lens,
+        "ids": ids,
+        "r": r,
+        "k": k if isinstance(k, int) else "tensor",
+        "local": local,
+        "kt": use_kt,
+    }
+    err = run_sparq(
+        lens,
+        hkv,
+        ids,
+        group,
+        dim,
+        dtype,
+        device,
+        r=r,
+        k=k,
+        local=local,
+        max_len=max_len,
+        use_kt=use_kt,
+        seed=rng.randint(0, 1 << 30),
+    )
+    return desc, err / TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["mixed", "sparq"])
+def test_random_sweep(kind: str, sweep_size: int, device: torch.device) -> None:
+    if sweep_size <= 0:
+        pytest.skip("sweep disabled (set MOA_KERNEL_SWEEP; runs on GPU by default)")
+    rng = random.Random(1234 if kind == "mixed" else 4321)
+    make = _random_mixed if kind == "mixed" else _random_sparq
+    results = [make(rng, device) for _ in range(sweep_size)]
+    worst = max(results, key=lambda x: x[1])
+    bad = [r for r in results if r[1] > 1.0]
+    summary = {
+        "kind": kind,
+        "cases": len(results),
+        "failed": len(bad),
+        "worst_err_over_tol": worst[1],
+        "worst_case": worst[0],
+    }
+    for dt in ("torch.bfloat16", "torch.float16", "torch.float32"):
+        errs = [e for d, e in results if d["dtype"] == dt]
+        if errs:
+            summary[f"max_abs_err_{dt[6:]}"] = max(errs) * TOL[getattr(torch, dt[6:])]
+            summary[f"cases_{dt[6:]}"] = len(errs)
+    print(json.dumps(summary))
+    log = os.environ.get("MOA_KERNEL_REPORT")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps(summary) + "\n")
+    assert not bad, f"{len(bad)} of {len(results)} cases over tolerance, e.g. {bad[:3]}"
