@@ -168,20 +168,117 @@ def evaluate(
     typer.echo(f"wrote {result.out / 'results.md'} ({result.seconds:.0f} s)")
 
 
-def _not_yet(name: str) -> None:
-    raise MoaSearchError(f"'moa-search {name}' is not available in this version yet")
+def _items(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def plan() -> None:
+@app.command()
+def plan(
+    profile: Annotated[
+        Path, typer.Argument(help="Profile folder written by 'moa-search profile'.")
+    ],
+    budget: Annotated[
+        list[str] | None,
+        typer.Option(help="Repeatable: memory=0.25, bandwidth=0.2, memory=8GiB@32k,batch=8."),
+    ] = None,
+    lengths: Annotated[
+        str | None, typer.Option(help="Planned lengths (default: all profiled).")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Total trials the study should reach.")] = 200,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default PROFILE/plans).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default sqlite in --out).")
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (join an existing one).")] = None,
+    patterns: Annotated[str, typer.Option(help="Allowed families.")] = "dense,window,elastic,sparq",
+    objective: Annotated[
+        str, typer.Option(help="'predicted' (profile only) or 'measured' (runs the plans).")
+    ] = "predicted",
+    model: Annotated[
+        str | None, typer.Option(help="Model for measured loss / fingerprint check.")
+    ] = None,
+    val_samples: Annotated[int, typer.Option(help="Held-out samples per measured trial.")] = 4,
+    val_length: Annotated[int | None, typer.Option(help="Validation length (measured).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    sampler: Annotated[str, typer.Option(help="nsga2 or tpe.")] = "nsga2",
+    synthetic: Annotated[
+        str | None,
+        typer.Option(
+            help="Skip the search: write a synthetic plan 'density=0.25,length=32768' for "
+            "PROFILE read as a model name or shape (e.g. llama3-8b-shape) to --out (a .yaml)."
+        ),
+    ] = None,
+) -> None:
     """Search per-head patterns under KV memory / bandwidth budgets (Optuna + exact knapsack)."""
-    _not_yet("plan")
+    if synthetic is not None:
+        from moa_search.bench.synthetic import make_synthetic_plan_file
+
+        written = make_synthetic_plan_file(str(profile), synthetic, out)
+        typer.echo(f"wrote {written}")
+        return
+    from moa_search.search import plan_search
+
+    result = plan_search(
+        profile, budgets=budget or ["memory=0.25"],
+        lengths=_lengths(lengths) if lengths else None, trials=trials, out=out,
+        storage=storage, study_name=study, patterns=_items(patterns), objective=objective,
+        model=model, val_samples=val_samples, val_length=val_length, seed=seed, sampler=sampler,
+    )  # fmt: skip
+    typer.echo(
+        f"{len(result.pareto_plans)} Pareto plans; best: {result.best} (all in {result.out})"
+    )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Measure generation speed and memory of a plan against dense."""
-    _not_yet("bench")
+@app.command(name="import")
+def import_(
+    fmt: Annotated[str, typer.Argument(help="'moa' (alphas/betas JSON) or 'duo' (gates TSV).")],
+    path: Annotated[Path, typer.Argument(help="The peer's plan file.")],
+    model: Annotated[str, typer.Option(help="Model the plan is for.")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Plan YAML to write.")] = Path("plan.yaml"),
+    sink: Annotated[int | None, typer.Option(help="Sink tokens (moa: 64; duo: config).")] = None,
+    recent: Annotated[
+        int | None, typer.Option(help="duo: recent window of non-full heads.")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="duo: gate >= threshold stays dense.")] = 0.5,
+) -> None:
+    """Turn MoA's alphas/betas JSON or DuoAttention's full_attention_heads.tsv into a plan."""
+    from moa_search.search import import_plan
+
+    options = {"sink": sink} if sink is not None else {}
+    if fmt == "duo":
+        options.update(threshold=threshold, **({"recent": recent} if recent is not None else {}))
+    typer.echo(f"wrote {import_plan(fmt, path, model, out, **options)}")
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str, typer.Argument(help="Model name/path, or a config-only shape: llama3-8b-shape.")
+    ] = "llama3-8b-shape",
+    plan: Annotated[Path | None, typer.Option(help="Plan YAML (or use --synthetic).")] = None,
+    synthetic: Annotated[
+        str | None, typer.Option(help="Synthetic plan, e.g. 'density=0.25'.")
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    context: Annotated[str, typer.Option(help="Comma-separated context lengths.")] = "4096,32768",
+    new_tokens: Annotated[int, typer.Option(help="Decode steps timed per config.")] = 128,
+    memory_budget: Annotated[
+        str, typer.Option(help="GPU memory for the equal-memory mode ('none' to skip).")
+    ] = "60GiB",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("bench_out"),
+    configs: Annotated[str, typer.Option(help="Configs to run.")] = "dense-sdpa,dense-moa,plan",
+    device: Annotated[str, typer.Option(help="CUDA device.")] = "cuda",
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+) -> None:
+    """Measure generation speed and memory of a plan against dense, side by side."""
+    from moa_search.bench.run import bench as run_bench
+
+    run_bench(
+        model, plan, synthetic=synthetic, batch=batch, context=context, new_tokens=new_tokens,
+        memory_budget=None if memory_budget == "none" else memory_budget, out=out,
+        configs=_items(configs), device=device, dtype=dtype,
+    )  # fmt: skip
+    typer.echo(f"wrote results to {out}")
 
 
 def main() -> None:

@@ -10,13 +10,15 @@ plan's KV memory at ``length`` is ``density`` times dense. No model weights are 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Dense, Elastic, Pattern, Window
-from moa_search.plan import ModelIdentity, Plan
+from moa_search.plan import ModelIdentity, Plan, save_plan
 
 BETAS = (0.0625, 0.125, 0.25)
 
@@ -186,3 +188,25 @@ def parse_synthetic(text: str) -> dict[str, Any]:
     if "density" not in out:
         raise MoaSearchError("synthetic plan: give density=... (e.g. density=0.25)")
     return out
+
+
+def make_synthetic_plan_file(model: str, text: str, out: str | os.PathLike[str] | None) -> Path:
+    """``moa-search plan MODEL --synthetic density=0.25``: config-only shapes need no weights."""
+    from transformers import AutoConfig
+
+    from moa_search.bench.models import SHAPES, shape_config
+    from moa_search.models import resolve_model_path
+
+    if model in SHAPES:
+        config = shape_config(model)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(model))
+        except (OSError, ValueError) as exc:
+            raise MoaSearchError(f"cannot load the config of {model!r}: {exc}") from None
+    options = parse_synthetic(text)
+    plan = synthetic_plan(config, name_or_path=model, **options)
+    target = Path(out) if out is not None else Path(f"plan_synthetic_{options['density']}.yaml")
+    if target.suffix not in (".yaml", ".yml"):
+        target = target / "synthetic.yaml"
+    return save_plan(plan, target)

@@ -1,0 +1,145 @@
+"""The search problem as arrays: predicted loss per (KV head, candidate, length) and byte costs.
+
+Why arrays: every Optuna trial re-solves the assignment with other weights and caps, so the
+profile is turned once into dense numpy arrays and each trial is a few vector operations
+plus one knapsack solve. Byte costs come from the pattern classes (the single source of
+truth shared with the runtime), so a budget can name any length, profiled or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from moa_search.errors import MoaSearchError
+from moa_search.patterns import PATTERNS, Dense, Pattern, parse
+from moa_search.plan import ModelIdentity, Plan
+from moa_search.search.table import ProfileTable
+
+FAMILIES = tuple(PATTERNS)
+DTYPE_BYTES = 2  # bf16, as the profile contract states
+SINK_FAMILIES = ("window", "elastic")
+
+
+@dataclass
+class Problem:
+    """Candidates and their predicted losses for every KV head of one model.
+
+    ``loss[g, c, i]``: predicted loss increase of candidate ``c`` on KV head ``g`` (flat
+    index ``layer * num_kv_heads + kv_head``) at ``lengths[i]``; ``inf`` where the profile
+    has no value (the candidate is then not allowed on that head).
+    """
+
+    identity: ModelIdentity
+    lengths: list[int]
+    patterns: list[Pattern]
+    loss: np.ndarray
+
+    @property
+    def num_heads(self) -> int:
+        return self.identity.num_layers * self.identity.num_key_value_heads
+
+    @cached_property
+    def specs(self) -> list[str]:
+        return [p.spec() for p in self.patterns]
+
+    @cached_property
+    def families(self) -> np.ndarray:
+        return np.array([p.name for p in self.patterns])
+
+    @cached_property
+    def sinks(self) -> np.ndarray:
+        """Sink size per candidate; -1 for patterns without sinks (dense, SparQ)."""
+        return np.array([p.sink if p.name in SINK_FAMILIES else -1 for p in self.patterns])
+
+    def bytes_per_head(self, kind: str, n: int) -> np.ndarray:
+        """Bytes (stored for 'memory', read per decode step for 'bandwidth') per candidate."""
+        d = self.identity.head_dim
+        if kind == "memory":
+            return np.array([p.bytes_stored(n, d, DTYPE_BYTES) for p in self.patterns], float)
+        if kind == "bandwidth":
+            return np.array([p.bytes_read(n, d, DTYPE_BYTES) for p in self.patterns], float)
+        raise ValueError(kind)
+
+    def dense_bytes(self, n: int) -> float:
+        """Dense bytes for all KV heads of one sequence at length ``n`` (same for both kinds)."""
+        return float(self.num_heads * 2 * n * self.identity.head_dim * DTYPE_BYTES)
+
+    def layer_of(self) -> np.ndarray:
+        return np.arange(self.num_heads) // self.identity.num_key_value_heads
+
+    def plan(self, choice: np.ndarray, **fields) -> Plan:
+        """Turn one candidate index per KV head into a Plan."""
+        h = self.identity.num_key_value_heads
+        heads = [
+            [self.patterns[int(c)] for c in choice[i * h : (i + 1) * h]]
+            for i in range(self.identity.num_layers)
+        ]
+        return Plan(model=self.identity, heads=heads, lengths=list(self.lengths), **fields)
+
+
+def build_problem(
+    table: ProfileTable, lengths: list[int] | None, families: tuple[str, ...] | list[str]
+) -> Problem:
+    """Select planned lengths and allowed families from a profile; dense is free (loss 0)."""
+    families = check_families(families)
+    profiled = table.lengths
+    lengths = sorted(set(lengths)) if lengths else list(profiled)
+    missing = [n for n in lengths if n not in profiled]
+    if missing:
+        raise MoaSearchError(
+            f"{table.path / 'profile.parquet'}: length(s) {', '.join(map(str, missing))} not "
+            f"profiled (profiled: {', '.join(map(str, profiled))})"
+        )
+    rows = table.rows[table.rows["family"].isin(families) & table.rows["length"].isin(lengths)]
+    rows = rows[rows["family"] != "dense"]
+    specs = sorted(rows["pattern"].unique())
+    head_dim = table.identity.head_dim
+    patterns: list[Pattern] = []
+    for spec in specs:
+        try:
+            patterns.append(parse(spec, head_dim))
+        except MoaSearchError as exc:
+            raise MoaSearchError(f"{table.path / 'profile.parquet'}: pattern: {exc}") from None
+    index = {s: i for i, s in enumerate(specs)}
+    if "dense" in families:
+        patterns.insert(0, Dense())
+        index = {s: i + 1 for s, i in index.items()}
+    if not patterns:
+        raise MoaSearchError(
+            f"{table.path / 'profile.parquet'}: no candidates of the allowed families "
+            f"({', '.join(families)}) at lengths {', '.join(map(str, lengths))}"
+        )
+    ident = table.identity
+    loss = np.full(
+        (ident.num_layers * ident.num_key_value_heads, len(patterns), len(lengths)), np.inf
+    )
+    if "dense" in families:
+        loss[:, 0, :] = 0.0
+    if not rows.empty:
+        g = rows["layer"].to_numpy() * ident.num_key_value_heads + rows["kv_head"].to_numpy()
+        c = rows["pattern"].map(index).to_numpy()
+        li = rows["length"].map({n: i for i, n in enumerate(lengths)}).to_numpy()
+        values = rows["delta_loss_mean"].to_numpy(float)
+        ok = np.isfinite(values)
+        loss[g[ok], c[ok], li[ok]] = values[ok]
+    # a candidate must be profiled at every planned length to be comparable
+    incomplete = ~np.isfinite(loss).all(axis=2, keepdims=True)
+    loss = np.where(incomplete, np.inf, loss)
+    return Problem(ident, lengths, patterns, loss)
+
+
+def check_families(families: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """Validate ``--patterns dense,window,...``; one-line error for an unknown family."""
+    items = families.split(",") if isinstance(families, str) else list(families)
+    items = [f.strip().lower() for f in items if f.strip()]
+    unknown = [f for f in items if f not in PATTERNS]
+    if unknown:
+        raise MoaSearchError(
+            f"patterns: unknown family {unknown[0]!r} (known: {', '.join(sorted(PATTERNS))})"
+        )
+    if not items:
+        raise MoaSearchError("patterns: give at least one family (dense, window, elastic, sparq)")
+    return tuple(dict.fromkeys(items))

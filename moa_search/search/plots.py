@@ -1,0 +1,123 @@
+"""pareto.png (loss vs KV memory and vs KV bytes read) and plan_map.png (layer x KV head).
+
+Why these two: the front shows what each byte buys against the uniform baselines at the
+same budgets; the map shows where the plan spends its bytes (which layers/heads stay dense).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from moa_search.plan import Plan  # noqa: E402
+
+_MARKERS = {"window": "s", "elastic": "^", "sparq": "D"}
+_LETTER = {"dense": "D", "window": "W", "elastic": "E", "sparq": "S"}
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Write the PNG atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def plot_pareto(
+    trials: pd.DataFrame,
+    baselines: list[dict],
+    budgets: dict[str, float],
+    loss_label: str,
+    path: Path,
+) -> Path:
+    """Two panels sharing the loss axis; budgets as dashed lines (fractions of dense)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    done = trials[trials["state"] == "COMPLETE"]
+    front = done[done["pareto"]]
+    best = done[done["best"]]
+    for ax, col, label, kind in (
+        (axes[0], "memory_density", "KV memory (fraction of dense)", "memory"),
+        (axes[1], "read_density", "KV bytes read per decode step (fraction of dense)", "bandwidth"),
+    ):
+        ax.scatter(done[col], done["loss"], s=10, c="0.75", label="trials")
+        f = front.sort_values(col)
+        ax.scatter(f[col], f["loss"], s=22, c="tab:blue", label="Pareto-optimal")
+        ax.scatter(
+            best[col], best["loss"], s=140, marker="*", c="tab:red", label="best.yaml", zorder=5
+        )
+        for b in baselines:
+            ax.scatter(
+                b[col],
+                b["loss"],
+                s=60,
+                marker=_MARKERS.get(b["family"], "o"),
+                facecolors="none",
+                edgecolors="k",
+                label=f"uniform {b['family']}",
+            )
+            ax.annotate(
+                b["pattern"],
+                (b[col], b["loss"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        if kind in budgets:
+            ax.axvline(budgets[kind], ls="--", c="tab:green", lw=1, label=f"{kind} budget")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(loss_label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    extra_h, extra_l = axes[1].get_legend_handles_labels()
+    seen = dict(zip(labels + extra_l, handles + extra_h, strict=True))
+    fig.legend(
+        seen.values(),
+        seen.keys(),
+        loc="upper center",
+        ncol=4,
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1.08),
+    )
+    _save(fig, path)
+    return path
+
+
+def plot_plan_map(plan: Plan, length: int, path: Path, title: str = "") -> Path:
+    """Heatmap of each KV head's memory density at ``length``, family letter in each cell."""
+    d = plan.model.head_dim
+    dense = 2 * length * d * 2
+    dens = np.array([[p.bytes_stored(length, d) / dense for p in row] for row in plan.heads])
+    layers, heads = dens.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * heads + 2), max(3, 0.25 * layers + 1)))
+    im = ax.imshow(dens, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    if layers * heads <= 512:
+        for i, row in enumerate(plan.heads):
+            for j, p in enumerate(row):
+                ax.text(
+                    j,
+                    i,
+                    _LETTER.get(p.name, "?"),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="w" if dens[i, j] < 0.6 else "k",
+                )
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"memory density at {length} tokens (D/W/E/S = family)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="fraction of dense KV")
+    _save(fig, path)
+    return path
