@@ -281,6 +281,36 @@ def bench(
     typer.echo(f"wrote results to {out}")
 
 
+@app.command()
+def quickstart(
+    model: Annotated[str, typer.Argument(help="Model alias, HF name or path.")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Folder for profile/, plans/ and eval/.")] = Path(
+        "runs/quickstart"
+    ),
+    budget: Annotated[str, typer.Option(help="KV budget of the searched plan.")] = "memory=0.25",
+    profile_lengths: Annotated[str, typer.Option(help="Profiled lengths.")] = "1024",
+    profile_samples: Annotated[int, typer.Option(help="Calibration samples per length.")] = 2,
+    trials: Annotated[int, typer.Option(help="Optuna trials.")] = 60,
+    eval_lengths: Annotated[str, typer.Option(help="Eval lengths.")] = "1024,2048",
+    eval_samples: Annotated[int, typer.Option(help="Samples per eval cell.")] = 3,
+    depths: Annotated[str, typer.Option(help="Needle depths of retrieval tasks.")] = "0.5",
+    tasks: Annotated[str, typer.Option(help="Eval tasks.")] = "ppl,passkey",
+    baselines: Annotated[str, typer.Option(help="Eval baselines.")] = "dense,window,elastic",
+    validate: Annotated[int, typer.Option(help="Ablations checking the profile.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+) -> None:
+    """The main job end to end: profile -> plan -> eval (small CPU-sized defaults)."""
+    from moa_search.pipeline import quickstart as run_quickstart
+
+    run_quickstart(
+        model, out, tuple(_lengths(profile_lengths)), profile_samples, budget, trials,
+        tuple(_lengths(eval_lengths)), eval_samples,
+        depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
+        baselines=tuple(_items(baselines)), validate=validate, device=device, dtype=dtype,
+    )  # fmt: skip
+
+
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for user mistakes."""
     try:

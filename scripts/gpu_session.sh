@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool) after scripts/gpu_model_transfer.sh has put the default
+# model there. Usage: scripts/gpu_session.sh STAGE OUTDIR, with STAGE one of
+#   card        dense baseline card of smollm2-135m (512-8k ppl, 1k-8k retrieval)
+#   quickstart  profile (2k, 4k) -> plan search -> eval (2k/4k/8k) in bf16 on the GPU
+#   profcost    benchmarks/profile_cost.py (profiling cost vs one forward+backward)
+# The machine has no registry: carried wheels in .whl/ (optuna and its needs) are installed
+# into /tmp/site. moa_search is not pip-installed there, so kernels/ is linked in place.
+set -euo pipefail
+stage=$1
+out=$2
+mkdir -p "$out"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -e moa_search/kernels ] || ln -s ../kernels moa_search/kernels
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+case "$stage" in
+    card)
+        python3 -m moa_search.data.baseline_card --dtype bfloat16 --device cuda \
+            --ppl-lengths 512,1024,2048,4096,8192 --ppl-windows 3 \
+            --ret-lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 10 --out "$out/card"
+        ;;
+    quickstart)
+        python3 cli.py quickstart --out "$out/qs" --device cuda --dtype bfloat16 \
+            --profile-lengths 2048,4096 --profile-samples 4 --validate 20 --trials 200 \
+            --eval-lengths 2048,4096,8192 --eval-samples 6 --depths 0.1,0.5,0.9 --tasks ppl,passkey,kv-retrieval \
+            --baselines dense,window,elastic,sparq
+        ;;
+    profcost)
+        python3 benchmarks/profile_cost.py --out "$out/profile_cost.csv"
+        ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
