@@ -43,7 +43,7 @@ from moa_search.evaluate.tasks import (
     retrieval_items,
     run_item,
 )
-from moa_search.plan import Plan, validate
+from moa_search.plan import Plan, load_plan, validate
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -221,6 +221,8 @@ def evaluate(
     n_all = _check_numbers(lengths, depths, samples, budgets)
     depths = tuple(float(d) for d in depths)
     s_len = int(sweep_length or n_all[-1])
+    if not isinstance(plan, Plan):
+        load_plan(plan)  # a bad plan file fails in a second, before the model loads
     net, tok, model_name = _load(model, tokenizer, device, dtype)
     main_plan, source = _load_plan(plan, net)
     _check_lengths(net, tuple(sorted({*n_all, s_len})))
