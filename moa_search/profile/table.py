@@ -19,10 +19,12 @@ from moa_search.profile.candidates import params, split_static
 from moa_search.profile.store import checkpoint_path, read_tensors
 
 #: estimator used for ``delta_loss_*`` (the others stay as their own columns; definitions in
-#: influence.py). "signed" ranked single-head ablations best on SmolLM2-135M at 1024 tokens
-#: (Spearman 0.71 vs 0.46 for "row" and 0.13 for MoA's |effect| sum "moa", M=30): the
-#: true loss changes are small and often negative, which absolute sums cannot express.
-PRIMARY = "signed"
+#: influence.py). Spearman of single-head ablations, predicted vs measured: SmolLM2-135M at
+#: 1024 tokens on CPU (M=30) signed 0.71, row 0.46, moa 0.13; at 2048 tokens on an H200
+#: (M=20) signed 0.21, row 0.63, moa 0.20. "row" is the default because it is never negative:
+#: the search sums these per head, and summed signed estimates went below zero (a plan
+#: "better than dense"), which the knapsack exploited by picking noise-favoured sparse heads.
+PRIMARY = "row"
 ESTIMATORS = ("moa", "row", "signed")
 DTYPE_BYTES = 2  # costs are reported for a bf16 KV cache
 

@@ -122,7 +122,9 @@ def build_problem(
         g = rows["layer"].to_numpy() * ident.num_key_value_heads + rows["kv_head"].to_numpy()
         c = rows["pattern"].map(index).to_numpy()
         li = rows["length"].map({n: i for i, n in enumerate(lengths)}).to_numpy()
-        values = rows["delta_loss_mean"].to_numpy(float)
+        # Dropping attention is never credited as a gain: a negative first-order estimate is
+        # noise the solver would otherwise exploit (it then prefers sparser heads to dense).
+        values = np.maximum(rows["delta_loss_mean"].to_numpy(float), 0.0)
         ok = np.isfinite(values)
         loss[g[ok], c[ok], li[ok]] = values[ok]
     # a candidate must be profiled at every planned length to be comparable

@@ -14,6 +14,7 @@ import moa_search.profile.run as run_mod
 from moa_search.errors import MoaSearchError
 from moa_search.plan import ModelIdentity
 from moa_search.profile import profile
+from moa_search.profile.table import PRIMARY
 
 CANDS = "window:sink=4,span=32;elastic:sink=4,alpha=16,beta=0.25;sparq:r=8,k_ratio=0.25,local=8"
 KW = dict(
@@ -60,7 +61,7 @@ def test_outputs_schema_and_aggregates(model, tmp_path):
     assert (dense["delta_loss_mean"] == 0).all() and (dense["density"] == 1).all()
     sparse = table[table["family"] != "dense"]
     assert (sparse["delta_row_mean"] > 0).all()
-    assert (sparse["delta_loss_mean"] == sparse["delta_signed_mean"]).all()
+    assert (sparse["delta_loss_mean"] == sparse[f"delta_{PRIMARY}_mean"]).all()
     assert sparse["delta_moa_mean"].isna().eq(sparse["family"] == "sparq").all()
     # aggregate = sum over the query heads of the group
     heads = (

@@ -75,3 +75,14 @@ def test_corrupt_profile_is_one_line(tmp_path):
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(MoaSearchError, match="meta.json: cannot read JSON"):
         load_profile(tmp_path)
+
+
+def test_negative_predicted_deltas_are_not_credited(small_profile):
+    """A noisy negative first-order estimate must not make a sparse head 'better than dense'."""
+    path = small_profile / "profile.parquet"
+    frame = pd.read_parquet(path)
+    sparse = frame["family"] != "dense"
+    frame.loc[sparse, "delta_loss_mean"] = -frame.loc[sparse, "delta_loss_mean"].abs()
+    frame.to_parquet(path)
+    problem = build_problem(load_profile(small_profile), None, ("dense", "window"))
+    assert np.nanmin(problem.loss) == 0.0
