@@ -44,6 +44,7 @@ class PlanRuntime:
         self._signature = inspect.signature(self._base.forward)
         self._hook = None
         self._kernels: Any = None
+        self._class_generate: Any = None
 
     # --- lifecycle ----------------------------------------------------------------
     def install(self) -> PlanRuntime:
@@ -53,7 +54,15 @@ class PlanRuntime:
         _set_attn_impl(self.model, attention.ATTN_NAME)
         self._hook = self._base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.model._moa_runtime = self
+        self._class_generate = type(self.model).generate
+        self.model.generate = self._generate  # instance attribute; removed by remove()
         return self
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` with a fresh per-head cache unless the caller passes one."""
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs["past_key_values"] = self.new_cache()
+        return self._class_generate(self.model, *args, **kwargs)
 
     def remove(self) -> None:
         """Restore the model's own attention; caches made under the plan stop being valid."""
@@ -64,6 +73,7 @@ class PlanRuntime:
             module.__dict__.pop("_moa_runtime", None)
         _set_attn_impl(self.model, self._saved_impl)
         self.model.__dict__.pop("_moa_runtime", None)
+        self.model.__dict__.pop("generate", None)
         self.active_cache = None
 
     def __enter__(self) -> PlanRuntime:
@@ -85,8 +95,16 @@ class PlanRuntime:
         use_cache = bound.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True) and not self.model.training
-        fresh = cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0)
-        if not (use_cache and fresh):
+        if cache is not None and type(cache) not in (MoACache, DynamicCache):
+            # Static / quantized / offloaded caches hold padded or transformed keys that the
+            # per-head patterns cannot interpret: refuse instead of attending to empty slots.
+            raise MoaSearchError(
+                f"past_key_values: a plan runs with MoACache (made automatically) or "
+                f"DynamicCache, got {type(cache).__name__}"
+            )
+        # Only a call with no cache gets a MoACache here; a user's own DynamicCache is kept
+        # (full KV, patterns applied as masks) because the caller will pass it again.
+        if not (use_cache and cache is None):
             self.active_cache = cache
             return None
         self.active_cache = cache = self.new_cache()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from moa_search import MoaSearchError, apply_plan, remove_plan, uniform_plan
+from moa_search import MoACache, MoaSearchError, apply_plan, remove_plan, uniform_plan
 from moa_search.patterns import parse
 from tests.conftest import tiny_llama
 
@@ -203,3 +203,41 @@ def test_remove_plan_restores_model(model):
         back = model(ids).logits
     assert (changed - ref).abs().max() > 1e-4
     assert torch.equal(back, ref)
+
+
+@torch.no_grad()
+def test_unsupported_cache_type_is_refused(model):
+    from transformers import StaticCache
+
+    ids = torch.randint(3, 128, (1, 8))
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    plan = uniform_plan(model, "window:sink=1,span=4")
+    with apply_plan(model, plan), pytest.raises(MoaSearchError, match="got StaticCache"):
+        model(ids, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_generate_uses_the_per_head_cache_and_remove_restores_it(model):
+    ids = torch.randint(3, 128, (1, 12))
+    kwargs = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    with apply_plan(model, uniform_plan(model, "window:sink=1,span=4")):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert isinstance(out.past_key_values, MoACache)
+    assert "generate" not in model.__dict__
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert not isinstance(out.past_key_values, MoACache)
+
+
+@torch.no_grad()
+def test_dense_cache_continuation_matches_full_recompute(model):
+    """A user-supplied DynamicCache (full KV kept) still gives each head its pattern."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, 128, (2, 30))
+    with apply_plan(model, _plan(model, MIXED)):
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :20], past_key_values=cache).logits
+        rest = model(ids[:, 20:], past_key_values=cache).logits
+    assert (torch.cat([first, rest], 1) - full).abs().max() <= 1e-5
+    assert cache.get_seq_length() == 30, "the user's cache is the one that was filled"
