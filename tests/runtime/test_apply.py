@@ -241,3 +241,38 @@ def test_dense_cache_continuation_matches_full_recompute(model):
         rest = model(ids[:, 20:], past_key_values=cache).logits
     assert (torch.cat([first, rest], 1) - full).abs().max() <= 1e-5
     assert cache.get_seq_length() == 30, "the user's cache is the one that was filled"
+
+
+def _tiny(arch: str):
+    import transformers
+
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=None,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+@torch.no_grad()
+def test_other_llama_family_models(arch):
+    model = _tiny(arch)
+    ids = torch.randint(3, 128, (2, 24))
+    ref = model(ids).logits
+    with apply_plan(model, uniform_plan(model, "dense")):
+        assert (model(ids).logits - ref).abs().max() <= 1e-5
+    rows = [["window:sink=2,span=5", "dense"], ["dense", "elastic:sink=1,alpha=2,beta=0.5"]]
+    expected = _bruteforce_logits(model, ids, rows)
+    with apply_plan(model, _plan(model, rows)) as runtime:
+        cache = runtime.new_cache()
+        steps = [model(ids[:, :10], past_key_values=cache).logits]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 24)]
+    assert (torch.cat(steps, 1) - expected).abs().max() <= 1e-5
