@@ -59,6 +59,11 @@ class Pattern:
         span = self.span_at(q + 1)
         return (k <= q) & ((k < self.sink) | (q - k < span))
 
+    def span_affine(self) -> tuple[float, float] | None:
+        """(a, b) with span_at(n) == clamp(floor(a + b*n + 1/2), 1, n), or None if the span
+        has no such form. Lets decode compute a whole layer's spans in a few kernels."""
+        return (0.0, 1.0)
+
     def stored_entries(self, n: int) -> int:
         """KV entries a head must hold after ``n`` tokens so that later steps stay exact."""
         return min(n, self.sink + int(self.span_at(n)))
@@ -134,6 +139,9 @@ class Window(Pattern):
     def ring_size(self, max_len: int) -> int:
         return max(1, min(self.span, max_len))
 
+    def span_affine(self) -> tuple[float, float]:
+        return (float(self.span), 0.0)
+
     def validate(self, head_dim: int | None = None) -> None:
         if self.sink < 0:
             raise ValueError(f"sink must be >= 0, got {self.sink}")
@@ -161,6 +169,9 @@ class Elastic(Pattern):
             return torch.minimum(torch.clamp(raw, min=1), n)
         raw = math.floor(self.alpha + self.beta * n + 0.5)
         return max(1, min(n, raw))
+
+    def span_affine(self) -> tuple[float, float]:
+        return (float(self.alpha), float(self.beta))
 
     def validate(self, head_dim: int | None = None) -> None:
         if self.sink < 0:
@@ -191,8 +202,15 @@ class SparQ(Pattern):
     k_ratio: float | None = None
     local: int = 16
 
-    def k_at(self, n: int) -> int:
-        """Positions attended exactly at length n."""
+    def k_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
+        """Positions attended exactly at length n (elementwise for a tensor of lengths)."""
+        if isinstance(n, torch.Tensor):
+            if self.k is not None:
+                want = torch.full_like(n, self.k)
+            else:
+                want = torch.ceil((self.k_ratio or 0.0) * n.to(torch.float64)).to(n.dtype)
+            keep = torch.maximum(want, torch.clamp(n, max=self.local))
+            return torch.clamp(torch.minimum(n, keep), min=1)
         want = self.k if self.k is not None else math.ceil((self.k_ratio or 0.0) * n)
         return max(1, min(n, max(want, min(self.local, n))))
 

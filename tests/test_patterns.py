@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -121,3 +123,21 @@ def test_bad_specs_give_one_line_errors(spec, fragment):
 def test_r_larger_than_head_dim_rejected():
     with pytest.raises(MoaSearchError, match="r must be <= head_dim"):
         parse("sparq:r=128,k=4", head_dim=64)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_span_affine_matches_span_at(spec):
+    p = parse(spec)
+    affine = p.span_affine()
+    if affine is None:
+        return
+    a, b = affine
+    for n in range(1, 300):
+        assert max(1, min(n, math.floor(a + b * n + 0.5))) == int(p.span_at(n))
+
+
+@pytest.mark.parametrize("spec", EXAMPLES["sparq"])
+def test_sparq_k_at_tensor_equals_scalar(spec):
+    p = parse(spec)
+    n = torch.arange(0, 400)
+    assert p.k_at(n).tolist() == [1] + [p.k_at(int(m)) for m in n[1:]]

@@ -20,16 +20,6 @@ import torch
 from moa_search.patterns import SparQ
 
 
-def k_at_rows(pattern: SparQ, n: torch.Tensor) -> torch.Tensor:
-    """Vectorised ``SparQ.k_at``: positions attended exactly; n: (t,) int64 -> (t,) int64."""
-    if pattern.k is not None:
-        want = torch.full_like(n, pattern.k)
-    else:
-        want = torch.ceil((pattern.k_ratio or 0.0) * n.to(torch.float64)).to(torch.int64)
-    floor = torch.clamp(n, max=pattern.local)
-    return torch.clamp(torch.minimum(n, torch.maximum(want, floor)), min=1)
-
-
 def running_v_mean(v: torch.Tensor) -> torch.Tensor:
     """Mean of V over positions 0..p for every p. v: (Hkv, N, D) -> (Hkv, N, D) float32."""
     count = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=torch.float32)
@@ -74,7 +64,7 @@ def sparq_tile_outputs(
         select = p_hat.sum(1)  # (Hkv, t, nk)
         select.masked_fill_(causal & (keys[None, :] > pos[:, None] - local), float("inf"))
         select.masked_fill_(~causal, float("-inf"))
-        k_rows = {i: k_at_rows(patterns[i], n) for i in members}
+        k_rows = {i: patterns[i].k_at(n) for i in members}
         kmax = int(max(int(k.max()) for k in k_rows.values()))
         top = select.topk(kmax, dim=-1).indices  # sorted, (Hkv, t, kmax)
         del select

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
+from moa_search.patterns import Pattern, SparQ
 from moa_search.plan import Plan
 
 
@@ -233,19 +233,11 @@ class MoALayerCache(CacheLayerMixin):
 
 
 def _span_affine(patterns: list[Pattern], device: torch.device) -> torch.Tensor | None:
-    """(2, Hkv) float64 (a, b) with span_at(n) == clamp(floor(a + b*n + 1/2), 1, n) for every
-    head, so decode computes all spans of a layer in a few kernels; None if a pattern is not
-    one of the built-in ones (then each pattern's span_at is called)."""
-    rows = []
-    for p in patterns:
-        if type(p) in (Dense, SparQ):
-            rows.append((0.0, 1.0))
-        elif type(p) is Window:
-            rows.append((float(p.span), 0.0))
-        elif type(p) is Elastic:
-            rows.append((float(p.alpha), float(p.beta)))
-        else:
-            return None
+    """(2, 1, Hkv) float64 table of every head's ``Pattern.span_affine`` (a, b); None when a
+    pattern has no affine span (then each pattern's span_at is called)."""
+    rows = [p.span_affine() for p in patterns]
+    if any(r is None for r in rows):
+        return None
     return torch.tensor(rows, dtype=torch.float64, device=device).T[:, None, :].contiguous()
 
 

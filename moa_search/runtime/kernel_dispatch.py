@@ -38,14 +38,6 @@ def _sparq_groups(layer: MoALayerCache) -> list[tuple[SparQ, torch.Tensor, torch
     return layer._sparq_groups
 
 
-def _k_per_sequence(p: SparQ, n: torch.Tensor, count: int) -> torch.Tensor:
-    """SparQ.k_at(n_b) for a k_ratio pattern, on device: (B, count) int32."""
-    want = torch.ceil(n.double() * float(p.k_ratio)).long()
-    k = torch.maximum(want, torch.clamp(n, max=p.local))
-    k = torch.clamp(torch.minimum(k, n), min=1)
-    return k[:, None].expand(-1, count).to(torch.int32).contiguous()
-
-
 def decode_layer(
     kernels: ModuleType, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor, scale: float
 ) -> None:
@@ -65,7 +57,8 @@ def decode_layer(
         if pattern.k is not None:
             k, k_max = pattern.k, pattern.k
         else:
-            k = _k_per_sequence(pattern, layer.lengths, len(rows))
+            k = pattern.k_at(layer.lengths)[:, None].expand(-1, len(rows))
+            k = k.to(torch.int32).contiguous()
             k_max = max(1, min(max_len, math.ceil(pattern.k_ratio * max_len) + pattern.local))
         kernels.sparq_decode(
             q, layer.keys, layer.values, meta["head_offset"], meta["seq_len"],

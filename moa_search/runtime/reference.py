@@ -77,9 +77,7 @@ def sparq_decode(
     is_local = valid & (k_pos > (newest - pattern.local)[:, None])
     select = torch.where(is_local, torch.full_like(select, math.inf), select)
     select = select.masked_fill(~valid, float("-inf"))
-    k_each = torch.tensor(
-        [pattern.k_at(int(m)) if m > 0 else 1 for m in n.tolist()], device=k.device
-    )
+    k_each = pattern.k_at(n)  # (B,); 1 for an empty sequence
     top = int(min(k.shape[1], int(k_each.max()) if k_each.numel() else 1))
     idx = select.topk(top, dim=-1).indices  # (B, top)
     rank_ok = torch.arange(top, device=k.device)[None, :] < k_each[:, None]
