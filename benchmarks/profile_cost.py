@@ -6,8 +6,12 @@ model (32 layers, 32 q / 8 kv heads, d=128, hidden 4096, bf16) at 8k and 32k. Fo
                     checkpointing and the chunked lm_head loss, no parameter grads: the
                     work the profile adds its influence computation to;
   * train_s         the same with parameter gradients (a plain training step);
-  * profile_s       one profiled sample with the default candidate grid;
+  * profile_s       one profiled sample with the default candidate grid (SparQ priced at
+                    every --sparq-stride-th row, the profiler's default);
   * static_s        the same with dense/window/elastic candidates only (no SparQ);
+  * torch_static_s  (--compare-torch) static candidates through the plain PyTorch loop
+                    instead of the fused Triton kernel;
+  * sparq1_s        (--compare-torch) the full grid with SparQ priced at every row;
   * ratio = profile_s / baseline_s, and peak GPU memory of each.
 
     python benchmarks/profile_cost.py --out profile_cost.csv
@@ -25,6 +29,7 @@ import torch
 
 from moa_search.profile.candidates import default_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample, sample_loss
+from moa_search.profile.run import DEFAULT_SPARQ_STRIDE
 
 DEFAULT_CASES = (
     "smollm2-135m@2048",
@@ -84,7 +89,15 @@ def timed(fn, device: str, repeat: int) -> tuple[float, float]:
     return best, torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def run_case(name: str, length: int, device: str, repeat: int, tile_rows: int | None) -> dict:
+def run_case(
+    name: str,
+    length: int,
+    device: str,
+    repeat: int,
+    tile_rows: int | None,
+    sparq_stride: int,
+    compare_torch: bool,
+) -> dict:
     model = load(name, device)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -102,6 +115,7 @@ def run_case(name: str, length: int, device: str, repeat: int, tile_rows: int | 
         "head_dim": head_dim,
         "n_static": len(static),
         "n_sparq": len(sparq),
+        "sparq_stride": sparq_stride,
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
     }
@@ -119,8 +133,8 @@ def run_case(name: str, length: int, device: str, repeat: int, tile_rows: int | 
 
         return step
 
-    def prof(st, sq):
-        rec = InfluenceRecorder(st, sq, 64, tile_rows)
+    def prof(st, sq, stride=sparq_stride, backend="auto"):
+        rec = InfluenceRecorder(st, sq, 64, tile_rows, stride, backend)
         return lambda: profile_sample(model, ids, mask, rec, gradient_checkpointing=True)
 
     todo = {
@@ -129,6 +143,9 @@ def run_case(name: str, length: int, device: str, repeat: int, tile_rows: int | 
         "static": prof(static, []),
         "profile": prof(static, sparq),
     }
+    if compare_torch:
+        todo["torch_static"] = prof(static, [], backend="torch")
+        todo["sparq1"] = prof(static, sparq, stride=1)
     for key, fn in todo.items():
         try:
             seconds, peak = timed(fn, device, repeat if key in ("baseline", "train") else 1)
@@ -137,8 +154,10 @@ def run_case(name: str, length: int, device: str, repeat: int, tile_rows: int | 
             row[f"{key}_s"], row[f"{key}_peak_gib"] = "oom", "oom"
         torch.cuda.empty_cache()
         print(row["case"], key, row[f"{key}_s"], "s", row[f"{key}_peak_gib"], "GiB", flush=True)
-    for key in ("profile", "static", "train"):
+    for key in ("profile", "static", "train", "torch_static", "sparq1"):
         a, b = row.get(f"{key}_s"), row.get("baseline_s")
+        if a is None:
+            continue
         ok = isinstance(a, float) and isinstance(b, float)
         row[f"ratio_{key}"] = round(a / b, 3) if ok else ""
     todo.clear()
@@ -156,6 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of the baselines")
     ap.add_argument("--tile-rows", type=int, default=None, help="query rows per influence tile")
+    ap.add_argument("--sparq-stride", type=int, default=DEFAULT_SPARQ_STRIDE)
+    ap.add_argument(
+        "--compare-torch",
+        action="store_true",
+        help="also time the PyTorch static loop and SparQ at every row (slow at long N)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_cost.py measures GPU time and memory: no CUDA device found")
@@ -163,7 +188,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in args.cases.split(","):
         name, _, length = case.strip().rpartition("@")
-        rows.append(run_case(name, int(length), args.device, args.repeat, args.tile_rows))
+        rows.append(
+            run_case(
+                name,
+                int(length),
+                args.device,
+                args.repeat,
+                args.tile_rows,
+                args.sparq_stride,
+                args.compare_torch,
+            )
+        )
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w", newline="") as handle:  # rewritten per case: partial results

@@ -3,7 +3,9 @@
 # model there. Usage: scripts/gpu_session.sh STAGE OUTDIR, with STAGE one of
 #   card        dense baseline card of smollm2-135m (512-8k ppl, 1k-8k retrieval)
 #   quickstart  profile (2k, 4k) -> plan search -> eval (2k/4k/8k) in bf16 on the GPU
-#   profcost    benchmarks/profile_cost.py (profiling cost vs one forward+backward)
+#   gputest     the profiler's kernel tests on the GPU (fused influence vs float64 brute force)
+#   profcost    benchmarks/profile_cost.py, default model at 2k/4k/8k incl. the PyTorch path
+#   profcost8b  benchmarks/profile_cost.py, Llama-3-8B-shaped random weights at 8k and 32k
 # The machine has no registry: carried wheels in .whl/ (optuna and its needs) are installed
 # into /tmp/site. moa_search is not pip-installed there, so kernels/ is linked in place.
 set -euo pipefail
@@ -28,8 +30,17 @@ case "$stage" in
             --eval-lengths 2048,4096,8192 --eval-samples 6 --depths 0.1,0.5,0.9 --tasks ppl,passkey,kv-retrieval \
             --baselines dense,window,elastic,sparq
         ;;
+    gputest)
+        python3 -m pytest -q -p no:cacheprovider tests/kernels/test_influence_kernel.py \
+            tests/profile/test_influence.py tests/profile/test_sparq_estimate.py 2>&1 | tail -15
+        ;;
     profcost)
-        python3 benchmarks/profile_cost.py --out "$out/profile_cost.csv"
+        python3 benchmarks/profile_cost.py --out "$out/profile_cost_small.csv" --compare-torch \
+            --cases smollm2-135m@2048,smollm2-135m@4096,smollm2-135m@8192
+        ;;
+    profcost8b)
+        python3 benchmarks/profile_cost.py --out "$out/profile_cost_8b.csv" \
+            --cases llama3-8b-shape@8192,llama3-8b-shape@32768
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -179,9 +179,12 @@ class InfluenceRecorder:
         sparq: Sequence[SparQ],
         block_size: int,
         tile_rows: int | None = None,
+        sparq_stride: int = 1,
+        backend: str = "auto",
     ):
         self.static, self.sparq = list(static), list(sparq)
         self.block_size, self.tile_rows = block_size, tile_rows
+        self.sparq_stride, self.backend = sparq_stride, backend
         self.layers: dict[int, LayerInfluence] = {}
 
     def __call__(
@@ -194,7 +197,17 @@ class InfluenceRecorder:
         scale: float,
     ) -> None:
         res = layer_influence(
-            q[0], k[0], v[0], do[0], scale, self.static, self.sparq, self.block_size, self.tile_rows
+            q[0],
+            k[0],
+            v[0],
+            do[0],
+            scale,
+            self.static,
+            self.sparq,
+            self.block_size,
+            self.tile_rows,
+            self.sparq_stride,
+            self.backend,
         )
         self.layers[layer] = LayerInfluence(
             **{

@@ -16,7 +16,13 @@ What is stored, per (layer, query head) and candidate pattern:
 
 Static patterns drop one contiguous key range per row, ``[sink, i - span(i+1)]``, so the
 three sums come exactly, per element, from prefix sums along the key axis: no
-block-diagonal approximation for the candidate grid. Memory is O(H * tile * N).
+block-diagonal approximation for the candidate grid. Memory is O(H * tile * N). On a GPU
+the fused Triton kernel (``moa_search.kernels.influence``) computes the same sums without
+any N x tile temporaries; the PyTorch loop here is its reference and the CPU path.
+
+SparQ picks keys from the data, so it is priced by emulating its decode step
+(``sparq_estimate``) at every ``sparq_stride``-th row: ``sparq_row`` / ``sparq_signed``
+are sums of |<dO, o_SparQ - o>| and <dO, o_SparQ - o> scaled to all rows.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from moa_search.patterns import Pattern, SparQ
-from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_outputs
+from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_deltas
 
 _EPS = 1e-6
 TILE_ELEMENTS = 1 << 26  # elements of one (H, tile, N) float32 temporary on GPU: 256 MiB
 CPU_TILE_ELEMENTS = 1 << 21  # on CPU, tiles that stay in cache are ~2x faster
+KERNEL_BLOCKS = (16, 32, 64, 128)  # block sizes the fused Triton kernel supports
 
 
 @dataclass
@@ -93,11 +100,53 @@ def layer_influence(
     sparq: Sequence[SparQ] = (),
     block_size: int = 64,
     tile_rows: int | None = None,
+    sparq_stride: int = 1,
+    backend: str = "auto",
 ) -> LayerInfluence:
     """Influence of every static and SparQ candidate for one layer of one sample.
 
     q, do: (H, N, D) queries and dL/d(attention output) per query head; k, v: (Hkv, N, D)
-    after RoPE. N must be a multiple of ``block_size``; computation is float32.
+    after RoPE. N must be a multiple of ``block_size``. Static candidates are priced at
+    every row; SparQ candidates at every ``sparq_stride``-th row (the sums are scaled to
+    all rows). ``backend``: "triton" (fused kernel, GPU), "torch" (float32 loop, any
+    device) or "auto" (the kernel on CUDA when the block size allows it).
+    """
+    heads = q.shape[0]
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and block_size in KERNEL_BLOCKS else "torch"
+    if backend == "triton":
+        from moa_search.kernels.influence import static_influence  # noqa: PLC0415
+
+        lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device))
+        found = static_influence(q, k, v, do, scale, hi, lo, block_size)
+    elif backend == "torch":
+        found = static_influence_torch(q, k, v, do, scale, static, block_size, tile_rows)
+    else:
+        raise ValueError(f"backend: expected auto, triton or torch, got {backend!r}")
+    sq_row, sq_signed = sparq_influence(q, k, v, do, scale, sparq, sparq_stride, tile_rows)
+    return LayerInfluence(
+        moa=found["moa"].view(heads, len(static)),
+        row=found["row"].view(heads, len(static)),
+        signed=found["signed"].view(heads, len(static)),
+        sparq_row=sq_row,
+        sparq_signed=sq_signed,
+        blocks=found["blocks"],
+    )
+
+
+def static_influence_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    static: Sequence[Pattern],
+    block_size: int = 64,
+    tile_rows: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The static sums of :func:`layer_influence` in plain PyTorch, one query tile at a time.
+
+    Returns float32 ``moa``, ``row``, ``signed`` (H, C) and ``blocks`` (H, N/B, N/B).
     """
     heads, length, dim = q.shape
     kv_heads = k.shape[0]
@@ -107,15 +156,12 @@ def layer_influence(
     if tile % block_size:
         raise ValueError(f"tile_rows {tile} must be a multiple of block_size {block_size}")
     dev = q.device
-    cs, cq = len(static), len(sparq)
+    cs = len(static)
     moa = torch.zeros(kv_heads, group, cs, device=dev)
     row = torch.zeros_like(moa)
     signed = torch.zeros_like(moa)
-    sq_row = torch.zeros(kv_heads, group, cq, device=dev)
-    sq_signed = torch.zeros_like(sq_row)
     blocks = torch.zeros(kv_heads, group, nb, nb, device=dev)
     kf, vf = k.float(), v.float()
-    vmean = running_v_mean(v) if cq else None
 
     for q0 in range(0, length, tile):
         q1 = min(length, q0 + tile)
@@ -124,21 +170,7 @@ def layer_influence(
         qt = q[:, q0:q1].float().view(kv_heads, group, t, dim)
         dot = do[:, q0:q1].float().view(kv_heads, group, t, dim)
         kt, vt = kf[:, :nk], vf[:, :nk]
-        causal = torch.arange(nk, device=dev)[None, :] <= pos[:, None]
-
-        s = torch.einsum("hgtd,hnd->hgtn", qt, kt).mul_(scale)
-        s.masked_fill_(~causal, float("-inf"))
-        a = torch.softmax(s, dim=-1)
-        del s
-        if cq:
-            ot = torch.einsum("hgtn,hnd->hgtd", a, vt)  # dense output, same numerics as a
-            for i, o_p in sparq_tile_outputs(qt, kt, vt, a, pos, vmean[:, q0:q1], sparq):
-                diff = (dot * (o_p - ot)).sum(-1)  # (Hkv, G, t)
-                sq_row[..., i] += diff.abs().sum(-1)
-                sq_signed[..., i] += diff.sum(-1)
-                del o_p
-            del ot
-
+        a = _causal_softmax(qt, kt, pos, scale)
         ag = torch.einsum("hgtd,hnd->hgtn", dot, vt).mul_(a)  # A_j G_j
         # D_i = dO . o as the row sum of A G: for a one-hot row D - G_j is then exactly 0
         delta = ag.sum(-1, keepdim=True)  # (Hkv, G, t, 1)
@@ -157,11 +189,71 @@ def layer_influence(
             row += est.abs().sum(-2)
             signed += est.sum(-2)
         del a, ag
-    return LayerInfluence(
-        moa=moa.view(heads, cs),
-        row=row.view(heads, cs),
-        signed=signed.view(heads, cs),
-        sparq_row=sq_row.view(heads, cq),
-        sparq_signed=sq_signed.view(heads, cq),
-        blocks=blocks.view(heads, nb, nb),
-    )
+    return {
+        "moa": moa.view(heads, cs),
+        "row": row.view(heads, cs),
+        "signed": signed.view(heads, cs),
+        "blocks": blocks.view(heads, nb, nb),
+    }
+
+
+def _causal_softmax(
+    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Dense attention probabilities of rows at ``pos``: (Hkv, G, t, D) x (Hkv, nk, D)."""
+    s = torch.einsum("hgtd,hnd->hgtn", qt, kt).mul_(scale)
+    causal = torch.arange(kt.shape[1], device=qt.device)[None, :] <= pos[:, None]
+    s.masked_fill_(~causal, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def sparq_rows(length: int, stride: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows priced for SparQ: every ``stride``-th, ending at the last row (the longest)."""
+    if stride < 1:
+        raise ValueError(f"sparq_stride must be >= 1, got {stride}")
+    return torch.arange(length - 1, -1, -stride, device=device).flip(0)
+
+
+def sparq_influence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    sparq: Sequence[SparQ],
+    stride: int = 1,
+    tile_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over rows of |<dO, o_SparQ - o>| and of the signed value, per (head, candidate).
+
+    Rows are sampled every ``stride`` (see :func:`sparq_rows`) and the sums scaled by
+    N / sampled rows, so every stride estimates the same all-row total. Returns two
+    float32 (H, Cq) tensors.
+    """
+    heads, length, dim = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    cq = len(sparq)
+    row = torch.zeros(kv_heads, group, cq, device=q.device)
+    signed = torch.zeros_like(row)
+    if not cq:
+        return row.view(heads, 0), signed.view(heads, 0)
+    rows = sparq_rows(length, stride, q.device)
+    tile = tile_rows or default_tile_rows(heads, length, 1, q.device.type == "cpu")
+    kf, vf = k.float(), v.float()
+    vmean = running_v_mean(v)[:, rows]  # (Hkv, R, D)
+    for r0 in range(0, rows.numel(), tile):
+        pos = rows[r0 : r0 + tile]
+        nk = int(pos[-1]) + 1
+        qt = q[:, pos].float().view(kv_heads, group, -1, dim)
+        dot = do[:, pos].float().view(kv_heads, group, -1, dim)
+        kt, vt = kf[:, :nk], vf[:, :nk]
+        a = _causal_softmax(qt, kt, pos, scale)
+        g = torch.einsum("hgtd,hnd->hgtn", dot, vt)
+        dvm = (dot * vmean[:, None, r0 : r0 + tile]).sum(-1)
+        for i, diff in sparq_tile_deltas(qt, kt, a, g, dvm, pos, sparq):
+            row[..., i] += diff.abs().sum(-1)
+            signed[..., i] += diff.sum(-1)
+        del a, g
+    factor = length / rows.numel()
+    return (row * factor).view(heads, cq), (signed * factor).view(heads, cq)
