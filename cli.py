@@ -82,9 +82,9 @@ def profile(
     candidates: Annotated[
         str | None, typer.Option(help="';'-separated pattern specs (default: built-in grid).")
     ] = None,
-    sparq_stride: Annotated[
-        int, typer.Option(help="Price SparQ candidates at every Nth query row (1: all rows).")
-    ] = 16,
+    sparq_rows: Annotated[
+        int, typer.Option(help="Query rows per sample that price SparQ candidates (0: all).")
+    ] = 256,
     plots: Annotated[bool, typer.Option(help="Write heatmaps and distance curves.")] = True,
 ) -> None:
     """Measure each layer/head's loss sensitivity to each candidate pattern on calibration text.
@@ -96,7 +96,7 @@ def profile(
         model, calib=calib, lengths=_lengths(lengths), out=out, device=device, devices=devices,
         dtype=dtype, samples=samples, block_size=block_size, seed=seed, loss=loss,
         gradient_checkpointing=gradient_checkpointing, validate=validate, overwrite=overwrite,
-        candidates=candidates, sparq_stride=sparq_stride, plots=plots,
+        candidates=candidates, sparq_rows=sparq_rows, plots=plots,
     )  # fmt: skip
     typer.echo(f"wrote profile to {result.out}")
 

@@ -7,11 +7,11 @@ model (32 layers, 32 q / 8 kv heads, d=128, hidden 4096, bf16) at 8k and 32k. Fo
                     work the profile adds its influence computation to;
   * train_s         the same with parameter gradients (a plain training step);
   * profile_s       one profiled sample with the default candidate grid (SparQ priced at
-                    every --sparq-stride-th row, the profiler's default);
+                    at --sparq-rows rows, the profiler's default);
   * static_s        the same with dense/window/elastic candidates only (no SparQ);
   * torch_static_s  (--compare-torch) static candidates through the plain PyTorch loop
                     instead of the fused Triton kernel;
-  * sparq1_s        (--compare-torch) the full grid with SparQ priced at every row;
+  * sparq_all_s     (--compare-torch) the full grid with SparQ priced at every row;
   * ratio = profile_s / baseline_s, and peak GPU memory of each.
 
     python benchmarks/profile_cost.py --out profile_cost.csv
@@ -29,7 +29,7 @@ import torch
 
 from moa_search.profile.candidates import default_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample, sample_loss
-from moa_search.profile.run import DEFAULT_SPARQ_STRIDE
+from moa_search.profile.run import DEFAULT_SPARQ_ROWS
 
 DEFAULT_CASES = (
     "smollm2-135m@2048",
@@ -95,7 +95,7 @@ def run_case(
     device: str,
     repeat: int,
     tile_rows: int | None,
-    sparq_stride: int,
+    sparq_rows: int,
     compare_torch: bool,
 ) -> dict:
     model = load(name, device)
@@ -115,7 +115,7 @@ def run_case(
         "head_dim": head_dim,
         "n_static": len(static),
         "n_sparq": len(sparq),
-        "sparq_stride": sparq_stride,
+        "sparq_rows": sparq_rows,
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
     }
@@ -133,8 +133,8 @@ def run_case(
 
         return step
 
-    def prof(st, sq, stride=sparq_stride, backend="auto"):
-        rec = InfluenceRecorder(st, sq, 64, tile_rows, stride, backend)
+    def prof(st, sq, rows=sparq_rows, backend="auto"):
+        rec = InfluenceRecorder(st, sq, 64, tile_rows, rows, backend)
         return lambda: profile_sample(model, ids, mask, rec, gradient_checkpointing=True)
 
     todo = {
@@ -145,7 +145,7 @@ def run_case(
     }
     if compare_torch:
         todo["torch_static"] = prof(static, [], backend="torch")
-        todo["sparq1"] = prof(static, sparq, stride=1)
+        todo["sparq_all"] = prof(static, sparq, rows=0)
     for key, fn in todo.items():
         try:
             seconds, peak = timed(fn, device, repeat if key in ("baseline", "train") else 1)
@@ -154,7 +154,7 @@ def run_case(
             row[f"{key}_s"], row[f"{key}_peak_gib"] = "oom", "oom"
         torch.cuda.empty_cache()
         print(row["case"], key, row[f"{key}_s"], "s", row[f"{key}_peak_gib"], "GiB", flush=True)
-    for key in ("profile", "static", "train", "torch_static", "sparq1"):
+    for key in ("profile", "static", "train", "torch_static", "sparq_all"):
         a, b = row.get(f"{key}_s"), row.get("baseline_s")
         if a is None:
             continue
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of the baselines")
     ap.add_argument("--tile-rows", type=int, default=None, help="query rows per influence tile")
-    ap.add_argument("--sparq-stride", type=int, default=DEFAULT_SPARQ_STRIDE)
+    ap.add_argument("--sparq-rows", type=int, default=DEFAULT_SPARQ_ROWS)
     ap.add_argument(
         "--compare-torch",
         action="store_true",
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.device,
                 args.repeat,
                 args.tile_rows,
-                args.sparq_stride,
+                args.sparq_rows,
                 args.compare_torch,
             )
         )

@@ -27,9 +27,11 @@ from ._common import interpreting, next_pow2
 from .decode import _dot
 
 LOG2E = 1.4426950408889634
-EPS = 1e-6
+EPS = tl.constexpr(1e-6)  # a Triton global must be a constexpr
 MAX_CANDIDATES = 32  # per launch; more candidates are split over several launches
 _NO_EVENT = 1 << 30
+#: launch parameters (benchmarks/influence_kernel.py --tune compares others)
+TUNING: dict[str, int] = {"num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -102,14 +104,17 @@ def _static_influence_kernel(
     inv_l = 1.0 / lsum
     dval = dacc * inv_l
 
-    # pass 2: entry effects, block sums, range sums at the event blocks
-    cum_a = tl.zeros((BLOCK,), tl.float32)
-    cum_ag = tl.zeros((BLOCK,), tl.float32)
-    cum_e = tl.zeros((BLOCK,), tl.float32)
+    # pass 2: entry effects, block sums, and at the event blocks the pieces of each
+    # candidate's sums (see the estimate below). Elements stay float32; running row sums
+    # and the per-candidate pieces are float64, so that "row total - running sum" is the
+    # exact sum of the later blocks' (rounded) block sums.
+    cum_a = tl.zeros((BLOCK,), tl.float64)
+    cum_ag = tl.zeros((BLOCK,), tl.float64)
+    cum_e = tl.zeros((BLOCK,), tl.float64)
     cidx = tl.arange(0, C_PAD)
-    range_a = tl.zeros((BLOCK, C_PAD), tl.float32)
-    range_ag = tl.zeros((BLOCK, C_PAD), tl.float32)
-    range_e = tl.zeros((BLOCK, C_PAD), tl.float32)
+    kept_a = tl.zeros((BLOCK, C_PAD), tl.float64)  # sink part + (kept in hi's block - cum)
+    kept_ag = tl.zeros((BLOCK, C_PAD), tl.float64)
+    drop_e = tl.zeros((BLOCK, C_PAD), tl.float64)  # prefix(hi) - prefix(lo - 1) of |e|
     ev_base = qb.to(tl.int64) * n_ev
     ev = 0
     block_base = (h.to(tl.int64) * n_q + qb) * n_q
@@ -120,33 +125,51 @@ def _static_influence_kernel(
         a = tl.where(keys[None, :] <= rows[:, None], tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
         ag = a * g
         e = tl.abs(a * dval[:, None] - ag) / tl.maximum(1.0 - a, EPS)
-        tl.store(BLOCKS + block_base + kb, tl.sum(tl.sum(e, 1), 0))
+        sum_a = tl.sum(a, 1).to(tl.float64)
+        sum_ag = tl.sum(ag, 1).to(tl.float64)
+        sum_e = tl.sum(e, 1)
+        tl.store(BLOCKS + block_base + kb, tl.sum(sum_e, 0))
+        sum_e = sum_e.to(tl.float64)
         while tl.load(EV_KB + ev_base + ev) == kb:
             c = tl.load(EV_C + ev_base + ev)
-            is_hi = tl.load(EV_KIND + ev_base + ev) == 0
+            kind = tl.load(EV_KIND + ev_base + ev)
+            is_hi = kind == 0
             x_hi = tl.load(HI + c.to(tl.int64) * N + rows)
-            x = tl.where(is_hi, x_hi, tl.load(LO + c) - 1)  # prefix end per row
-            sel = keys[None, :] <= x[:, None]
-            sign = tl.where(is_hi, 1.0, -1.0)  # range sum = prefix(hi) - prefix(lo - 1)
+            x = tl.where(is_hi, x_hi, tl.load(LO + c) - 1)  # last dropped / last sink key
             upd = (cidx[None, :] == c) & ((x >= k0) & (x < k0 + BLOCK))[:, None]
-            part_a = cum_a + tl.sum(tl.where(sel, a, 0.0), 1)
-            part_ag = cum_ag + tl.sum(tl.where(sel, ag, 0.0), 1)
-            part_e = cum_e + tl.sum(tl.where(sel, e, 0.0), 1)
-            range_a += tl.where(upd, sign * part_a[:, None], 0.0)
-            range_ag += tl.where(upd, sign * part_ag[:, None], 0.0)
-            range_e += tl.where(upd, sign * part_e[:, None], 0.0)
+            upd_hi = upd & is_hi
+            upd_lo = upd & (kind != 0)
+            sel = keys[None, :] <= x[:, None]
+            pre_e = (cum_e + tl.sum(tl.where(sel, e, 0.0), 1).to(tl.float64))[:, None]
+            drop_e += tl.where(upd_hi, pre_e, 0.0) - tl.where(upd_lo, pre_e, 0.0)
+            # hi: keys after x in this block, minus the running sum through this block
+            in_a = tl.sum(tl.where(sel, 0.0, a), 1).to(tl.float64) - cum_a - sum_a
+            in_ag = tl.sum(tl.where(sel, 0.0, ag), 1).to(tl.float64) - cum_ag - sum_ag
+            kept_a += tl.where(upd_hi, in_a[:, None], 0.0)
+            kept_ag += tl.where(upd_hi, in_ag[:, None], 0.0)
+            # lo: the sink keys [0, lo) directly
+            sink_a = cum_a + tl.sum(tl.where(sel, a, 0.0), 1).to(tl.float64)
+            sink_ag = cum_ag + tl.sum(tl.where(sel, ag, 0.0), 1).to(tl.float64)
+            kept_a += tl.where(upd_lo, sink_a[:, None], 0.0)
+            kept_ag += tl.where(upd_lo, sink_ag[:, None], 0.0)
             ev += 1
-        cum_a += tl.sum(a, 1)
-        cum_ag += tl.sum(ag, 1)
-        cum_e += tl.sum(e, 1)
+        cum_a += sum_a
+        cum_ag += sum_ag
+        cum_e += sum_e
 
     cmask = cidx < n_cand
     hi = tl.load(HI + cidx[None, :].to(tl.int64) * N + rows[:, None], mask=cmask[None, :], other=-1)
     lo = tl.load(LO + cidx, mask=cmask, other=0)
     nonempty = (hi >= lo[None, :]) & cmask[None, :]
-    est = (dval[:, None] * range_a - range_ag) / tl.maximum(1.0 - range_a, EPS)
-    est = tl.where(nonempty, est, 0.0)
-    moa = tl.where(nonempty, range_e, 0.0)
+    # (D A_S - AG_S) / (1 - A_S) over the kept keys K = [0, lo) + (hi, i]: with A_S = 1 - A_K
+    # it is (AG_K - D A_K) / A_K, which stays exact for rows that keep almost nothing. The
+    # window part of A_K is row total + (kept in hi's block - running sum through it).
+    kept_a += cum_a[:, None]
+    kept_ag += cum_ag[:, None]
+    mean_g = (cum_ag / cum_a)[:, None]  # D, normalised by the row's own total
+    est = (kept_ag - mean_g * kept_a) / tl.maximum(kept_a, EPS)
+    est = tl.where(nonempty, est, 0.0).to(tl.float32)
+    moa = tl.where(nonempty, drop_e, 0.0).to(tl.float32)
     out = (h.to(tl.int64) * n_q + qb) * C_PAD + cidx
     tl.store(OUT_MOA + out, tl.sum(moa, 0))
     tl.store(OUT_ROW + out, tl.sum(tl.abs(est), 0))
@@ -189,6 +212,18 @@ def tile_events(hi: torch.Tensor, lo: torch.Tensor, block: int) -> tuple[torch.T
     )
 
 
+def launch_events(
+    hi: torch.Tensor, lo: torch.Tensor, block: int, device: torch.device | str
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per launch (<= MAX_CANDIDATES candidates): int32 hi, lo and the :func:`tile_events`."""
+    out = []
+    for c0 in range(0, max(1, hi.shape[0]), MAX_CANDIDATES):  # one launch even for C=0
+        hi_c = hi[c0 : c0 + MAX_CANDIDATES].to(device=device, dtype=torch.int32).contiguous()
+        lo_c = lo[c0 : c0 + MAX_CANDIDATES].to(device=device, dtype=torch.int32).contiguous()
+        out.append((hi_c, lo_c, *tile_events(hi_c.long(), lo_c.long(), block)))
+    return out
+
+
 def static_influence(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -199,13 +234,17 @@ def static_influence(
     lo: torch.Tensor,
     block_size: int = 64,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    events: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Influence sums of every static candidate for one layer (see the module docstring).
 
     q, do: (H, N, D); k, v: (Hkv, N, D), any float dtype (dots accumulate in fp32);
     hi: (C, N) and lo: (C,) integer dropped ranges. N must be a multiple of ``block_size``
     (a power of two in 16..128). Returns float32 ``moa``, ``row``, ``signed`` (H, C) and
-    ``blocks`` (H, N/B, N/B): the sums ``layer_influence`` documents.
+    ``blocks`` (H, N/B, N/B): the sums ``layer_influence`` documents. ``events``: what
+    :func:`launch_events` returns for these ranges (computed here when not given; the
+    profiler reuses one per length because building it syncs with the host).
     """
     heads, length, dim = q.shape
     if block_size not in (16, 32, 64, 128) or length % block_size:
@@ -216,12 +255,9 @@ def static_influence(
     dev = q.device
     blocks = torch.zeros(heads, n_q, n_q, dtype=torch.float32, device=dev)
     moa, row, signed = [], [], []
-    for c0 in range(0, max(1, hi.shape[0]), MAX_CANDIDATES):  # one launch even for C=0
-        hi_c = hi[c0 : c0 + MAX_CANDIDATES].to(device=dev, dtype=torch.int32).contiguous()
-        lo_c = lo[c0 : c0 + MAX_CANDIDATES].to(device=dev, dtype=torch.int32).contiguous()
+    for hi_c, lo_c, ev_kb, ev_c, ev_kind in events or launch_events(hi, lo, block_size, dev):
         n_cand = hi_c.shape[0]
         c_pad = max(2, next_pow2(n_cand))
-        ev_kb, ev_c, ev_kind = tile_events(hi_c.long(), lo_c.long(), block_size)
         outs = torch.empty(3, heads, n_q, c_pad, dtype=torch.float32, device=dev)
         up = interpreting() and q.dtype != torch.float32
         _static_influence_kernel[(heads, n_q)](
@@ -254,7 +290,8 @@ def static_influence(
             C_PAD=c_pad,
             UPCAST=up,
             IEEE=q.dtype == torch.float32,
-            num_warps=num_warps or (8 if block_size >= 64 else 4),
+            num_warps=num_warps or TUNING["num_warps"],
+            num_stages=num_stages or TUNING["num_stages"],
         )
         sums = outs.sum(2)[..., :n_cand]
         moa.append(sums[0])

@@ -179,12 +179,12 @@ class InfluenceRecorder:
         sparq: Sequence[SparQ],
         block_size: int,
         tile_rows: int | None = None,
-        sparq_stride: int = 1,
+        sparq_rows: int = 0,
         backend: str = "auto",
     ):
         self.static, self.sparq = list(static), list(sparq)
         self.block_size, self.tile_rows = block_size, tile_rows
-        self.sparq_stride, self.backend = sparq_stride, backend
+        self.sparq_rows, self.backend = sparq_rows, backend
         self.layers: dict[int, LayerInfluence] = {}
 
     def __call__(
@@ -206,7 +206,7 @@ class InfluenceRecorder:
             self.sparq,
             self.block_size,
             self.tile_rows,
-            self.sparq_stride,
+            self.sparq_rows,
             self.backend,
         )
         self.layers[layer] = LayerInfluence(

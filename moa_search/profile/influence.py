@@ -21,12 +21,13 @@ the fused Triton kernel (``moa_search.kernels.influence``) computes the same sum
 any N x tile temporaries; the PyTorch loop here is its reference and the CPU path.
 
 SparQ picks keys from the data, so it is priced by emulating its decode step
-(``sparq_estimate``) at every ``sparq_stride``-th row: ``sparq_row`` / ``sparq_signed``
+(``sparq_estimate``) at ``sparq_rows`` evenly spaced rows: ``sparq_row`` / ``sparq_signed``
 are sums of |<dO, o_SparQ - o>| and <dO, o_SparQ - o> scaled to all rows.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +91,23 @@ def range_sum(prefix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch
     return (total - before).masked_fill(empty, 0.0)
 
 
+def kept_sum(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the kept keys ``[0, lo) + (hi, nk)`` per row and candidate.
+
+    x: (..., t, nk), zero past each row's causal horizon; lo: (C,); hi: (C, t).
+    Returns (..., t, C). Each part is summed on its own (prefix, suffix), no subtraction.
+    """
+    nk = x.shape[-1]
+    lead = x.shape[:-2]
+    prefix = x.cumsum(-1)
+    idx_lo = (lo - 1).clamp(0, nk - 1)[None, :].expand(hi.shape[1], -1).expand(*lead, -1, -1)
+    sink = prefix.gather(-1, idx_lo) * (lo > 0).to(x.dtype)
+    del prefix
+    suffix = x.flip(-1).cumsum(-1).flip(-1)
+    idx_hi = (hi + 1).clamp(0, nk - 1).T.expand(*lead, -1, -1)
+    return sink + suffix.gather(-1, idx_hi)
+
+
 def layer_influence(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,16 +118,16 @@ def layer_influence(
     sparq: Sequence[SparQ] = (),
     block_size: int = 64,
     tile_rows: int | None = None,
-    sparq_stride: int = 1,
+    sparq_rows: int = 0,
     backend: str = "auto",
 ) -> LayerInfluence:
     """Influence of every static and SparQ candidate for one layer of one sample.
 
     q, do: (H, N, D) queries and dL/d(attention output) per query head; k, v: (Hkv, N, D)
     after RoPE. N must be a multiple of ``block_size``. Static candidates are priced at
-    every row; SparQ candidates at every ``sparq_stride``-th row (the sums are scaled to
-    all rows). ``backend``: "triton" (fused kernel, GPU), "torch" (float32 loop, any
-    device) or "auto" (the kernel on CUDA when the block size allows it).
+    every row; SparQ candidates at ``sparq_rows`` evenly spaced rows (0: every row; the
+    sums are scaled to all rows). ``backend``: "triton" (fused kernel, GPU), "torch"
+    (float32 loop, any device) or "auto" (the kernel on CUDA when the block size allows it).
     """
     heads = q.shape[0]
     if backend == "auto":
@@ -117,13 +135,15 @@ def layer_influence(
     if backend == "triton":
         from moa_search.kernels.influence import static_influence  # noqa: PLC0415
 
-        lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device))
-        found = static_influence(q, k, v, do, scale, hi, lo, block_size)
+        hi, lo, events = _kernel_ranges(tuple(static), q.shape[1], block_size, str(q.device))
+        found = static_influence(q, k, v, do, scale, hi, lo, block_size, events=events)
     elif backend == "torch":
         found = static_influence_torch(q, k, v, do, scale, static, block_size, tile_rows)
     else:
         raise ValueError(f"backend: expected auto, triton or torch, got {backend!r}")
-    sq_row, sq_signed = sparq_influence(q, k, v, do, scale, sparq, sparq_stride, tile_rows)
+    sq_row, sq_signed = sparq_influence(
+        q, k, v, do, scale, sparq, sparq_stride_for(q.shape[1], sparq_rows), tile_rows
+    )
     return LayerInfluence(
         moa=found["moa"].view(heads, len(static)),
         row=found["row"].view(heads, len(static)),
@@ -132,6 +152,18 @@ def layer_influence(
         sparq_signed=sq_signed,
         blocks=found["blocks"],
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_ranges(
+    static: tuple[Pattern, ...], length: int, block_size: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """Dropped ranges and kernel events of a candidate list, built once per length (not per
+    layer: building them syncs with the host)."""
+    from moa_search.kernels.influence import launch_events  # noqa: PLC0415
+
+    lo, hi = dropped_range(static, torch.arange(length, device=device))
+    return hi, lo, launch_events(hi, lo, block_size, device)
 
 
 def static_influence_torch(
@@ -183,9 +215,13 @@ def static_influence_torch(
             lo, hi = dropped_range(static, pos)
             moa += range_sum(e.cumsum_(-1), lo, hi).sum(-2)
             del e
-            a_s = range_sum(a.cumsum_(-1), lo, hi)  # (Hkv, G, t, C)
-            ag_s = range_sum(ag.cumsum_(-1), lo, hi)
-            est = (delta * a_s - ag_s) / (1.0 - a_s).clamp_min(_EPS)
+            # (D A_S - AG_S) / (1 - A_S) over the kept keys K = [0, lo) + (hi, i], summed
+            # directly (prefix + suffix): 1 - A_S would cancel badly when A_S ~ 1
+            kept_a = kept_sum(a, lo, hi)  # (Hkv, G, t, C)
+            kept_ag = kept_sum(ag, lo, hi)
+            mean_g = delta / a.sum(-1, keepdim=True)
+            est = (kept_ag - mean_g * kept_a) / kept_a.clamp_min(_EPS)
+            est.masked_fill_((hi < lo[:, None]).T, 0.0)
             row += est.abs().sum(-2)
             signed += est.sum(-2)
         del a, ag
@@ -207,10 +243,17 @@ def _causal_softmax(
     return torch.softmax(s, dim=-1)
 
 
-def sparq_rows(length: int, stride: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def sparq_stride_for(length: int, rows: int) -> int:
+    """Stride giving at least ``rows`` sampled rows of ``length`` (0 rows: every row)."""
+    if rows < 0:
+        raise ValueError(f"sparq_rows must be >= 0, got {rows}")
+    return 1 if rows == 0 else max(1, length // rows)
+
+
+def sampled_rows(length: int, stride: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Rows priced for SparQ: every ``stride``-th, ending at the last row (the longest)."""
     if stride < 1:
-        raise ValueError(f"sparq_stride must be >= 1, got {stride}")
+        raise ValueError(f"stride must be >= 1, got {stride}")
     return torch.arange(length - 1, -1, -stride, device=device).flip(0)
 
 
@@ -226,7 +269,7 @@ def sparq_influence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over rows of |<dO, o_SparQ - o>| and of the signed value, per (head, candidate).
 
-    Rows are sampled every ``stride`` (see :func:`sparq_rows`) and the sums scaled by
+    Rows are sampled every ``stride`` (see :func:`sampled_rows`) and the sums scaled by
     N / sampled rows, so every stride estimates the same all-row total. Returns two
     float32 (H, Cq) tensors.
     """
@@ -238,7 +281,7 @@ def sparq_influence(
     signed = torch.zeros_like(row)
     if not cq:
         return row.view(heads, 0), signed.view(heads, 0)
-    rows = sparq_rows(length, stride, q.device)
+    rows = sampled_rows(length, stride, q.device)
     tile = tile_rows or default_tile_rows(heads, length, 1, q.device.type == "cpu")
     kf, vf = k.float(), v.float()
     vmean = running_v_mean(v)[:, rows]  # (Hkv, R, D)

@@ -29,11 +29,12 @@ from moa_search.profile.candidates import resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
 from moa_search.profile.table import PRIMARY, build_table, mean_blocks
 
-METHOD_VERSION = "moa-influence-2"  # 2: SparQ priced on strided rows (sparq_stride)
+METHOD_VERSION = "moa-influence-2"  # 2: SparQ priced on sampled rows (sparq_rows)
 DEFAULT_LENGTHS = (2048, 4096, 8192)
-#: SparQ candidates are priced at every 16th query row: measured against every row on the
-#: default model (see README) the per-head ranking barely moves, at 1/16 of the cost.
-DEFAULT_SPARQ_STRIDE = 16
+#: SparQ candidates are priced at this many evenly spaced query rows per sample. On the
+#: default model at 1024 tokens, 64 rows already rank heads like all rows (Spearman 0.988,
+#: 256 rows: 0.996); SparQ pricing costs O(rows * N) instead of O(N^2).
+DEFAULT_SPARQ_ROWS = 256
 
 
 @dataclass
@@ -177,10 +178,10 @@ def run_job(
 
 
 def _recorder(
-    cands: Sequence[Pattern], block_size: int, tile_rows: int | None, sparq_stride: int
+    cands: Sequence[Pattern], block_size: int, tile_rows: int | None, sparq_rows: int
 ) -> InfluenceRecorder:
     static, sparq = split_static(cands)
-    return InfluenceRecorder(static, sparq, block_size, tile_rows, sparq_stride)
+    return InfluenceRecorder(static, sparq, block_size, tile_rows, sparq_rows)
 
 
 def _worker(
@@ -201,7 +202,7 @@ def _worker(
 
         model = load_for_profile(spec["model"], spec["dtype"], device)
         cands = [parse(c) for c in spec["candidates"]]
-        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"], spec["sparq_stride"])
+        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"], spec["sparq_rows"])
         samples = calib_mod.from_tensors(store.read_tensors(out_p / store.CALIB))
         for length, i in jobs:
             run_job(
@@ -275,7 +276,7 @@ def profile(
     overwrite: bool = False,
     candidates: Sequence[str | Pattern] | str | None = None,
     tile_rows: int | None = None,
-    sparq_stride: int = DEFAULT_SPARQ_STRIDE,
+    sparq_rows: int = DEFAULT_SPARQ_ROWS,
     progress: bool = True,
     plots: bool = True,
 ) -> ProfileResult:
@@ -286,7 +287,7 @@ def profile(
     unless ``overwrite``. ``devices="cuda:0,cuda:1"`` splits samples over devices;
     ``device="auto"`` shards one model over all GPUs. ``validate=M`` measures M single-head
     ablations and stores the Spearman correlation with the prediction. SparQ candidates are
-    priced at every ``sparq_stride``-th query row (1: every row; see ``influence.py``).
+    priced at ``sparq_rows`` evenly spaced query rows (0: every row; see ``influence.py``).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -296,8 +297,8 @@ def profile(
     lengths = _check_lengths(lengths, block_size)
     if samples <= 0:
         raise MoaSearchError(f"samples: expected a positive integer, got {samples}")
-    if sparq_stride <= 0:
-        raise MoaSearchError(f"sparq_stride: expected a positive integer, got {sparq_stride}")
+    if sparq_rows < 0:
+        raise MoaSearchError(f"sparq_rows: expected 0 (all rows) or more, got {sparq_rows}")
     if isinstance(model, torch.nn.Module) and len(device_list) > 1:
         raise MoaSearchError(
             "devices: several devices need a model name or path, not a model object"
@@ -333,7 +334,7 @@ def profile(
         "loss": loss,
         "dtype": dtype_name,
         "candidates": [c.spec() for c in cands],
-        "sparq_stride": sparq_stride,
+        "sparq_rows": sparq_rows,
     }
     resumed = store.prepare_folder(out, args, overwrite)
     if not (out / store.CALIB).is_file():
@@ -353,12 +354,12 @@ def profile(
                 "block_size": block_size,
                 "candidates": args["candidates"],
                 "tile_rows": tile_rows,
-                "sparq_stride": sparq_stride,
+                "sparq_rows": sparq_rows,
                 "gradient_checkpointing": gradient_checkpointing,
             }
             _run_parallel(spec, device_list, todo, out, bar)
         elif todo:
-            recorder = _recorder(cands, block_size, tile_rows, sparq_stride)
+            recorder = _recorder(cands, block_size, tile_rows, sparq_rows)
             for n, i in todo:
                 bar.set_postfix(length=n, sample=i)
                 run_job(loaded, sample_sets[n][i], n, i, recorder, out, gradient_checkpointing)
@@ -405,7 +406,7 @@ def profile(
         "seed": seed,
         "dtype": dtype_name,
         "candidates": args["candidates"],
-        "sparq_stride": sparq_stride,
+        "sparq_rows": sparq_rows,
         "primary_estimator": PRIMARY,
         "devices": device_list,
         "gradient_checkpointing": gradient_checkpointing,

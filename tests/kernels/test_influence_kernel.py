@@ -72,11 +72,11 @@ def _compare(n, hq, hkv, d, block, dtype, device, seed=0, cands=STATIC, scale=0.
     lo, hi = dropped_range(cands, torch.arange(n, device=device))
     got = static_influence(q, k, v, do, scale, hi, lo, block)
     want = brute_force(q, k, v, do, scale, cands, block)
-    rtol = 2e-3 if dtype == torch.float32 else 3e-2
-    for name in ("moa", "row", "blocks"):
-        torch.testing.assert_close(
-            got[name].double().cpu(), want[name], rtol=rtol, atol=1e-4, msg=name
-        )
+    rtol = 5e-4 if dtype == torch.float32 else 3e-2
+    # |e| = A (D - G) / (1 - A) of an entry holding nearly all the mass loses digits in
+    # float32 1 - A (more so with the GPU's exp2), so the |e| sums get a looser bound
+    for name, r in (("row", rtol), ("moa", 4 * rtol), ("blocks", 4 * rtol)):
+        torch.testing.assert_close(got[name].double().cpu(), want[name], rtol=r, atol=1e-4)
     # signed sums cancel: judge their error against the size of the terms (the row sums)
     scale_of_terms = want["row"].abs().max().item()
     torch.testing.assert_close(
@@ -146,10 +146,10 @@ def test_layer_influence_backends_agree(device):
 
     q, k, v, do = _heads(64, 4, 2, 16, 7, torch.float32, device)
     sparq = [SparQ(r=4, k_ratio=0.25, local=4)]
-    kw = {"block_size": 16, "sparq_stride": 4}
+    kw = {"block_size": 16, "sparq_rows": 16}
     fused = layer_influence(q, k, v, do, 0.25, STATIC[:5], sparq, backend="triton", **kw)
     plain = layer_influence(q, k, v, do, 0.25, STATIC[:5], sparq, backend="torch", **kw)
     for name in ("moa", "row", "blocks", "sparq_row", "sparq_signed"):
         torch.testing.assert_close(
-            getattr(fused, name).cpu(), getattr(plain, name).cpu(), rtol=2e-3, atol=1e-4
+            getattr(fused, name).cpu(), getattr(plain, name).cpu(), rtol=5e-4, atol=1e-4
         )

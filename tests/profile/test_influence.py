@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moa_search.patterns import Dense, Elastic, SparQ, Window
-from moa_search.profile.influence import layer_influence, sparq_rows
+from moa_search.profile.influence import layer_influence, sampled_rows, sparq_stride_for
 from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_outputs
 from moa_search.runtime.reference import attend_head, sparq_decode
 
@@ -172,24 +172,29 @@ def test_sparq_estimate_zero_when_nothing_is_dropped():
     assert res.sparq_row[:, 1].min().item() > 1e-3  # a real SparQ setting does change outputs
 
 
-def test_sparq_rows_end_at_the_last_row():
-    assert sparq_rows(10, 1).tolist() == list(range(10))
-    assert sparq_rows(10, 4).tolist() == [1, 5, 9]
-    assert sparq_rows(3, 16).tolist() == [2]
-    with pytest.raises(ValueError, match="sparq_stride"):
-        sparq_rows(10, 0)
+def test_sampled_rows_end_at_the_last_row():
+    assert sampled_rows(10, 1).tolist() == list(range(10))
+    assert sampled_rows(10, 4).tolist() == [1, 5, 9]
+    assert sampled_rows(3, 16).tolist() == [2]
+    assert sparq_stride_for(4096, 256) == 16 and sparq_stride_for(100, 0) == 1
+    assert sparq_stride_for(100, 256) == 1
+    assert len(sampled_rows(1000, sparq_stride_for(1000, 64))) >= 64
+    with pytest.raises(ValueError, match="stride"):
+        sampled_rows(10, 0)
+    with pytest.raises(ValueError, match="sparq_rows"):
+        sparq_stride_for(10, -1)
 
 
-@pytest.mark.parametrize("stride", [1, 3, 16])
-def test_sparq_stride_sums_sampled_rows_scaled_to_all(stride):
+@pytest.mark.parametrize(("n_rows", "stride"), [(0, 1), (16, 3), (3, 16)])
+def test_sparq_sums_sampled_rows_scaled_to_all(n_rows, stride):
     """Strided pricing = the per-row decode-style change at the sampled rows, times N/rows."""
     q, k, v, do = (t.float() for t in _heads(n=48, hq=4, hkv=2, d=16, seed=6))
     scale, n, cands = 0.25, 48, [SparQ(r=4, k_ratio=0.25, local=4), SparQ(r=8, k=6, local=2)]
-    res = layer_influence(q, k, v, do, scale, [], cands, block_size=16, sparq_stride=stride)
+    res = layer_influence(q, k, v, do, scale, [], cands, block_size=16, sparq_rows=n_rows)
     a, _ = _probs(q, k, scale)
     qv, dov, a = q.view(2, 2, n, 16), do.view(2, 2, n, 16), a.view(2, 2, n, n)
     dense = torch.einsum("hgtn,hnd->hgtd", a, v)
-    rows = sparq_rows(n, stride)
+    rows = sampled_rows(n, stride)
     outs = dict(sparq_tile_outputs(qv, k, v, a, torch.arange(n), running_v_mean(v), cands))
     for c in range(len(cands)):
         per_row = (dov * (outs[c] - dense)).sum(-1)[..., rows]  # (Hkv, G, R)
