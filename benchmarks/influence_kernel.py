@@ -48,7 +48,9 @@ def timed(fn, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_shape(spec: str, repeat: int, sparq_rows: int, with_torch: bool, tune: bool) -> dict:
+def run_shape(
+    spec: str, repeat: int, sparq_rows: int, with_torch: bool, tune: bool, profile_sparq: bool
+) -> dict:
     heads_spec, length = spec.split("@")
     hq, hkv, d = (int(x) for x in heads_spec.split("x"))
     n = int(length)
@@ -78,9 +80,8 @@ def run_shape(spec: str, repeat: int, sparq_rows: int, with_torch: bool, tune: b
                     ),
                     repeat,
                 )
-    row["sparq_ms"] = timed(
-        lambda: sparq_influence(q, k, v, do, scale, sparq, sparq_stride_for(n, sparq_rows)), repeat
-    )
+    stride = sparq_stride_for(n, sparq_rows)
+    row["sparq_ms"] = timed(lambda: sparq_influence(q, k, v, do, scale, sparq, stride), repeat)
     if with_torch:
         row["torch_ms"] = timed(
             lambda: static_influence_torch(q, k, v, do, scale, static, 64), max(1, repeat // 3)
@@ -92,7 +93,14 @@ def run_shape(spec: str, repeat: int, sparq_rows: int, with_torch: bool, tune: b
             err = (fused[key].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
             row[f"max_rel_err_{key}"] = float(err)
     row["kernel_over_sdpa"] = row["kernel_ms"] / row["sdpa_fwd_bwd_ms"]
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    print({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    if profile_sparq:  # where SparQ pricing spends its time, op by op
+        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sparq_influence(q, k, v, do, scale, sparq, stride)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     return row
 
 
@@ -103,12 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparq-rows", type=int, default=DEFAULT_SPARQ_ROWS)
     ap.add_argument("--no-torch", action="store_true", help="skip the slow PyTorch loop")
     ap.add_argument("--tune", action="store_true", help="also time other num_warps/num_stages")
+    ap.add_argument("--profile-sparq", action="store_true", help="print a torch.profiler table")
     ap.add_argument("--out", type=Path, default=None, help="CSV file to write")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("influence_kernel.py times GPU kernels: no CUDA device found")
     rows = [
-        run_shape(s.strip(), args.repeat, args.sparq_rows, not args.no_torch, args.tune)
+        run_shape(
+            s.strip(),
+            args.repeat,
+            args.sparq_rows,
+            not args.no_torch,
+            args.tune,
+            args.profile_sparq,
+        )
         for s in args.shapes.split(",")
     ]
     if args.out:

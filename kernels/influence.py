@@ -19,6 +19,8 @@ only there. Per tile and candidate the kernel stores the row-estimate sums that
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ EPS = tl.constexpr(1e-6)  # a Triton global must be a constexpr
 MAX_CANDIDATES = 32  # per launch; more candidates are split over several launches
 _NO_EVENT = 1 << 30
 #: launch parameters (benchmarks/influence_kernel.py --tune compares others)
-TUNING: dict[str, int] = {"num_warps": 8, "num_stages": 2}
+TUNING: dict[str, int] = {"num_warps": 4, "num_stages": 2}  # best of 2x3 on an H200
 
 
 @triton.jit
@@ -212,6 +214,11 @@ def tile_events(hi: torch.Tensor, lo: torch.Tensor, block: int) -> tuple[torch.T
     )
 
 
+def _on_device(device: torch.device):  # noqa: ANN202
+    """Make ``device`` current for a launch (a no-op context on CPU / the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch_events(
     hi: torch.Tensor, lo: torch.Tensor, block: int, device: torch.device | str
 ) -> list[tuple[torch.Tensor, ...]]:
@@ -260,39 +267,40 @@ def static_influence(
         c_pad = max(2, next_pow2(n_cand))
         outs = torch.empty(3, heads, n_q, c_pad, dtype=torch.float32, device=dev)
         up = interpreting() and q.dtype != torch.float32
-        _static_influence_kernel[(heads, n_q)](
-            q,
-            k,
-            v,
-            do,
-            hi_c,
-            lo_c,
-            ev_kb,
-            ev_c,
-            ev_kind,
-            blocks,
-            outs[0],
-            outs[1],
-            outs[2],
-            scale * LOG2E,
-            length,
-            n_q,
-            heads // k.shape[0],
-            n_cand,
-            ev_kb.shape[1],
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            HEAD_DIM=dim,
-            BLOCK_D=max(16, next_pow2(dim)),
-            BLOCK=block_size,
-            C_PAD=c_pad,
-            UPCAST=up,
-            IEEE=q.dtype == torch.float32,
-            num_warps=num_warps or TUNING["num_warps"],
-            num_stages=num_stages or TUNING["num_stages"],
-        )
+        with _on_device(dev):  # Triton launches on the *current* device (sharded models)
+            _static_influence_kernel[(heads, n_q)](
+                q,
+                k,
+                v,
+                do,
+                hi_c,
+                lo_c,
+                ev_kb,
+                ev_c,
+                ev_kind,
+                blocks,
+                outs[0],
+                outs[1],
+                outs[2],
+                scale * LOG2E,
+                length,
+                n_q,
+                heads // k.shape[0],
+                n_cand,
+                ev_kb.shape[1],
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                HEAD_DIM=dim,
+                BLOCK_D=max(16, next_pow2(dim)),
+                BLOCK=block_size,
+                C_PAD=c_pad,
+                UPCAST=up,
+                IEEE=q.dtype == torch.float32,
+                num_warps=num_warps or TUNING["num_warps"],
+                num_stages=num_stages or TUNING["num_stages"],
+            )
         sums = outs.sum(2)[..., :n_cand]
         moa.append(sums[0])
         row.append(sums[1])

@@ -133,6 +133,14 @@ def _tokenizer(model: Any) -> Any:
         return None
 
 
+def _used_devices(model: torch.nn.Module | None, devices: list[str]) -> list[str]:
+    """The devices that held the model: its accelerate device map when it was sharded."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return devices
+    return sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()})
+
+
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -408,7 +416,7 @@ def profile(
         "candidates": args["candidates"],
         "sparq_rows": sparq_rows,
         "primary_estimator": PRIMARY,
-        "devices": device_list,
+        "devices": _used_devices(loaded, device_list),
         "gradient_checkpointing": gradient_checkpointing,
         "elapsed_s": round(sum(float(m.get("seconds", 0)) for m in jobs_meta), 3),
         "wall_s_last_run": round(time.perf_counter() - wall, 3),

@@ -23,7 +23,9 @@ from moa_search.patterns import SparQ
 def running_v_mean(v: torch.Tensor) -> torch.Tensor:
     """Mean of V over positions 0..p for every p. v: (Hkv, N, D) -> (Hkv, N, D) float32."""
     count = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=torch.float32)
-    return v.float().cumsum(1) / count[None, :, None]
+    # scan along the innermost axis: CUDA's outer-axis scan took 1.5 ms for (3, 8192, 64)
+    total = v.float().transpose(1, 2).cumsum(-1).transpose(1, 2)
+    return total / count[None, :, None]
 
 
 def sparq_tile_outputs(
