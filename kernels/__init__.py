@@ -6,6 +6,8 @@ the PyPI package ``kernels``; modules here import each other relatively only.
 - :func:`mixed_decode`: dense / window+sink / elastic heads of a layer in one launch.
 - :func:`sparq_decode`: SparQ heads (short pipeline, optional transposed K copy).
 - :mod:`.reference`: plain PyTorch loops with the same contracts (what tests compare to).
+- :mod:`.influence`: the profiler's fused first-order influence of static patterns (imported
+  from there by ``moa_search.profile``; not re-exported).
 """
 
 if __name__ == "moa_search.kernels":

@@ -48,11 +48,6 @@ def saved_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def random_tokens(n_samples: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n_samples, length), generator=g)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The CI box is small and shared: one intra-op thread avoids oversubscription stalls."""

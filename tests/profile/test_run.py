@@ -7,7 +7,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import random_tokens
 from safetensors.torch import load_file
 
 import moa_search.profile.run as run_mod
@@ -20,6 +19,12 @@ CANDS = "window:sink=4,span=32;elastic:sink=4,alpha=16,beta=0.25;sparq:r=8,k_rat
 KW = dict(
     lengths=[64, 128], samples=2, block_size=32, candidates=CANDS, progress=False, plots=False
 )
+
+
+def random_tokens(n_samples: int, length: int, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    """Token ids for calibration (a name under tests/kernels/conftest.py would shadow an import)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n_samples, length), generator=g)
 
 
 def _run(model, tmp_path, name="p", **over):
@@ -118,6 +123,10 @@ def test_changed_arguments_are_refused_unless_overwrite(model, tmp_path):
     assert "\n" not in str(err.value)
     res = _run(model, tmp_path, block_size=64, overwrite=True)
     assert res.meta["block_size"] == 64
+    with pytest.raises(MoaSearchError, match="other arguments.*sparq_rows"):
+        _run(model, tmp_path, block_size=64, sparq_rows=8)
+    res = _run(model, tmp_path, block_size=64, sparq_rows=8, overwrite=True)
+    assert res.meta["sparq_rows"] == 8
 
 
 @pytest.mark.parametrize(
@@ -127,6 +136,7 @@ def test_changed_arguments_are_refused_unless_overwrite(model, tmp_path):
         (dict(lengths=[256]), "longest sample has 128 tokens, length 256 needs 256"),
         (dict(candidates="window:span=-3"), "span must be > 0"),
         (dict(loss="some"), "loss must be 'all' or 'answer'"),
+        (dict(sparq_rows=-1), "sparq_rows: expected 0 \\(all rows\\) or more, got -1"),
     ],
 )
 def test_bad_input_one_line_errors(model, tmp_path, kwargs, pattern):
