@@ -27,10 +27,13 @@ case "$stage" in
             --ret-lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 10 --out "$out/card"
         ;;
     quickstart)
-        python3 cli.py quickstart --out "$out/qs" --device cuda --dtype bfloat16 \
-            --profile-lengths 2048,4096 --profile-samples 4 --validate 20 --trials 200 \
-            --eval-lengths 2048,4096,8192 --eval-samples 6 --depths 0.1,0.5,0.9 --tasks ppl,passkey,kv-retrieval \
-            --baselines dense,window,elastic,sparq
+        # kv-retrieval is left out: the dense 135M model itself fails it (baseline card)
+        timeout "${QS_TIMEOUT:-420}" python3 cli.py quickstart --out /tmp/qs --device cuda \
+            --dtype bfloat16 --profile-lengths 2048,4096 --profile-samples 8 --validate 30 \
+            --trials 200 --eval-lengths 2048,4096,8192 --eval-samples 6 --depths 0.1,0.5,0.9 \
+            --tasks ppl,passkey --baselines dense,window,elastic || echo "quickstart rc=$?"
+        rm -rf /tmp/qs/profile/checkpoints
+        tar czf "$out/qs.tgz" -C /tmp qs
         ;;
     gputest)
         python3 -m pytest -q -p no:cacheprovider tests/kernels/test_influence_kernel.py \

@@ -350,7 +350,7 @@ def _write_outputs(
     plot_pareto(frame, baselines, fractions, label, out / "pareto.png")
     summary = {
         "study": study.study_name,
-        "storage": _safe(url),
+        "storage": _portable(url, out),
         "objective": objective,
         "report_length": n,
         "budgets": sorted({c.budget.text() for c in caps}),
@@ -412,6 +412,13 @@ def _atomic(path: Path, write) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _portable(url: str, folder: Path) -> str:
+    """The storage as the summary records it: the default study file by its name, so that a
+    copied plans folder names no path of the machine that made it."""
+    own = f"sqlite:///{(folder / 'study.db').as_posix()}"
+    return "sqlite:///study.db (in this folder)" if url == own else _safe(url)
 
 
 def _safe(url: str) -> str:

@@ -44,6 +44,7 @@ def test_outputs_and_resume(profile_copy):
     summary = json.loads((out / "summary.json").read_text())
     assert {b["family"] for b in summary["baselines"]} <= {"window", "elastic", "sparq"}
     assert summary["baselines"], "uniform baselines within budget are drawn"
+    assert summary["storage"] == "sqlite:///study.db (in this folder)"  # no machine path
     again = plan_search(
         profile_copy,
         budgets=BUDGETS,
