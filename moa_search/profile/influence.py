@@ -130,12 +130,18 @@ def layer_influence(
     (float32 loop, any device) or "auto" (the kernel on CUDA when the block size allows it).
     """
     heads = q.shape[0]
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and block_size in KERNEL_BLOCKS else "torch"
+    ranges = None
+    if backend in ("auto", "triton") and q.is_cuda and block_size in KERNEL_BLOCKS:
+        ranges = _kernel_ranges(tuple(static), q.shape[1], block_size, str(q.device))
+    if backend == "auto":  # the kernel needs ranges moving <= 1 key per row (all built-ins)
+        backend = "triton" if ranges is not None else "torch"
     if backend == "triton":
         from moa_search.kernels.influence import static_influence  # noqa: PLC0415
 
-        hi, lo, events = _kernel_ranges(tuple(static), q.shape[1], block_size, str(q.device))
+        if ranges is None:  # CPU (interpreter) or a pattern the cache could not prepare
+            lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device))
+            ranges = (hi, lo, None)
+        hi, lo, events = ranges
         found = static_influence(q, k, v, do, scale, hi, lo, block_size, events=events)
     elif backend == "torch":
         found = static_influence_torch(q, k, v, do, scale, static, block_size, tile_rows)
@@ -157,13 +163,16 @@ def layer_influence(
 @functools.lru_cache(maxsize=16)
 def _kernel_ranges(
     static: tuple[Pattern, ...], length: int, block_size: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]] | None:
     """Dropped ranges and kernel events of a candidate list, built once per length (not per
-    layer: building them syncs with the host)."""
+    layer: building them syncs with the host); None if a pattern's range moves too fast."""
     from moa_search.kernels.influence import launch_events  # noqa: PLC0415
 
     lo, hi = dropped_range(static, torch.arange(length, device=device))
-    return hi, lo, launch_events(hi, lo, block_size, device)
+    try:
+        return hi, lo, launch_events(hi, lo, block_size, device)
+    except ValueError:
+        return None
 
 
 def static_influence_torch(

@@ -211,3 +211,19 @@ def test_unknown_backend_is_refused():
     q, k, v, do = (t.float() for t in _heads(n=32, d=8))
     with pytest.raises(ValueError, match="backend"):
         layer_influence(q, k, v, do, 0.3, STATIC, block_size=16, backend="cuda")
+
+
+def test_kernel_ranges_refuse_ranges_the_kernel_cannot_walk():
+    """The kernel needs each dropped range to move by <= 1 key per row; a pattern whose
+    span jumps gets None (layer_influence then falls back to the PyTorch loop)."""
+    from dataclasses import dataclass  # noqa: PLC0415
+
+    from moa_search.profile.influence import _kernel_ranges  # noqa: PLC0415
+
+    @dataclass(frozen=True)
+    class Jumpy(Window):
+        def span_at(self, n):
+            return torch.where(torch.as_tensor(n) % 32 == 0, 1, torch.clamp(n, max=self.span))
+
+    assert _kernel_ranges((Window(sink=4, span=8),), 64, 16, "cpu") is not None
+    assert _kernel_ranges((Jumpy(sink=0, span=40),), 64, 16, "cpu") is None
