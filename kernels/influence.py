@@ -10,11 +10,13 @@ the causal key blocks (FlashAttention-style recomputation, nothing N x N is stor
    sums of ``A``, ``AG`` and ``|e|``.
 
 Every static candidate drops one key range per row, ``[lo_c, hi_c(i)]``, so its sums are
-prefix sums read at two positions. The boundaries of a tile fall into at most three key
+running sums read at two positions. The boundaries of a tile fall into at most three key
 blocks per candidate (``hi`` moves by at most one key per row); the host lists those
-(key block, candidate) "events" per tile, sorted, and the kernel adds a masked partial sum
-only there. Per tile and candidate the kernel stores the row-estimate sums that
-``moa_search.profile.influence.layer_influence`` (the plain PyTorch reference) computes.
+(key block, candidate, kind) "events" per tile, sorted, and the kernel takes a masked
+partial sum only there. The row estimate is evaluated over the kept keys (float64 row sums,
+see the end of the kernel), so rows that keep almost no mass stay exact. Per tile and
+candidate the kernel stores the sums that ``moa_search.profile.influence`` computes with
+plain PyTorch (``static_influence_torch``, the CPU path and the reference).
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ def tile_events(hi: torch.Tensor, lo: torch.Tensor, block: int) -> tuple[torch.T
     """Per query tile, the (key block, candidate, kind) where a range boundary lies.
 
     hi: (C, N) last dropped key per row (< lo: nothing dropped); lo: (C,) first dropped key.
-    kind 0: prefix through hi (adds), kind 1: prefix through lo - 1 (subtracts). Returns
-    int32 tensors (n_q, E + 1) sorted by key block, each row ending in a sentinel.
+    kind 0: the block holding ``hi`` of some rows (dropped |e| prefix, kept window part),
+    kind 1: the block holding ``lo - 1`` (the sink keys ``[0, lo)``). Returns int32 tensors
+    (n_q, E + 1) sorted by key block, each row ending in a sentinel.
     """
     n_cand, length = hi.shape
     n_q = length // block
