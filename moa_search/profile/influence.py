@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from moa_search.patterns import Pattern, SparQ
-from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_deltas
+from moa_search.profile.sparq_estimate import causal_softmax, running_v_mean, sparq_tile_deltas
 
 _EPS = 1e-6
 TILE_ELEMENTS = 1 << 26  # elements of one (H, tile, N) float32 temporary on GPU: 256 MiB
@@ -211,7 +211,7 @@ def static_influence_torch(
         qt = q[:, q0:q1].float().view(kv_heads, group, t, dim)
         dot = do[:, q0:q1].float().view(kv_heads, group, t, dim)
         kt, vt = kf[:, :nk], vf[:, :nk]
-        a = _causal_softmax(qt, kt, pos, scale)
+        a = causal_softmax(qt, kt, pos, scale)
         ag = torch.einsum("hgtd,hnd->hgtn", dot, vt).mul_(a)  # A_j G_j
         # D_i = dO . o as the row sum of A G: for a one-hot row D - G_j is then exactly 0
         delta = ag.sum(-1, keepdim=True)  # (Hkv, G, t, 1)
@@ -240,16 +240,6 @@ def static_influence_torch(
         "signed": signed.view(heads, cs),
         "blocks": blocks.view(heads, nb, nb),
     }
-
-
-def _causal_softmax(
-    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Dense attention probabilities of rows at ``pos``: (Hkv, G, t, D) x (Hkv, nk, D)."""
-    s = torch.einsum("hgtd,hnd->hgtn", qt, kt).mul_(scale)
-    causal = torch.arange(kt.shape[1], device=qt.device)[None, :] <= pos[:, None]
-    s.masked_fill_(~causal, float("-inf"))
-    return torch.softmax(s, dim=-1)
 
 
 def sparq_stride_for(length: int, rows: int) -> int:
@@ -300,7 +290,7 @@ def sparq_influence(
         qt = q[:, pos].float().view(kv_heads, group, -1, dim)
         dot = do[:, pos].float().view(kv_heads, group, -1, dim)
         kt, vt = kf[:, :nk], vf[:, :nk]
-        a = _causal_softmax(qt, kt, pos, scale)
+        a = causal_softmax(qt, kt, pos, scale)
         g = torch.einsum("hgtd,hnd->hgtn", dot, vt)
         dvm = (dot * vmean[:, None, r0 : r0 + tile]).sum(-1)
         for i, diff in sparq_tile_deltas(qt, kt, a, g, dvm, pos, sparq):

@@ -28,6 +28,58 @@ def running_v_mean(v: torch.Tensor) -> torch.Tensor:
     return total / count[None, :, None]
 
 
+def causal_softmax(
+    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Dense attention probabilities of rows at ``pos``: (Hkv, G, t, D) x (Hkv, nk, D)."""
+    s = torch.einsum("hgtd,hnd->hgtn", qt, kt).mul_(scale)
+    causal = torch.arange(kt.shape[1], device=qt.device)[None, :] <= pos[:, None]
+    s.masked_fill_(~causal, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _selection_groups(patterns: Sequence[SparQ], dim: int) -> dict[tuple[int, int], list[int]]:
+    """Candidate indices by (r, local): members of a group share one key selection."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(patterns):
+        groups.setdefault((min(p.r, dim), p.local), []).append(i)
+    return groups
+
+
+def _select(
+    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, r: int, local: int, kmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparQ's key choice for every row: (p_hat (Hkv, G, t, nk), top (Hkv, t, kmax)).
+
+    Group-shared top-r components of |q|, approximate softmax ``p_hat`` per query head,
+    its group sum as the score, the ``local`` newest keys (clamped at key 0) always first;
+    ``top`` is sorted by score, so a row's k chosen keys are ``top[..., :k]`` (all causal,
+    as causal keys score >= 0, the others -inf, and k <= n).
+    """
+    dim, nk, t = qt.shape[-1], kt.shape[1], qt.shape[2]
+    dev = qt.device
+    # x + 0 = x and x + -inf = -inf: a masked_fill(~causal, -inf), faster on broadcast
+    causal = torch.arange(nk, device=dev)[None, :] <= pos[:, None]  # (t, nk)
+    bias = torch.zeros(t, nk, dtype=qt.dtype, device=dev).masked_fill_(~causal, float("-inf"))
+    del causal
+    qa = qt.abs()
+    idx_r = qa.sum(1).topk(r, dim=-1).indices  # (Hkv, t, r) shared by the group
+    keep_r = torch.zeros_like(qa[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
+    q_r = qt * keep_r[:, None]
+    approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / qa.sum(-1).clamp_min(1e-30))
+    s_hat = torch.einsum("hgtd,hnd->hgtn", q_r, kt)
+    s_hat /= approx_scale.clamp_min(1e-30)[..., None]
+    s_hat += bias
+    p_hat = torch.softmax(s_hat, dim=-1).nan_to_num_(0.0)
+    del s_hat
+    select = p_hat.sum(1)  # (Hkv, t, nk)
+    if local > 0:
+        newest = (pos[:, None] - torch.arange(local, device=dev)).clamp_min_(0)
+        select.scatter_(-1, newest.expand(qt.shape[0], -1, -1), float("inf"))
+    select += bias
+    return p_hat, select.topk(kmax, dim=-1).indices
+
+
 def sparq_tile_outputs(
     qt: torch.Tensor,
     kt: torch.Tensor,
@@ -43,39 +95,18 @@ def sparq_tile_outputs(
     causal softmax; pos: (t,) query positions; vmean_t: (Hkv, t, D) running mean of V.
     Output: (Hkv, G, t, D) float32.
     """
-    dim = qt.shape[-1]
     nk = kt.shape[1]
-    keys = torch.arange(nk, device=qt.device)
-    causal = keys[None, :] <= pos[:, None]  # (t, nk)
     n = pos + 1
-    qa = qt.abs()
-    q_l1 = qa.sum(-1)  # (Hkv, G, t)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, p in enumerate(patterns):
-        groups.setdefault((min(p.r, dim), p.local), []).append(i)
-    for (r, local), members in groups.items():
-        idx_r = qa.sum(1).topk(r, dim=-1).indices  # (Hkv, t, r) shared by the group
-        keep_r = torch.zeros_like(qa[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
-        q_r = qt * keep_r[:, None]
-        approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / q_l1.clamp_min(1e-30))
-        s_hat = torch.einsum("hgtd,hnd->hgtn", q_r, kt)
-        s_hat /= approx_scale.clamp_min(1e-30)[..., None]
-        s_hat.masked_fill_(~causal, float("-inf"))
-        p_hat = torch.softmax(s_hat, dim=-1).nan_to_num_(0.0)
-        del s_hat
-        select = p_hat.sum(1)  # (Hkv, t, nk)
-        select.masked_fill_(causal & (keys[None, :] > pos[:, None] - local), float("inf"))
-        select.masked_fill_(~causal, float("-inf"))
+    for (r, local), members in _selection_groups(patterns, qt.shape[-1]).items():
         k_rows = {i: patterns[i].k_at(n) for i in members}
         kmax = int(max(int(k.max()) for k in k_rows.values()))
-        top = select.topk(kmax, dim=-1).indices  # sorted, (Hkv, t, kmax)
-        del select
+        p_hat, top = _select(qt, kt, pos, r, local, kmax)
         rank = torch.full(top.shape[:2] + (nk,), nk, dtype=torch.int32, device=qt.device)
         ranks = torch.arange(kmax, dtype=torch.int32, device=qt.device).expand_as(top)
         rank.scatter_(-1, top, ranks.contiguous())
+        del top
         for i in members:
-            chosen = (rank < k_rows[i].to(torch.int32)[None, :, None]) & causal
-            weight = chosen[:, None].to(a.dtype)
+            weight = (rank < k_rows[i].to(torch.int32)[None, :, None])[:, None].to(a.dtype)
             alpha = (p_hat * weight).sum(-1)  # (Hkv, G, t)
             ac = a * weight
             y = torch.einsum("hgtn,hnd->hgtd", ac, vt)
@@ -111,43 +142,13 @@ def sparq_tile_deltas(
     dvm: (Hkv, G, t) = dO_i . mean(v_0..v_pos_i); pos: (t,) query positions, any
     increasing subset with nk > max(pos). Output in the dtype of ``a`` (float32 in use).
     """
-    dim = qt.shape[-1]
-    nk = kt.shape[1]
     hkv, group, t = a.shape[:3]
-    dev = qt.device
-    causal = torch.arange(nk, device=dev)[None, :] <= pos[:, None]  # (t, nk)
-    # x + 0 = x and x + -inf = -inf: the reference's masked_fill(~causal, -inf), faster
-    bias = torch.zeros(t, nk, dtype=qt.dtype, device=dev).masked_fill_(~causal, float("-inf"))
-    del causal
     n = pos + 1
-    qa = qt.abs()
-    q_l1 = qa.sum(-1)  # (Hkv, G, t)
     dense = torch.einsum("hgtn,hgtn->hgt", a, g)  # <dO, o>
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, p in enumerate(patterns):
-        groups.setdefault((min(p.r, dim), p.local), []).append(i)
-    for (r, local), members in groups.items():
-        # selection: the operations of sparq_tile_outputs, so the same keys in the same order
-        idx_r = qa.sum(1).topk(r, dim=-1).indices  # (Hkv, t, r) shared by the group
-        keep_r = torch.zeros_like(qa[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
-        q_r = qt * keep_r[:, None]
-        approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / q_l1.clamp_min(1e-30))
-        s_hat = torch.einsum("hgtd,hnd->hgtn", q_r, kt)
-        s_hat /= approx_scale.clamp_min(1e-30)[..., None]
-        s_hat += bias
-        p_hat = torch.softmax(s_hat, dim=-1).nan_to_num_(0.0)
-        del s_hat
-        select = p_hat.sum(1)  # (Hkv, t, nk)
-        if local > 0:  # the `local` newest keys of each row (clamped at key 0) always win
-            newest = (pos[:, None] - torch.arange(local, device=dev)).clamp_min_(0)
-            select.scatter_(-1, newest.expand(hkv, -1, -1), float("inf"))
-        select += bias
+    for (r, local), members in _selection_groups(patterns, qt.shape[-1]).items():
         k_rows = {i: patterns[i].k_at(n) for i in members}
         kmax = int(max(int(k.max()) for k in k_rows.values()))
-        top = select.topk(kmax, dim=-1).indices  # sorted, (Hkv, t, kmax)
-        del select
-        # Causal keys score >= 0 and the others -inf, and k <= n: the first k of a row
-        # are causal, so rank < k alone is the chosen set.
+        p_hat, top = _select(qt, kt, pos, r, local, kmax)
         idx = top[:, None].expand(-1, group, -1, -1)  # (Hkv, G, t, kmax)
         del top
         # p_hat, a and a*g summed over the first 1..kmax chosen keys of each row
@@ -186,9 +187,7 @@ def sparq_prefill(
         q1 = min(length, q0 + tile_rows)
         pos = torch.arange(q0, q1, device=q.device)
         qt = q[None, :, q0:q1].float()
-        causal = torch.arange(q1, device=q.device)[None, :] <= pos[:, None]
-        s = torch.einsum("hgtd,hnd->hgtn", qt, kf[:, :q1]) * scale
-        a = torch.softmax(s.masked_fill_(~causal, float("-inf")), dim=-1)
+        a = causal_softmax(qt, kf[:, :q1], pos, scale)
         for _, o_p in sparq_tile_outputs(
             qt, kf[:, :q1], vf[:, :q1], a, pos, vmean[:, q0:q1], [pattern]
         ):
