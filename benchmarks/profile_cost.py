@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from moa_search.bench.models import build_model
 from moa_search.profile.candidates import default_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample, sample_loss
 from moa_search.profile.run import DEFAULT_SPARQ_ROWS
@@ -38,41 +39,6 @@ DEFAULT_CASES = (
     "llama3-8b-shape@8192",
     "llama3-8b-shape@32768",
 )
-
-
-def llama3_8b_shape(device: str) -> torch.nn.Module:
-    """Random-weight model with Llama-3-8B's shapes (bf16, built on the device)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(saved)
-    return model.eval()
-
-
-def load(name: str, device: str) -> torch.nn.Module:
-    if name == "llama3-8b-shape":
-        return llama3_8b_shape(device)
-    from moa_search.models import load_model
-
-    return load_model(name, dtype=torch.bfloat16, device=device)
 
 
 def timed(fn, device: str, repeat: int) -> tuple[float, float]:
@@ -98,7 +64,7 @@ def run_case(
     sparq_rows: int,
     compare_torch: bool,
 ) -> dict:
-    model = load(name, device)
+    model = build_model(name, torch.bfloat16, device)  # llama3-8b-shape: random weights
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     ids = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
