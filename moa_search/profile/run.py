@@ -24,12 +24,14 @@ from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern
 from moa_search.plan import ModelIdentity
 from moa_search.profile import calib as calib_mod
+from moa_search.profile import measured as measured_mod
 from moa_search.profile import store
 from moa_search.profile.candidates import resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
 from moa_search.profile.table import PRIMARY, build_table, mean_blocks
 
 METHOD_VERSION = "moa-influence-2"  # 2: SparQ priced on sampled rows (sparq_rows)
+METHODS = ("measured", "gradient")
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 #: SparQ candidates are priced at this many evenly spaced query rows per sample. On the
 #: default model at 1024 tokens, 64 rows already rank heads like all rows (Spearman 0.988,
@@ -209,9 +211,14 @@ def _worker(
         from moa_search.patterns import parse  # noqa: PLC0415
 
         model = load_for_profile(spec["model"], spec["dtype"], device)
-        cands = [parse(c) for c in spec["candidates"]]
-        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"], spec["sparq_rows"])
+        cands = [parse(c, spec["head_dim"]) for c in spec["candidates"]]
         samples = calib_mod.from_tensors(store.read_tensors(out_p / store.CALIB))
+        if spec["method"] == "measured":
+            engine = measured_mod.AblationEngine(model, **spec["measure"])
+            for length, i in jobs:
+                measured_mod.run_job(engine, samples[length][i], cands, length, i, out_p)
+            return
+        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"], spec["sparq_rows"])
         for length, i in jobs:
             run_job(
                 model,
@@ -287,8 +294,15 @@ def profile(
     sparq_rows: int = DEFAULT_SPARQ_ROWS,
     progress: bool = True,
     plots: bool = True,
+    method: str = "measured",
+    measure: measured_mod.MeasureConfig | None = None,
 ) -> ProfileResult:
     """Profile per-head sensitivity of ``model`` to every candidate pattern; resumable.
+
+    ``method="measured"`` (default) applies every candidate to one KV head at a time and
+    measures the model's divergence from dense per task family (``measure`` sets its
+    fidelity and batch); ``"gradient"`` is MoA's first-order influence from one
+    forward + backward per sample (cheaper, blind where the model is confident).
 
     Writes ``out``/profile.parquet, influence.safetensors, meta.json, plots/*.png and
     checkpoints; a rerun with the same arguments continues, other arguments are refused
@@ -300,6 +314,9 @@ def profile(
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     wall = time.perf_counter()
+    if method not in METHODS:
+        raise MoaSearchError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    measure = measure or measured_mod.MeasureConfig()
     device_list = _device_list(device, devices)
     dtype_name = _dtype_name(dtype, device_list[0])
     lengths = _check_lengths(lengths, block_size)
@@ -317,22 +334,35 @@ def profile(
     check_supported(config)
     name = model if isinstance(model, (str, os.PathLike)) else None
     identity = ModelIdentity.from_config(config, str(name) if name else None)
-    cands = resolve_candidates(candidates, lengths, block_size, identity.head_dim)
+    if method == "measured" and candidates is None:
+        cands = measured_mod.measured_candidates(lengths, identity.head_dim)
+    else:
+        cands = resolve_candidates(candidates, lengths, block_size, identity.head_dim)
     split_static(cands)
     out = Path(out) if out is not None else Path("profiles") / Path(identity.name_or_path).name
 
     loaded = model if isinstance(model, torch.nn.Module) else None
-    if loaded is None and len(device_list) == 1:
-        loaded = load_for_profile(model, dtype_name, device_list[0])
     given = isinstance(calib, (torch.Tensor, list, tuple))
+    mix = measured_mod.MEASURED_MIX if method == "measured" and calib is None else None
+    needs_model = mix is not None and any(k.startswith("self_") for k in mix)
+    if loaded is None and (len(device_list) == 1 or needs_model):
+        first = device_list[0] if device_list[0] != "auto" else "cuda"
+        loaded = load_for_profile(
+            model, dtype_name, first if len(device_list) > 1 else device_list[0]
+        )
     tokenizer = None if given else _tokenizer(model)
+    if method == "measured":
+        loss = "answer"  # text and code samples score every token; answers only their answer
     sample_sets = {
-        n: calib_mod.load_samples(calib, tokenizer, n, samples, seed, loss) for n in lengths
+        n: calib_mod.load_samples(calib, tokenizer, n, samples, seed, loss, mix, loaded)
+        for n in lengths
     }
     counts = {n: len(s) for n, s in sample_sets.items()}
     calib_hash = calib_mod.calibration_hash(sample_sets)
+    version = METHOD_VERSION if method == "gradient" else measured_mod.METHOD_VERSION
     args = {
-        "method_version": METHOD_VERSION,
+        "method_version": version,
+        "method": method,
         "model": dict(identity.__dict__),
         "calibration_hash": calib_hash,
         "lengths": lengths,
@@ -344,6 +374,8 @@ def profile(
         "candidates": [c.spec() for c in cands],
         "sparq_rows": sparq_rows,
     }
+    if method == "measured":
+        args["measure"] = measure.as_dict()
     resumed = store.prepare_folder(out, args, overwrite)
     if not (out / store.CALIB).is_file():
         store.write_tensors(out / store.CALIB, calib_mod.to_tensors(sample_sets))
@@ -358,6 +390,9 @@ def profile(
         if todo and len(device_list) > 1:
             spec = {
                 "model": str(model),
+                "method": method,
+                "measure": measure.as_dict(),
+                "head_dim": identity.head_dim,
                 "dtype": dtype_name,
                 "block_size": block_size,
                 "candidates": args["candidates"],
@@ -366,6 +401,12 @@ def profile(
                 "gradient_checkpointing": gradient_checkpointing,
             }
             _run_parallel(spec, device_list, todo, out, bar)
+        elif todo and method == "measured":
+            engine = measured_mod.AblationEngine(loaded, **measure.as_dict())
+            for n, i in todo:
+                bar.set_postfix(length=n, sample=i)
+                measured_mod.run_job(engine, sample_sets[n][i], cands, n, i, out)
+                bar.update(1)
         elif todo:
             recorder = _recorder(cands, block_size, tile_rows, sparq_rows)
             for n, i in todo:
@@ -375,33 +416,43 @@ def profile(
     finally:
         bar.close()
 
-    table = build_table(
-        out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
-    )
+    if method == "measured":
+        table = measured_mod.build_table(out, lengths, counts, cands, identity.head_dim)
+        blocks = None
+    else:
+        table = build_table(
+            out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
+        )
     store.atomic_write(out / "profile.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    blocks = mean_blocks(out, lengths, counts)
-    store.write_tensors(
-        out / "influence.safetensors",
-        blocks,
-        {"block_size": str(block_size), "lengths": ",".join(map(str, lengths))},
-    )
+    if method == "gradient":
+        blocks = mean_blocks(out, lengths, counts)
+        store.write_tensors(
+            out / "influence.safetensors",
+            blocks,
+            {"block_size": str(block_size), "lengths": ",".join(map(str, lengths))},
+        )
 
-    validation = _maybe_validate(
-        model,
-        loaded,
-        device_list[0],
-        dtype_name,
-        validate,
-        seed,
-        out,
-        table,
-        sample_sets,
-        lengths,
-        progress,
+    validation = (
+        None
+        if method == "measured"
+        else _maybe_validate(
+            model,
+            loaded,
+            device_list[0],
+            dtype_name,
+            validate,
+            seed,
+            out,
+            table,
+            sample_sets,
+            lengths,
+            progress,
+        )
     )
     jobs_meta = [store.read_tensors_metadata(store.checkpoint_path(out, *j)) for j in jobs]
     meta = {
-        "method_version": METHOD_VERSION,
+        "method_version": version,
+        "method": method,
         "model": dict(identity.__dict__),
         "calibration": {
             "source": "given tokens" if given else "built-in" if calib is None else str(calib),
@@ -415,13 +466,16 @@ def profile(
         "dtype": dtype_name,
         "candidates": args["candidates"],
         "sparq_rows": sparq_rows,
-        "primary_estimator": PRIMARY,
+        "primary_estimator": PRIMARY if method == "gradient" else "measured kl, weighted",
+        "measure": measure.as_dict() if method == "measured" else None,
+        "weights": measured_mod.DEFAULT_WEIGHTS if method == "measured" else None,
+        "tasks": measured_mod.task_counts(out, lengths, counts) if method == "measured" else None,
         "devices": _used_devices(loaded, device_list),
         "gradient_checkpointing": gradient_checkpointing,
         "elapsed_s": round(sum(float(m.get("seconds", 0)) for m in jobs_meta), 3),
         "wall_s_last_run": round(time.perf_counter() - wall, 3),
         "resumed": resumed,
-        "peak_memory_bytes": max(int(m.get("peak_bytes", 0)) for m in jobs_meta),
+        "peak_memory_bytes": max(int(m.get("peak_bytes", 0) or 0) for m in jobs_meta),
         "spearman": validation.get("spearman") if validation else None,
         "validation": {k: v for k, v in validation.items() if k != "records"}
         if validation
@@ -432,9 +486,12 @@ def profile(
         from moa_search.profile import plots as plots_mod  # noqa: PLC0415
 
         plots_mod.sensitivity_heatmap(table, out / "plots" / "sensitivity_heatmap.png")
-        plots_mod.influence_distance(
-            blocks[f"distance.{lengths[-1]}"], block_size, out / "plots" / "influence_distance.png"
-        )
+        if blocks is not None:
+            plots_mod.influence_distance(
+                blocks[f"distance.{lengths[-1]}"],
+                block_size,
+                out / "plots" / "influence_distance.png",
+            )
     if validation and progress:
         print(
             f"validation: Spearman(predicted, measured) = {validation['spearman']} over "

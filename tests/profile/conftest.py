@@ -55,3 +55,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def make_model():
+    """Factory for tiny models with other shapes (``make_model(num_hidden_layers=3)``)."""
+    return tiny_model

@@ -17,7 +17,13 @@ from moa_search.profile.table import PRIMARY
 
 CANDS = "window:sink=4,span=32;elastic:sink=4,alpha=16,beta=0.25;sparq:r=8,k_ratio=0.25,local=8"
 KW = dict(
-    lengths=[64, 128], samples=2, block_size=32, candidates=CANDS, progress=False, plots=False
+    lengths=[64, 128],
+    samples=2,
+    block_size=32,
+    candidates=CANDS,
+    progress=False,
+    plots=False,
+    method="gradient",
 )
 
 

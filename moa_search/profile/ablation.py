@@ -1,0 +1,382 @@
+"""Measured effect of changing attention heads: run the changed model, compare to dense.
+
+Why measure: a first-order estimate is taken where the dense model is confident (a passkey
+answer has NLL ~0.35), so dL/dA is near zero on exactly the heads the answer depends on.
+Running the model with the change and comparing its next-token distributions with the
+dense model's (KL per scored token) has no such blind spot.
+
+Why it is cheap enough: the hidden states entering layer ``l`` do not depend on changes at
+layer ``l`` or later, so every ablation at layer ``l`` starts from the cached state of the
+base run at ``l``; all ablations of one layer are rows of one batch; and layer ``l``'s
+changed attention is computed once per (KV head, pattern), since its inputs are the same
+for every row.
+
+Two fidelities:
+
+- ``"exact"``: later layers are recomputed at every position (the real effect).
+- ``"scored"``: later layers are recomputed only at the scored positions; every other
+  position keeps the keys / values of the base run. Much cheaper when few tokens are
+  scored (retrieval answers), but blind to effects that travel through other positions'
+  keys and values; its agreement with ``"exact"`` is measured, not assumed.
+
+A *base* plan may replace dense as the starting point (the refinement step re-measures
+heads with the current plan in place); the reference distribution is always the dense
+model's. SparQ heads are measured as their decode step would run at every position
+(teacher forcing), as the profiler's validation does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from moa_search.errors import MoaSearchError
+from moa_search.patterns import Dense, Pattern, SparQ
+from moa_search.profile.capture import _no_mask, _set_attn_impl, attention_modules
+from moa_search.profile.sparq_estimate import sparq_prefill
+from moa_search.runtime.prefill import fresh_prefill
+from moa_search.runtime.reference import attend_head
+
+ATTN_NAME = "moa_measure"
+FIDELITIES = ("exact", "scored")
+#: text samples score every token; the divergence is read at this many evenly spaced
+#: positions (the lm_head over a 49k vocabulary costs ~8 layers of the default model)
+DEFAULT_MAX_SCORED = 128
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One KV head of one layer switched to ``pattern`` (everything else as the base)."""
+
+    layer: int
+    kv_head: int
+    pattern: Pattern
+
+
+@dataclass
+class Scored:
+    """Where a sample is scored. positions: (S,) query positions whose next token is a
+    target; targets: (S,) those next tokens."""
+
+    positions: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, input_ids: torch.Tensor, loss_mask: torch.Tensor, limit: int) -> Scored:
+        """loss_mask[i] marks token i as a target (predicted at position i - 1)."""
+        tgt = torch.nonzero(loss_mask.bool()[1:], as_tuple=False)[:, 0] + 1
+        if tgt.numel() == 0:
+            raise MoaSearchError("calibration sample has no scored token (empty loss mask)")
+        if limit and tgt.numel() > limit:
+            pick = torch.linspace(0, tgt.numel() - 1, limit).round().long()
+            tgt = tgt[pick.unique()]
+        return cls(positions=tgt - 1, targets=input_ids[tgt])
+
+
+@dataclass
+class _LayerState:
+    """What the measuring attention needs for one call of one layer."""
+
+    patterns: list[Pattern]
+    rows: list[tuple[int, Pattern] | None] | None = None  # per batch row override
+    frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # k, v, positions
+    capture: dict[str, torch.Tensor] | None = None
+
+
+def _group(h: int, group: int) -> slice:
+    return slice(h * group, (h + 1) * group)
+
+
+def _full(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, patterns: Sequence[Pattern], scale
+) -> torch.Tensor:
+    """(B, Hq, N, D) attention of an unpadded prompt, each KV head under its pattern."""
+    out = fresh_prefill(query, key, value, list(patterns), scale)
+    group = query.shape[1] // key.shape[1]
+    for h, p in enumerate(patterns):
+        if isinstance(p, SparQ):
+            sl = _group(h, group)
+            for b in range(query.shape[0]):
+                out[b, sl] = sparq_prefill(query[b, sl], key[b, h], value[b, h], p, scale).to(
+                    out.dtype
+                )
+    return out
+
+
+def _one_head_full(query, key, value, h: int, pattern: Pattern, scale) -> torch.Tensor:
+    """(1, G, N, D): one KV group of batch row 0 under ``pattern``."""
+    group = query.shape[1] // key.shape[1]
+    sl = _group(h, group)
+    return _full(query[:1, sl], key[:1, h : h + 1], value[:1, h : h + 1], [pattern], scale)
+
+
+def _scored_head(q, k, v, positions: torch.Tensor, pattern: Pattern, scale) -> torch.Tensor:
+    """q: (R, G, S, D) at ``positions``; k, v: (R, N, D) full. Returns (R, G, S, D)."""
+    rows, _, s, _ = q.shape
+    n = k.shape[1]
+    k_pos = torch.arange(n, device=q.device)
+    if not isinstance(pattern, SparQ):
+        return attend_head(
+            q, k, v, positions[None].expand(rows, s), k_pos[None].expand(rows, n), pattern, scale
+        )
+    out = torch.empty_like(q)
+    for i in range(s):  # SparQ decodes each scored position over the keys seen so far
+        seen = torch.where(k_pos <= positions[i], k_pos, torch.full_like(k_pos, -1))
+        out[:, :, i : i + 1] = attend_head(
+            q[:, :, i : i + 1], k, v, positions[i : i + 1][None].expand(rows, 1),
+            seen[None].expand(rows, n), pattern, scale,
+        )  # fmt: skip
+    return out
+
+
+def _measure_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: (R, Hq, L, D); key/value: (R, Hkv, L, D). Returns ((R, L, Hq, D), None)."""
+    st: _LayerState = module._moa_measure
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows, q_heads = query.shape[:2]
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    if st.capture is not None:
+        st.capture["k"], st.capture["v"] = key[:1], value[:1]
+    if st.frozen is None:
+        if st.rows is None:
+            out = _full(query, key, value, st.patterns, scale)
+        else:  # every row has the same inputs here: attend once per distinct change
+            base = _full(query[:1], key[:1], value[:1], st.patterns, scale)
+            out = base.expand(rows, -1, -1, -1).clone()
+            done: dict[tuple[int, str], torch.Tensor] = {}
+            for r, change in enumerate(st.rows):
+                if change is None:
+                    continue
+                h, p = change
+                if (h, p.spec()) not in done:
+                    done[(h, p.spec())] = _one_head_full(query, key, value, h, p, scale)[0]
+                out[r, _group(h, group)] = done[(h, p.spec())]
+    else:
+        k_base, v_base, positions = st.frozen
+        k_all = k_base.expand(rows, -1, -1, -1).clone()
+        v_all = v_base.expand(rows, -1, -1, -1).clone()
+        k_all[:, :, positions] = key.to(k_all.dtype)
+        v_all[:, :, positions] = value.to(v_all.dtype)
+        out = torch.empty_like(query)
+        for h in range(kv_heads):
+            per_row = [
+                st.rows[r][1]
+                if st.rows is not None and st.rows[r] is not None and st.rows[r][0] == h
+                else st.patterns[h]
+                for r in range(rows)
+            ]
+            sl = _group(h, group)
+            for spec in dict.fromkeys(p.spec() for p in per_row):
+                idx = [r for r, p in enumerate(per_row) if p.spec() == spec]
+                pat = next(p for p in per_row if p.spec() == spec)
+                sel = torch.tensor(idx, device=query.device)
+                out[sel, sl] = _scored_head(
+                    query[sel][:, sl], k_all[sel, h], v_all[sel, h], positions, pat, scale
+                ).to(out.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decoder(model: torch.nn.Module) -> tuple[Any, Any, Any, Any]:
+    """(embeddings, decoder layers, final norm, rotary) of a Llama-family model."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or not hasattr(base, "layers"):
+        base = model.model
+    return base.embed_tokens, base.layers, base.norm, base.rotary_emb
+
+
+@contextmanager
+def measuring(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
+    """Switch ``model`` to the measuring attention; restore on exit."""
+    AttentionInterface.register(ATTN_NAME, _measure_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    saved = model.config._attn_implementation
+    modules = attention_modules(model)
+    _set_attn_impl(model, ATTN_NAME)
+    try:
+        yield modules
+    finally:
+        _set_attn_impl(model, saved)
+        for m in modules:
+            m.__dict__.pop("_moa_measure", None)
+
+
+@dataclass
+class BaseRun:
+    """One sample under the base plan: the states every ablation starts from."""
+
+    input_ids: torch.Tensor
+    scored: Scored
+    ref_logp: torch.Tensor  # (S, V) float32, dense model
+    ref_nll: torch.Tensor  # (S,)
+    ref_match: bool  # dense argmax equals every target
+    base_logp: torch.Tensor  # (S, V) float32, under the base plan
+    hidden: list[torch.Tensor]  # entering each layer: (1, N, D) exact, (1, S, D) scored
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # scored only
+    base_patterns: list[list[Pattern]] = field(default_factory=list)
+
+
+@dataclass
+class Effect:
+    """Per ablation row: mean KL(dense || changed) and NLL change per scored token, and
+    whether the changed model's argmax still equals every target."""
+
+    kl: torch.Tensor
+    dnll: torch.Tensor
+    match: torch.Tensor
+
+
+class AblationEngine:
+    """Measures many head changes of one model against its dense self, sample by sample."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        fidelity: str = "exact",
+        row_batch: int = 32,
+        max_scored: int = DEFAULT_MAX_SCORED,
+    ):
+        if fidelity not in FIDELITIES:
+            raise MoaSearchError(
+                f"fidelity: expected one of {', '.join(FIDELITIES)}, got {fidelity!r}"
+            )
+        if row_batch < 1:
+            raise MoaSearchError(f"row_batch: expected a positive integer, got {row_batch}")
+        self.model = model
+        self.fidelity = fidelity
+        self.row_batch = row_batch
+        self.max_scored = max_scored
+        self.embed, self.layers, self.norm, self.rotary = _decoder(model)
+        self.head = model.get_output_embeddings()
+        cfg = model.config
+        self.num_kv = int(cfg.num_key_value_heads)
+        self.device = self.embed.weight.device
+
+    # --- layer stepping -----------------------------------------------------------
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor):
+        return self.rotary(h, positions[None].to(h.device))
+
+    def _layer(self, modules, i: int, h: torch.Tensor, positions: torch.Tensor, st: _LayerState):
+        modules[i]._moa_measure = st
+        try:
+            return self.layers[i](
+                h, attention_mask=None, position_ids=positions[None],
+                position_embeddings=self._rotary(h, positions), use_cache=False,
+            )  # fmt: skip
+        finally:
+            modules[i].__dict__.pop("_moa_measure", None)
+
+    def _logp(self, h: torch.Tensor) -> torch.Tensor:
+        """(R, S, D) final hidden at scored positions -> (R, S, V) float32 log-probs."""
+        return F.log_softmax(self.head(self.norm(h)).float(), dim=-1)
+
+    # --- base run -----------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        base: Sequence[Sequence[Pattern]] | None = None,
+        reference: BaseRun | None = None,
+    ) -> BaseRun:
+        """Run the sample under ``base`` (None: dense) at batch 1 and keep what sweeps need.
+
+        ``reference``: an earlier dense run of the same sample, whose log-probs are reused.
+        """
+        n_layers = len(self.layers)
+        dense = [[Dense()] * self.num_kv for _ in range(n_layers)]
+        base_p = [list(row) for row in base] if base is not None else dense
+        ids = input_ids.to(self.device)
+        scored = Scored.from_mask(ids, loss_mask.to(self.device), self.max_scored)
+        full_pos = torch.arange(ids.shape[0], device=self.device)
+        with measuring(self.model) as modules:
+            hidden, kv = [], []
+            h = self.embed(ids[None])
+            for i in range(n_layers):
+                hidden.append(h if self.fidelity == "exact" else h[:, scored.positions])
+                cap: dict[str, torch.Tensor] = {}
+                h = self._layer(modules, i, h, full_pos, _LayerState(base_p[i], capture=cap))
+                if self.fidelity == "scored":
+                    kv.append((cap["k"], cap["v"]))
+            logp = self._logp(h[:, scored.positions])[0]
+        if reference is None:
+            if base is not None:
+                reference = self.prepare(input_ids, loss_mask, None)
+            else:
+                ref_logp = logp
+        if reference is not None:
+            ref_logp = reference.ref_logp
+        nll = -ref_logp.gather(-1, scored.targets[:, None])[:, 0]
+        match = bool((ref_logp.argmax(-1) == scored.targets).all())
+        return BaseRun(ids, scored, ref_logp, nll, match, logp, hidden, kv, base_p)
+
+    # --- sweeps -------------------------------------------------------------------
+    @torch.no_grad()
+    def effects(self, run: BaseRun, ablations: Sequence[Ablation | None]) -> Effect:
+        """Measure each ablation (None: the base itself) on one prepared sample."""
+        kl, dnll, match = [], [], []
+        by_layer: dict[int, list[int]] = {}
+        for j, a in enumerate(ablations):
+            by_layer.setdefault(a.layer if a is not None else len(self.layers), []).append(j)
+        results: dict[int, tuple[float, float, bool]] = {}
+        with measuring(self.model) as modules:
+            for layer, idx in sorted(by_layer.items()):
+                for c0 in range(0, len(idx), self.row_batch):
+                    chunk = idx[c0 : c0 + self.row_batch]
+                    rows = [ablations[j] for j in chunk]
+                    logp = self._rows(modules, run, layer, rows)
+                    k, d, m = self._compare(run, logp)
+                    for j, kj, dj, mj in zip(chunk, k, d, m, strict=True):
+                        results[j] = (kj, dj, mj)
+        for j in range(len(ablations)):
+            kl.append(results[j][0])
+            dnll.append(results[j][1])
+            match.append(results[j][2])
+        return Effect(torch.tensor(kl), torch.tensor(dnll), torch.tensor(match))
+
+    def _rows(self, modules, run: BaseRun, layer: int, rows: list[Ablation | None]):
+        n_layers = len(self.layers)
+        r = len(rows)
+        if layer >= n_layers:  # the base itself
+            return run.base_logp[None].expand(r, -1, -1)
+        h = run.hidden[layer].expand(r, -1, -1)
+        changes = [(a.kv_head, a.pattern) if a is not None else None for a in rows]
+        for i in range(layer, n_layers):
+            st = _LayerState(run.base_patterns[i], rows=changes if i == layer else None)
+            h = self._step(modules, run, i, h, st)
+        return self._logp(self._at_scored(run, h))
+
+    def _step(self, modules, run: BaseRun, i: int, h, st: _LayerState):
+        if self.fidelity == "exact":
+            pos = torch.arange(h.shape[1], device=h.device)
+        else:
+            pos = run.scored.positions
+            st.frozen = (run.kv[i][0], run.kv[i][1], pos)
+        return self._layer(modules, i, h, pos, st)
+
+    def _at_scored(self, run: BaseRun, h: torch.Tensor) -> torch.Tensor:
+        return h[:, run.scored.positions] if self.fidelity == "exact" else h
+
+    @staticmethod
+    def _compare(run: BaseRun, logp: torch.Tensor) -> tuple[list, list, list]:
+        ref = run.ref_logp[None]
+        kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean(-1)
+        nll = -logp.gather(-1, run.scored.targets[None, :, None].expand(logp.shape[0], -1, 1))
+        dnll = (nll[..., 0] - run.ref_nll[None]).mean(-1)
+        match = (logp.argmax(-1) == run.scored.targets[None]).all(-1)
+        return kl.tolist(), dnll.tolist(), match.tolist()

@@ -1,0 +1,122 @@
+"""The ablation engine against the plain definition: run the whole changed model, compare."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moa_search.errors import MoaSearchError
+from moa_search.patterns import Dense, Window, parse
+from moa_search.plan import dense_plan
+from moa_search.profile.ablation import Ablation, AblationEngine, Scored
+from moa_search.profile.validate import sparq_losses
+from moa_search.runtime import apply_plan
+
+N = 48
+
+
+def _data(seed: int = 0, answer_only: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (N,), generator=g)
+    mask = torch.zeros(N, dtype=torch.bool)
+    if answer_only:
+        mask[-4:] = True
+    else:
+        mask[1:] = True
+    return ids, mask
+
+
+def _logp_with(model, ids, plan) -> torch.Tensor:
+    with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+        logits = model(ids[None], use_cache=False).logits[0]
+    return F.log_softmax(logits.float(), -1)
+
+
+def _brute(model, ids, mask, changes, base=None):
+    """KL(dense || changed), dNLL and match at the scored positions, by full runs."""
+    sc = Scored.from_mask(ids, mask, 0)
+    ref = _logp_with(model, ids, dense_plan(model))[sc.positions]
+    plan = dense_plan(model)
+    plan.heads = [list(r) for r in (base or plan.heads)]
+    for layer, kv, p in changes:
+        plan.heads[layer][kv] = p
+    got = _logp_with(model, ids, plan)[sc.positions]
+    kl = (ref.exp() * (ref - got)).sum(-1).mean()
+    nll = lambda lp: -lp.gather(-1, sc.targets[:, None])[:, 0]  # noqa: E731
+    dnll = (nll(got) - nll(ref)).mean()
+    return float(kl), float(dnll), bool((got.argmax(-1) == sc.targets).all())
+
+
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_exact_effect_equals_full_rerun(make_model, answer_only):
+    model = make_model(num_hidden_layers=3)
+    ids, mask = _data(1, answer_only)
+    engine = AblationEngine(model, "exact", row_batch=3, max_scored=0)
+    run = engine.prepare(ids, mask)
+    abl = [
+        Ablation(0, 1, Window(sink=2, span=6)),
+        Ablation(1, 0, parse("elastic:sink=1,alpha=2,beta=0.25")),
+        Ablation(2, 1, Window(sink=0, span=3)),
+        Ablation(2, 0, Dense()),
+        None,
+    ]
+    eff = engine.effects(run, abl)
+    for j, a in enumerate(abl[:3]):
+        kl, dnll, match = _brute(model, ids, mask, [(a.layer, a.kv_head, a.pattern)])
+        assert eff.kl[j].item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
+        assert eff.dnll[j].item() == pytest.approx(dnll, rel=1e-4, abs=1e-6)
+        assert bool(eff.match[j]) == match
+        assert kl > 1e-4  # the change is visible: the test could fail
+    assert eff.kl[3].abs().item() < 1e-6 and eff.kl[4].abs().item() < 1e-6
+
+
+def test_exact_effect_with_a_base_plan(make_model):
+    model = make_model(num_hidden_layers=3)
+    ids, mask = _data(2)
+    base = [[Window(sink=1, span=8), Dense()], [Dense(), Window(sink=0, span=5)], [Dense()] * 2]
+    engine = AblationEngine(model, "exact", max_scored=0)
+    run = engine.prepare(ids, mask, base=base)
+    eff = engine.effects(run, [None, Ablation(2, 0, Window(sink=2, span=4))])
+    kl0, _, _ = _brute(model, ids, mask, [], base=base)
+    kl1, _, _ = _brute(model, ids, mask, [(2, 0, Window(sink=2, span=4))], base=base)
+    assert eff.kl[0].item() == pytest.approx(kl0, rel=1e-4)
+    assert eff.kl[1].item() == pytest.approx(kl1, rel=1e-4)
+    assert kl1 > kl0 > 1e-4
+
+
+def test_sparq_effect_equals_teacher_forced_decode(make_model):
+    model = make_model(num_hidden_layers=2)
+    ids, mask = _data(3)
+    p = parse("sparq:r=4,k_ratio=0.25,local=2", 16)
+    engine = AblationEngine(model, "exact", max_scored=0)
+    eff = engine.effects(engine.prepare(ids, mask), [Ablation(1, 1, p)])
+    from moa_search.profile.calib import Sample
+
+    s = Sample(ids, mask)
+    base = sparq_losses(model, [s], None, 0, None)
+    changed = sparq_losses(model, [s], 1, 1, p)
+    assert eff.dnll[0].item() == pytest.approx(float(changed[0] - base[0]), rel=1e-3, abs=1e-6)
+    assert eff.kl[0].item() > 1e-5
+
+
+def test_scored_fidelity_is_exact_for_the_last_layer_and_close_elsewhere(make_model):
+    model = make_model(num_hidden_layers=3)
+    ids, mask = _data(4, answer_only=True)
+    exact = AblationEngine(model, "exact", max_scored=0)
+    scored = AblationEngine(model, "scored", max_scored=0)
+    abl = [Ablation(2, 0, Window(sink=1, span=4)), Ablation(0, 1, Window(sink=1, span=4))]
+    e = exact.effects(exact.prepare(ids, mask), abl)
+    s = scored.effects(scored.prepare(ids, mask), abl)
+    # at the last layer nothing downstream reads other positions: both are the same
+    assert s.kl[0].item() == pytest.approx(e.kl[0].item(), rel=1e-4)
+    assert s.kl[1].item() > 0 and e.kl[1].item() > 0
+
+
+def test_bad_input_is_one_line(make_model):
+    model = make_model()
+    with pytest.raises(MoaSearchError, match="fidelity"):
+        AblationEngine(model, "approximate")
+    ids, _ = _data()
+    with pytest.raises(MoaSearchError, match="no scored token"):
+        AblationEngine(model).prepare(ids, torch.zeros(N, dtype=torch.bool))
