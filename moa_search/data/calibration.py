@@ -143,7 +143,8 @@ def self_answer_sample(
 
     The loss sits on the model's answer, so calibration keeps what the dense model
     actually does with the context rather than a reference it never produced.
-    The sample is at most ``length`` tokens (shorter when the answer stops early).
+    The sample is ``length`` tokens when the text is long enough (a short answer gets more
+    context in front).
     """
     from moa_search.data.retrieval import greedy_generate
 
@@ -154,12 +155,18 @@ def self_answer_sample(
     budget = length - len(head) - len(tail) - max_new_tokens - 1
     if budget < 16:
         raise MoaSearchError(f"length {length} is too short for a self-answer sample")
-    prompt = head + filler_ids(tokenizer, budget, rng, split, corpus) + tail
+    context = filler_ids(tokenizer, budget + max_new_tokens + 1, rng, split, corpus)
+    prompt = head + context[-budget:] + tail
     answer = greedy_generate(model, tokenizer, prompt, max_new_tokens).strip()
     ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ans.append(tokenizer.eos_token_id)
-    ids = prompt + ans
+    # exactly ``length`` tokens: a short answer gets more of the same text in front, so the
+    # context the model answered is a suffix of the one it is scored on
+    fill = max(0, length - len(head) - len(tail) - len(ans))
+    prompt = head + context[-fill:] + tail if fill else head + tail
+    ids = (prompt + ans)[-length:] if len(prompt) + len(ans) > length else prompt + ans
+    prompt = ids[: len(ids) - len(ans)]
     mask = [0] * len(prompt) + [1] * len(ans)
     meta = {
         "corpus": corpus,

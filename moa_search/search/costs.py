@@ -8,12 +8,14 @@ truth shared with the runtime), so a budget can name any length, profiled or not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from moa_search.errors import MoaSearchError
+from moa_search.objective import TASKS
 from moa_search.patterns import PATTERNS, Dense, Pattern, parse
 from moa_search.plan import ModelIdentity, Plan
 from moa_search.search.table import ProfileTable
@@ -36,6 +38,15 @@ class Problem:
     lengths: list[int]
     patterns: list[Pattern]
     loss: np.ndarray
+    #: per task family, the same shape as ``loss`` (measured profiles); ``loss`` is their
+    #: weighted sum with ``weights``
+    task_loss: dict[str, np.ndarray] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def predicted_by_task(self, choice: np.ndarray, length_index: int) -> dict[str, float]:
+        """Predicted divergence per task family of one plan at one planned length."""
+        rows = np.arange(self.num_heads)
+        return {t: float(v[rows, choice, length_index].sum()) for t, v in self.task_loss.items()}
 
     @property
     def num_heads(self) -> int:
@@ -81,9 +92,15 @@ class Problem:
 
 
 def build_problem(
-    table: ProfileTable, lengths: list[int] | None, families: tuple[str, ...] | list[str]
+    table: ProfileTable,
+    lengths: list[int] | None,
+    families: tuple[str, ...] | list[str],
+    weights: Mapping[str, float] | None = None,
 ) -> Problem:
-    """Select planned lengths and allowed families from a profile; dense is free (loss 0)."""
+    """Select planned lengths and allowed families from a profile; dense is free (loss 0).
+
+    A measured profile has one ``kl_<task>`` column per task family: the loss is their sum
+    with ``weights`` (default: the weights the profile was written with)."""
     families = check_families(families)
     profiled = table.lengths
     lengths = sorted(set(lengths)) if lengths else list(profiled)
@@ -113,24 +130,49 @@ def build_problem(
             f"({', '.join(families)}) at lengths {', '.join(map(str, lengths))}"
         )
     ident = table.identity
-    loss = np.full(
-        (ident.num_layers * ident.num_key_value_heads, len(patterns), len(lengths)), np.inf
-    )
-    if "dense" in families:
-        loss[:, 0, :] = 0.0
-    if not rows.empty:
-        g = rows["layer"].to_numpy() * ident.num_key_value_heads + rows["kv_head"].to_numpy()
-        c = rows["pattern"].map(index).to_numpy()
-        li = rows["length"].map({n: i for i, n in enumerate(lengths)}).to_numpy()
-        # Dropping attention is never credited as a gain: a negative first-order estimate is
-        # noise the solver would otherwise exploit (it then prefers sparser heads to dense).
-        values = np.maximum(rows["delta_loss_mean"].to_numpy(float), 0.0)
-        ok = np.isfinite(values)
-        loss[g[ok], c[ok], li[ok]] = values[ok]
+    shape = (ident.num_layers * ident.num_key_value_heads, len(patterns), len(lengths))
+    g = rows["layer"].to_numpy() * ident.num_key_value_heads + rows["kv_head"].to_numpy()
+    c = rows["pattern"].map(index).to_numpy()
+    li = rows["length"].map({n: i for i, n in enumerate(lengths)}).to_numpy()
+
+    def gather(column: str) -> np.ndarray:
+        out = np.full(shape, np.inf)
+        if "dense" in families:
+            out[:, 0, :] = 0.0
+        if not rows.empty:
+            # Dropping attention is never credited as a gain: a negative estimate is noise
+            # the solver would otherwise exploit (it then prefers sparser heads to dense).
+            values = np.maximum(rows[column].to_numpy(float), 0.0)
+            ok = np.isfinite(values)
+            out[g[ok], c[ok], li[ok]] = values[ok]
+        return out
+
+    tasks = [t for t in TASKS if f"kl_{t}" in rows.columns]
+    task_loss = {t: gather(f"kl_{t}") for t in tasks}
+    used: dict[str, float] = {}
+    if tasks:
+        from moa_search.objective import parse_weights  # noqa: PLC0415
+
+        chosen = parse_weights(weights if weights is not None else table.meta.get("weights"))
+        used = {t: chosen.get(t, 0.0) for t in tasks}
+        if not any(used.values()):
+            raise MoaSearchError(
+                f"weights: no positive weight on the profiled tasks ({', '.join(tasks)})"
+            )
+        profiled = np.isfinite(gather("delta_loss_mean"))
+        weighted = sum(w * np.where(profiled, task_loss[t], 0.0) for t, w in used.items() if w)
+        loss = np.where(profiled, weighted, np.inf)
+    else:
+        if weights is not None:
+            raise MoaSearchError(
+                f"{table.path / 'profile.parquet'}: weights need a measured profile "
+                f"(kl_<task> columns); this one was made by the gradient method"
+            )
+        loss = gather("delta_loss_mean")
     # a candidate must be profiled at every planned length to be comparable
     incomplete = ~np.isfinite(loss).all(axis=2, keepdims=True)
     loss = np.where(incomplete, np.inf, loss)
-    return Problem(ident, lengths, patterns, loss)
+    return Problem(ident, lengths, patterns, loss, task_loss, used)
 
 
 def check_families(families: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:

@@ -121,3 +121,45 @@ def plot_plan_map(plan: Plan, length: int, path: Path, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="fraction of dense KV")
     _save(fig, path)
     return path
+
+
+def plot_checked(report, path: Path) -> Path:
+    """pareto_measured.png: measured quality of the checked plans vs KV memory.
+
+    One panel per task family the check measured: perplexity ratio to dense for text-like
+    tasks, the share of answers still reproduced for retrieval; x is KV memory at the
+    shortest planned length, where a fractional budget binds (dashed line)."""
+    plans = [("front", p) for p in report.front] + [("start", report.start)]
+    plans += [("final", report.final)]
+    tasks = [
+        t for t in ("text", "code", "retrieval", "self") if t in report.final["measured_by_task"]
+    ]
+    length = min(report.final["memory_density"], key=int)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        key, label = (
+            ("match", "answers reproduced (held-out)")
+            if task == "retrieval"
+            else ("ppl_ratio", "perplexity / dense (held-out)")
+        )
+
+        def y(entry: dict, task: str = task, key: str = key) -> float:
+            return entry["measured_by_task"].get(task, {}).get(key, np.nan)
+
+        xs = [p["memory_density"][length] for _, p in plans if _ == "front"]
+        ax.scatter(xs, [y(p) for k, p in plans if k == "front"], c="tab:blue", s=24,
+                   label="Pareto plans (measured)")  # fmt: skip
+        ax.scatter([report.final["memory_density"][length]], [y(report.final)], marker="*",
+                   s=160, c="tab:red", zorder=5, label="best.yaml (refined)")  # fmt: skip
+        for b in report.baselines:
+            ax.scatter([b["memory_density"][length]], [y(b)], marker="s", s=40, c="tab:orange",
+                       label=f"uniform window ({b['pattern']})")  # fmt: skip
+            ax.axvline(b["budget"], ls="--", c="0.6", lw=1)
+        ax.set_xlabel(f"KV memory at {length} tokens (fraction of dense)")
+        ax.set_ylabel(label)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("checked plans vs the uniform window at equal memory")
+    _save(fig, path)
+    return path

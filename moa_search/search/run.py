@@ -30,11 +30,13 @@ from sqlalchemy import event
 from tqdm.auto import tqdm
 
 from moa_search.errors import MoaSearchError
+from moa_search.objective import parse_weights
 from moa_search.plan import ModelIdentity, save_plan
 from moa_search.search.budget import parse_budgets
+from moa_search.search.check import CheckConfig, PlanChecker, held_out_samples
 from moa_search.search.costs import Problem, build_problem, check_families
 from moa_search.search.pareto import OBJECTIVES, pareto_mask, pick_best, uniform_baselines
-from moa_search.search.plots import plot_pareto, plot_plan_map
+from moa_search.search.plots import plot_checked, plot_pareto, plot_plan_map
 from moa_search.search.study import TrialRunner, UserCap, check_feasible, user_caps
 from moa_search.search.table import ProfileTable, load_profile
 
@@ -73,6 +75,8 @@ def plan_search(
     seed: int = 0,
     sampler: str = "nsga2",
     progress: bool = True,
+    weights: str | dict[str, float] | None = None,
+    check: CheckConfig | None = None,
 ) -> SearchResult:
     """Search per-KV-head plans for a profiled model under memory/bandwidth budgets.
 
@@ -80,6 +84,12 @@ def plan_search(
     ``storage`` share the count). ``objective="measured"`` applies each plan to ``model``
     on ``val_samples`` held-out windows of ``val_length`` tokens (default 1.5x the longest
     profiled length); ``"predicted"`` uses the profile's predicted loss only.
+
+    ``weights`` ("text=1,retrieval=1") weigh a measured profile's task families.
+    ``check`` (needs ``model``) measures the best plans of the front on held-out
+    calibration samples, refines the best one with conditional re-measurements and
+    reports plan-level fidelity; ``best.yaml`` is then the checked plan (check.json says
+    what was measured).
     """
     table = load_profile(profile_dir)
     families = check_families(patterns)
@@ -90,10 +100,12 @@ def plan_search(
     if not isinstance(trials, int) or trials < 1:
         raise MoaSearchError(f"trials must be a positive integer, got {trials!r}")
     parsed = parse_budgets(budgets)
-    problem = build_problem(table, lengths, families)
+    problem = build_problem(table, lengths, families, parse_weights(weights) if weights else None)
     caps = user_caps(problem, parsed)
     check_feasible(problem, caps)
-    loaded = _target_model(model, tokenizer, objective, table)
+    if check is not None and model is None:
+        raise MoaSearchError("check: checking plans needs the model (--model)")
+    loaded = _target_model(model, tokenizer, "measured" if check is not None else objective, table)
     val_length = val_length or _default_val_length(problem.lengths)
     if objective == "measured" and val_length <= max(table.lengths):
         raise MoaSearchError(
@@ -109,6 +121,7 @@ def plan_search(
         "patterns": list(families),
         "objective": objective,
         "validation": [val_length, val_samples] if objective == "measured" else None,
+        "weights": problem.weights or None,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out_dir = Path(out) if out is not None else table.path / "plans"
@@ -130,7 +143,39 @@ def plan_search(
         measure = ValidationLoss(loaded[0], windows, out_dir / "val_cache")
     runner = TrialRunner(problem, caps, measure)
     _optimize(study, runner, trials, progress)
-    return _write_outputs(study, runner, problem, caps, out_dir, url, measure, objective)
+    report = None
+    if check is not None:
+        report = _check(loaded[0], loaded[1], table, problem, caps, study, check, progress)
+    return _write_outputs(study, runner, problem, caps, out_dir, url, measure, objective, report)
+
+
+def _check(model, tokenizer, table, problem, caps, study, config, progress):
+    """Measure the front's best plans, refine the best, measure fidelity and baselines."""
+    from moa_search.profile.measured import MEASURED_MIX  # noqa: PLC0415
+
+    frame = _trials_frame(study)
+    within = frame[frame["pareto"] & frame["within_budget"]].sort_values("predicted_loss")
+    if within.empty:
+        raise MoaSearchError("check: no trial within budget to check (run more --trials)")
+    samples = held_out_samples(model, tokenizer, problem.lengths, config.samples, MEASURED_MIX)
+    checker = PlanChecker(model, problem, samples, config, progress)
+    front = []
+    for _, row in within.head(max(1, config.front)).iterrows():
+        choice = np.array([int(c) for c in row["choice"].split(",")])
+        m = checker.measure(choice)
+        front.append({"trial": int(row["number"]), **checker.describe(choice, m)})
+    start = min(range(len(front)), key=lambda i: front[i]["measured"])
+    first = np.array([int(c) for c in within.iloc[start]["choice"].split(",")])
+    w = np.full(len(problem.lengths), 1 / len(problem.lengths))
+    report = checker.refine(first, caps, w)
+    report.start["trial"] = front[start]["trial"]
+    report.front = front
+    report.fidelity = checker.fidelity(caps, w)
+    fractions = sorted(
+        {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
+    )
+    report.baselines = [checker.uniform_window(f) for f in fractions]
+    return report
 
 
 def _default_val_length(lengths: list[int]) -> int:
@@ -314,6 +359,7 @@ def _write_outputs(
     url: str,
     measure,
     objective: str,
+    report=None,
 ) -> SearchResult:
     frame = _trials_frame(study)
     budget_field = {c.budget.kind: c.budget.to_plan_field() for c in caps}
@@ -325,7 +371,7 @@ def _write_outputs(
             plan = _plan_of(problem, row, budget_field, study.study_name, objective)
             save_plan(plan, plans_tmp / f"trial_{int(row['number'])}.yaml")
             written.append(out / "plans" / f"trial_{int(row['number'])}.yaml")
-            if row["best"]:
+            if row["best"] and report is None:
                 best_path = save_plan(plan, out / "best.yaml")
                 plot_plan_map(
                     plan,
@@ -337,6 +383,9 @@ def _write_outputs(
         _swap_dir(plans_tmp, out / "plans")
     finally:
         shutil.rmtree(plans_tmp, ignore_errors=True)
+    if report is not None:
+        best_path = _write_checked(problem, report, budget_field, study.study_name, out)
+        plot_checked(report, out / "pareto_measured.png")
     _atomic(out / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
     _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
     baselines = uniform_baselines(problem, caps, measure)
@@ -357,7 +406,11 @@ def _write_outputs(
         "trials": int(len(frame)),
         "pareto": int(frame["pareto"].sum()),
         "best": str(best_path.relative_to(out)) if best_path else None,
-        "best_rule": "lowest loss among Pareto trials within budget; ties: memory, read, number",
+        "best_rule": (
+            "lowest measured objective of the front's best plans after refinement (check.json)"
+            if report is not None
+            else "lowest loss among Pareto trials within budget; ties: memory, read, number"
+        ),
         "baselines": baselines,
     }
     _atomic(
@@ -365,6 +418,39 @@ def _write_outputs(
         lambda p: Path(p).write_text(json.dumps(summary, indent=1, default=float) + "\n"),
     )
     return SearchResult(out, best_path, written, frame, study.study_name, _safe(url))
+
+
+def _write_checked(problem: Problem, report, budget: dict, study: str, out: Path) -> Path:
+    """best.yaml = the checked plan, with predicted and measured values per task."""
+    final = report.final
+    n = max(problem.lengths)
+    metrics = {
+        "predicted_delta_loss": final["predicted"],
+        "predicted_by_task": final["predicted_by_task"],
+        "measured_objective": final["measured"],
+        "measured_by_task": final["measured_by_task"],
+        "memory_density": final["memory_density"][str(n)],
+        "read_density": float(
+            problem.bytes_per_head("bandwidth", n)[report.choice].sum() / problem.dense_bytes(n)
+        ),
+        "report_length": n,
+        "weights": problem.weights,
+        "refinement_rounds": len(report.history),
+    }
+    notes = (
+        f"moa-search plan: study {study}, trial {report.start.get('trial')} measured on "
+        f"held-out calibration samples and refined ({len(report.history)} rounds); see check.json"
+    )
+    plan = problem.plan(report.choice, budget=budget, metrics=metrics, notes=notes)
+    path = save_plan(plan, out / "best.yaml")
+    _atomic(
+        out / "check.json",
+        lambda p: Path(p).write_text(json.dumps(report.as_dict(), indent=1, default=float) + "\n"),
+    )
+    plot_plan_map(
+        plan, n, out / "plan_map.png", f"best.yaml (checked): memory density at {n} tokens"
+    )
+    return path
 
 
 def _plan_of(problem: Problem, row: pd.Series, budget: dict, study: str, objective: str):
