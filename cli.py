@@ -86,17 +86,29 @@ def profile(
         int, typer.Option(help="Query rows per sample that price SparQ candidates (0: all).")
     ] = 256,
     plots: Annotated[bool, typer.Option(help="Write heatmaps and distance curves.")] = True,
+    method: Annotated[
+        str, typer.Option(help="'measured' single-head ablations or 'gradient' (first order).")
+    ] = "measured",
+    fidelity: Annotated[
+        str, typer.Option(help="measured: 'exact' or 'scored' (later layers at scored tokens).")
+    ] = "exact",
+    row_batch: Annotated[int, typer.Option(help="measured: ablations per forward batch.")] = 64,
+    max_scored: Annotated[
+        int, typer.Option(help="measured: scored positions read per sample (0: all).")
+    ] = 128,
 ) -> None:
-    """Measure each layer/head's loss sensitivity to each candidate pattern on calibration text.
+    """Measure each layer/KV head's sensitivity to each candidate pattern on calibration data.
 
     Resumable: rerun the same command to continue an interrupted profile."""
     from moa_search.profile import profile as run_profile
+    from moa_search.profile.measured import MeasureConfig
 
     result = run_profile(
         model, calib=calib, lengths=_lengths(lengths), out=out, device=device, devices=devices,
         dtype=dtype, samples=samples, block_size=block_size, seed=seed, loss=loss,
         gradient_checkpointing=gradient_checkpointing, validate=validate, overwrite=overwrite,
-        candidates=candidates, sparq_rows=sparq_rows, plots=plots,
+        candidates=candidates, sparq_rows=sparq_rows, plots=plots, method=method,
+        measure=MeasureConfig(fidelity, row_batch, max_scored),
     )  # fmt: skip
     typer.echo(f"wrote profile to {result.out}")
 
@@ -211,6 +223,19 @@ def plan(
             "PROFILE read as a model name or shape (e.g. llama3-8b-shape) to --out (a .yaml)."
         ),
     ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Task weights of a measured profile: text=1,retrieval=1.")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option(help="Measure, refine and check the plans on held-out samples.")
+    ] = False,
+    check_samples: Annotated[int, typer.Option(help="check: held-out samples per length.")] = 8,
+    check_rounds: Annotated[int, typer.Option(help="check: refinement rounds.")] = 3,
+    check_plans: Annotated[
+        int, typer.Option(help="check: random plans for the predicted-vs-measured Spearman.")
+    ] = 20,
+    device: Annotated[str, typer.Option(help="check: device of the model.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="check: float32 or bfloat16.")] = "float32",
 ) -> None:
     """Search per-head patterns under KV memory / bandwidth budgets (Optuna + exact knapsack)."""
     if synthetic is not None:
@@ -220,12 +245,25 @@ def plan(
         typer.echo(f"wrote {written}")
         return
     from moa_search.search import plan_search
+    from moa_search.search.check import CheckConfig
 
+    checked = (
+        CheckConfig(
+            samples=check_samples,
+            rounds=check_rounds,
+            random_plans=check_plans,
+            device=device,
+            dtype=dtype,
+        )  # fmt: skip
+        if check
+        else None
+    )
     result = plan_search(
         profile, budgets=budget or ["memory=0.25"],
         lengths=_lengths(lengths) if lengths else None, trials=trials, out=out,
         storage=storage, study_name=study, patterns=_items(patterns), objective=objective,
         model=model, val_samples=val_samples, val_length=val_length, seed=seed, sampler=sampler,
+        weights=weights, check=checked,
     )  # fmt: skip
     typer.echo(
         f"{len(result.pareto_plans)} Pareto plans; best: {result.best} (all in {result.out})"
@@ -292,25 +330,38 @@ def quickstart(
     ),
     budget: Annotated[str, typer.Option(help="KV budget of the searched plan.")] = "memory=0.25",
     profile_lengths: Annotated[str, typer.Option(help="Profiled lengths.")] = "1024",
-    profile_samples: Annotated[int, typer.Option(help="Calibration samples per length.")] = 2,
+    profile_samples: Annotated[int, typer.Option(help="Calibration samples per length.")] = 6,
     trials: Annotated[int, typer.Option(help="Optuna trials.")] = 60,
-    eval_lengths: Annotated[str, typer.Option(help="Eval lengths.")] = "1024,2048",
-    eval_samples: Annotated[int, typer.Option(help="Samples per eval cell.")] = 3,
-    depths: Annotated[str, typer.Option(help="Needle depths of retrieval tasks.")] = "0.5",
+    eval_lengths: Annotated[str, typer.Option(help="Eval lengths.")] = "1024",
+    eval_samples: Annotated[int, typer.Option(help="Samples per eval cell and depth.")] = 2,
+    depths: Annotated[
+        str, typer.Option(help="Needle depths of retrieval tasks.")
+    ] = "0.1,0.3,0.5,0.7,0.9",
     tasks: Annotated[str, typer.Option(help="Eval tasks.")] = "ppl,passkey",
-    baselines: Annotated[str, typer.Option(help="Eval baselines.")] = "dense,window,elastic",
+    baselines: Annotated[str, typer.Option(help="Eval baselines.")] = "dense,window",
     validate: Annotated[int, typer.Option(help="Ablations checking the profile.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    fidelity: Annotated[
+        str, typer.Option(help="Profile fidelity: 'scored' (CPU-sized) or 'exact'.")
+    ] = "scored",
+    full_grid: Annotated[
+        bool, typer.Option(help="Profile the full candidate grid (GPU) instead of the CPU one.")
+    ] = False,
 ) -> None:
-    """The main job end to end: profile -> plan -> eval (small CPU-sized defaults)."""
+    """The main job end to end: profile -> plan (checked) -> eval, sized for a CPU."""
+    from moa_search.pipeline import QUICK_CANDIDATES
     from moa_search.pipeline import quickstart as run_quickstart
+    from moa_search.profile.measured import MeasureConfig
 
+    exact = fidelity == "exact"
     run_quickstart(
         model, out, tuple(_lengths(profile_lengths)), profile_samples, budget, trials,
         tuple(_lengths(eval_lengths)), eval_samples,
         depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
         baselines=tuple(_items(baselines)), validate=validate, device=device, dtype=dtype,
+        measure=MeasureConfig(fidelity, 64 if exact else 32, 128 if exact else 16),
+        candidates=None if full_grid else QUICK_CANDIDATES,
     )  # fmt: skip
 
 

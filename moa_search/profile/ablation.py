@@ -101,12 +101,9 @@ def _full(
     out = fresh_prefill(query, key, value, list(patterns), scale)
     group = query.shape[1] // key.shape[1]
     for h, p in enumerate(patterns):
-        if isinstance(p, SparQ):
+        if isinstance(p, SparQ):  # every batch row at once: one row each is launch-bound
             sl = _group(h, group)
-            for b in range(query.shape[0]):
-                out[b, sl] = sparq_prefill(query[b, sl], key[b, h], value[b, h], p, scale).to(
-                    out.dtype
-                )
+            out[:, sl] = sparq_prefill(query[:, sl], key[:, h], value[:, h], p, scale).to(out.dtype)
     return out
 
 

@@ -176,20 +176,25 @@ def sparq_prefill(
 ) -> torch.Tensor:
     """Every position of one GQA group decoded with SparQ (teacher forcing), exactly.
 
-    q: (G, N, D); k, v: (N, D). Returns (G, N, D) float32: what the runtime's token-by-token
-    SparQ decode would output at each position, without running N decode steps.
+    q: (G, N, D); k, v: (N, D), or with a leading batch dim (B, G, N, D) / (B, N, D), each
+    row independent. Returns float32 of q's shape: what the runtime's token-by-token SparQ
+    decode would output at each position, without running N decode steps.
     """
-    group, length, dim = q.shape
-    out = torch.empty(group, length, dim, dtype=torch.float32, device=q.device)
-    kf, vf = k.float()[None], v.float()[None]
+    batched = q.dim() == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    rows, group, length, dim = q.shape
+    tile_rows = max(16, tile_rows // rows)  # bound the (B, G, tile, N) scores
+    out = torch.empty(rows, group, length, dim, dtype=torch.float32, device=q.device)
+    kf, vf = k.float(), v.float()
     vmean = running_v_mean(vf)
     for q0 in range(0, length, tile_rows):
         q1 = min(length, q0 + tile_rows)
         pos = torch.arange(q0, q1, device=q.device)
-        qt = q[None, :, q0:q1].float()
+        qt = q[:, :, q0:q1].float()
         a = causal_softmax(qt, kf[:, :q1], pos, scale)
         for _, o_p in sparq_tile_outputs(
             qt, kf[:, :q1], vf[:, :q1], a, pos, vmean[:, q0:q1], [pattern]
         ):
-            out[:, q0:q1] = o_p[0]
-    return out
+            out[:, :, q0:q1] = o_p
+    return out if batched else out[0]

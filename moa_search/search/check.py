@@ -54,6 +54,8 @@ class CheckConfig:
     fidelity: str = "exact"
     row_batch: int = 64
     max_scored: int = 128
+    device: str = "cpu"  # where a model given by name is loaded
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("samples", "row_batch"):

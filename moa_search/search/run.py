@@ -182,7 +182,13 @@ def _default_val_length(lengths: list[int]) -> int:
     return int(math.ceil(1.5 * max(lengths) / 64) * 64)
 
 
-def _target_model(model: Any, tokenizer: Any, objective: str, table: ProfileTable):
+def _target_model(
+    model: Any,
+    tokenizer: Any,
+    objective: str,
+    table: ProfileTable,
+    placement: tuple[str, str] = ("cpu", "float32"),
+):
     """Load the model if needed and refuse a profile made for another model."""
     if model is None:
         if objective == "measured":
@@ -193,7 +199,8 @@ def _target_model(model: Any, tokenizer: Any, objective: str, table: ProfileTabl
 
         name = str(model)
         if objective == "measured":
-            model, tokenizer = load_model(name), tokenizer or load_tokenizer(name)
+            model = load_model(name, dtype=placement[1], device=placement[0])
+            tokenizer = tokenizer or load_tokenizer(name)
         else:
             from transformers import AutoConfig  # noqa: PLC0415
 
