@@ -40,6 +40,9 @@ class PlanRuntime:
         self.padding_mask: torch.Tensor | None = None
         self._saved_impl = model.config._attn_implementation
         self._modules = _attention_modules(model, plan)
+        #: per layer, the model's own sliding window (None: full causal attention); every
+        #: head's pattern is clamped to it, so a plan never attends further than the model
+        self.windows: list[int | None] = [_native_window(m) for m in self._modules]
         self._base = _base_model(model)
         self._signature = inspect.signature(self._base.forward)
         self._hook = None
@@ -84,7 +87,7 @@ class PlanRuntime:
 
     def new_cache(self, max_cache_len: int | None = None) -> MoACache:
         """A fresh per-head cache; pass it as ``past_key_values`` or let generate make one."""
-        return MoACache(self.plan, max_cache_len or self.max_cache_len)
+        return MoACache(self.plan, max_cache_len or self.max_cache_len, self.windows)
 
     # --- forward pre-hook -----------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -198,3 +201,22 @@ def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation_internal"):
             config._attn_implementation_internal = name
+
+
+def _native_window(module: torch.nn.Module) -> int | None:
+    """The sliding window the model itself applies in this attention layer, if any.
+
+    Qwen2/Qwen3 set ``module.sliding_window`` per layer (None on full-attention layers);
+    Mistral reads ``config.sliding_window`` for every layer; Llama has none."""
+    if "sliding_window" in vars(module):
+        window = module.sliding_window
+    else:
+        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise MoaSearchError(
+            f"layer {module.layer_idx}: sliding_window: expected a positive integer or None, "
+            f"got {window!r}"
+        )
+    return window
