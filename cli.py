@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moa_search.devices import parse_device, parse_devices
 from moa_search.errors import MoaSearchError
 
 app = typer.Typer(
@@ -90,6 +91,7 @@ def profile(
     """Measure each layer/head's loss sensitivity to each candidate pattern on calibration text.
 
     Resumable: rerun the same command to continue an interrupted profile."""
+    device, devices = parse_device(device, allow_auto=True), parse_devices(devices)
     from moa_search.profile import profile as run_profile
 
     result = run_profile(
@@ -135,6 +137,7 @@ def evaluate(
     ppl_corpus: Annotated[str, typer.Option(help="Test corpus for perplexity.")] = "austen",
 ) -> None:
     """Compare a plan's quality (perplexity, retrieval) with dense and uniform baselines."""
+    device = parse_device(device)
     from moa_search.evaluate import evaluate as run_eval
 
     def items(text: str) -> list[str]:
@@ -274,6 +277,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
 ) -> None:
     """Measure generation speed and memory of a plan against dense, side by side."""
+    device = parse_device(device)
     from moa_search.bench.run import bench as run_bench
 
     run_bench(
@@ -304,6 +308,7 @@ def quickstart(
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
 ) -> None:
     """The main job end to end: profile -> plan -> eval (small CPU-sized defaults)."""
+    device = parse_device(device)
     from moa_search.pipeline import quickstart as run_quickstart
 
     run_quickstart(
