@@ -156,3 +156,53 @@ def test_model_without_window_is_unchanged():
         assert runtime.windows == [None, None]
         got, _ = _stepwise(model, runtime, ids)
     assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [16, 33, 1024])
+@pytest.mark.parametrize("window", [5, 16, 40])
+def test_fresh_prefill_with_window_matches_bruteforce_rule(chunk, window):
+    """The chunked prefill (several chunks, bands narrower than the prompt) against masks
+    built element by element from the pattern rule AND i - j < window."""
+    from moa_search.runtime.prefill import fresh_prefill
+
+    specs = [
+        "dense",
+        "window:sink=4,span=16",
+        "elastic:sink=2,alpha=3,beta=0.25",
+        "sparq:r=4,k=8,local=4",  # dense in prefill
+    ]
+    torch.manual_seed(0)
+    batch, kv, group, length, dim = 2, 4, 2, 90, 16
+    q = torch.randn(batch, kv * group, length, dim, dtype=torch.float64)
+    k = torch.randn(batch, kv, length, dim, dtype=torch.float64)
+    v = torch.randn(batch, kv, length, dim, dtype=torch.float64)
+    want = torch.empty_like(q)
+    for h, spec in enumerate(specs):
+        rule = "dense" if spec.startswith("sparq") else spec
+        m = torch.tensor(
+            [[_rule(rule, i, j) and i - j < window for j in range(length)] for i in range(length)]
+        )
+        s = (q[:, h * group : (h + 1) * group] @ k[:, h, None].transpose(-1, -2)) * dim**-0.5
+        want[:, h * group : (h + 1) * group] = (
+            torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h, None]
+        )
+    got = fresh_prefill(q, k, v, [parse(s) for s in specs], dim**-0.5, chunk=chunk, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()
+def test_left_padded_generate_matches_unpadded_runs():
+    model = tiny_mistral(seed=3)
+    plan = _plan(model, MIXED)
+    a = torch.randint(3, 128, (1, 30))
+    b = torch.randint(3, 128, (1, 21))
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 9:], mask[1, 9:] = b[0], 1
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with apply_plan(model, plan):
+        both = model.generate(batch, attention_mask=mask, **kw)
+        alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw) for x in (a, b)]
+    assert torch.equal(both[0, 30:], alone[0][0, 30:])
+    assert torch.equal(both[1, 30:], alone[1][0, 21:])
