@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moa_search.devices import parse_device, parse_devices
 from moa_search.errors import MoaSearchError
 
 app = typer.Typer(
@@ -100,6 +101,7 @@ def profile(
     """Measure each layer/KV head's sensitivity to each candidate pattern on calibration data.
 
     Resumable: rerun the same command to continue an interrupted profile."""
+    device, devices = parse_device(device, allow_auto=True), parse_devices(devices)
     from moa_search.profile import profile as run_profile
     from moa_search.profile.measured import MeasureConfig
 
@@ -147,6 +149,7 @@ def evaluate(
     ppl_corpus: Annotated[str, typer.Option(help="Test corpus for perplexity.")] = "austen",
 ) -> None:
     """Compare a plan's quality (perplexity, retrieval) with dense and uniform baselines."""
+    device = parse_device(device)
     from moa_search.evaluate import evaluate as run_eval
 
     def items(text: str) -> list[str]:
@@ -248,7 +251,7 @@ def plan(
     from moa_search.search.check import CheckConfig
 
     checked = (
-        CheckConfig(
+        CheckConfig(  # device is parsed only when the check runs
             samples=check_samples,
             rounds=check_rounds,
             random_plans=check_plans,
@@ -312,6 +315,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
 ) -> None:
     """Measure generation speed and memory of a plan against dense, side by side."""
+    device = parse_device(device)
     from moa_search.bench.run import bench as run_bench
 
     run_bench(
@@ -350,6 +354,7 @@ def quickstart(
     ] = False,
 ) -> None:
     """The main job end to end: profile -> plan (checked) -> eval, sized for a CPU."""
+    device = parse_device(device)
     from moa_search.pipeline import QUICK_CANDIDATES
     from moa_search.pipeline import quickstart as run_quickstart
     from moa_search.profile.measured import MeasureConfig

@@ -14,9 +14,11 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -29,6 +31,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct"}
 _STAMP = "moa_search_source.json"
 _FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable. Without
+#: this check an unknown name spends ~30 s in huggingface_hub's retries before failing.
+HUB_PROBE_TIMEOUT = 3.0
+_TRUE = {"1", "on", "yes", "true"}
 
 DType = torch.dtype | str
 
@@ -155,12 +161,78 @@ def ensure_default_model() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None = None) -> str:
-    """Map the alias to the cached folder; pass local paths and hub names through."""
+    """Map the alias to the cached folder; pass local paths and hub names through.
+
+    A hub name that is not in the local Hugging Face cache fails fast (one line) when the
+    hub cannot be used: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set, or a TCP
+    connection to the hub endpoint does not open within ``HUB_PROBE_TIMEOUT`` seconds.
+    """
     name = str(name_or_path or DEFAULT_MODEL)
     if name.lower() in _ALIASES:
         return str(ensure_default_model())
     path = Path(name).expanduser()
-    return str(path) if path.exists() else name
+    if path.exists():
+        return str(path)
+    _check_hub_name(name)
+    return name
+
+
+def _check_hub_name(name: str) -> None:
+    """Raise MoaSearchError unless ``name`` is cached locally or the hub is reachable."""
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # HFValidationError: not of the form name or org/name
+        raise MoaSearchError(
+            f"cannot load model {name!r}: no such folder, and not a Hugging Face model name "
+            f"(org/name) or the alias {DEFAULT_MODEL!r}"
+        ) from None
+    if isinstance(cached, str):
+        return
+    missing = (
+        f"cannot load model {name!r}: not a local folder or the alias {DEFAULT_MODEL!r}, "
+        "and not in the local Hugging Face cache"
+    )
+    flag = _offline_flag()
+    if flag:
+        raise MoaSearchError(f"{missing}; {flag} is set, so it cannot be downloaded")
+    host = _unreachable_hub()
+    if host:
+        raise MoaSearchError(
+            f"{missing}; {host} cannot be reached (offline? set HF_HUB_OFFLINE=1 to skip "
+            "this check, or download the model first)"
+        )
+
+
+def _offline_flag() -> str | None:
+    """The offline environment variable that is set, if any."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return var
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+
+
+def _unreachable_hub() -> str | None:
+    """The hub's host when a TCP connection to it fails quickly; None when it opens, or
+    when a proxy is configured (the direct route may be closed while the proxy works)."""
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    parts = urlsplit(endpoint)
+    if not parts.hostname:
+        return None
+    proxies = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    if any(os.environ.get(v) or os.environ.get(v.lower()) for v in proxies):
+        return None
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=HUB_PROBE_TIMEOUT):
+            return None
+    except OSError:
+        return parts.hostname
 
 
 def check_supported(config: Any) -> None:

@@ -26,6 +26,9 @@ import torch
 from moa_search.errors import MoaSearchError
 
 PATTERNS: dict[str, type[Pattern]] = {}
+#: Largest value any numeric pattern parameter may take: positions, spans and counts are
+#: 32-bit in the runtime's metadata and kernels, and larger values overflow tensor maths.
+MAX_PARAM = 2**31 - 1
 
 
 def register(cls: type[Pattern]) -> type[Pattern]:
@@ -100,6 +103,18 @@ class Pattern:
 
     def validate(self, head_dim: int | None = None) -> None:
         """Raise ValueError naming the offending parameter."""
+
+    def check(self, head_dim: int | None = None) -> None:
+        """``validate`` plus the range every numeric parameter must fit (``MAX_PARAM``);
+        ValueError naming the parameter. What plans, parse and importers call."""
+        self.validate(head_dim)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not abs(value) <= MAX_PARAM:  # also catches nan
+                shown = f"{value:.3g}" if abs(value) >= 1e15 else repr(value)
+                raise ValueError(f"{f.name} must be at most {MAX_PARAM}, got {shown}")
 
     def __str__(self) -> str:
         return self.spec()
@@ -244,7 +259,7 @@ def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
     """
     if isinstance(spec, Pattern):
         try:
-            spec.validate(head_dim)
+            spec.check(head_dim)
         except ValueError as exc:
             raise MoaSearchError(f"pattern {spec.spec()!r}: {exc}") from None
         return spec
@@ -269,10 +284,12 @@ def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
             raise MoaSearchError(
                 f"pattern {text!r}: unknown parameter {key!r} (allowed: {allowed})"
             )
+        if key in kwargs:
+            raise MoaSearchError(f"pattern {text!r}: parameter {key!r} given twice")
         kwargs[key] = _convert(text, key, raw.strip(), fields[key].type)
     pattern = cls(**kwargs)
     try:
-        pattern.validate(head_dim)
+        pattern.check(head_dim)
     except ValueError as exc:
         raise MoaSearchError(f"pattern {text!r}: {exc}") from None
     return pattern

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,21 @@ from typing import Any
 import yaml
 
 from moa_search.errors import MoaSearchError
-from moa_search.patterns import Dense, Pattern, parse
+from moa_search.patterns import MAX_PARAM, Dense, Pattern, parse
 
 PLAN_VERSION = 1
+#: What a plan file may hold, so a malformed or hostile file fails fast instead of hanging
+#: (a YAML "billion laughs" alias bomb expands to gigabytes from a few hundred bytes).
+MAX_PLAN_BYTES = 16 * 2**20
+MAX_YAML_NODES = 200_000  # scalars + collections after expanding aliases
+MAX_YAML_DEPTH = 32
+MAX_YAML_ALIASES = 4096
+MAX_MODEL_DIM = 2**16  # layers, heads and head_dim each
+MAX_PLAN_HEADS = 2**20  # layers x KV heads
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlist = _short.maxdict = _short.maxtuple = 6
+_short.maxlevel = 2
 _FINGERPRINT_KEYS = (
     "model_type",
     "num_hidden_layers",
@@ -217,25 +230,33 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
     for key in ints:
         value = model.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise fail(f"model.{key}", f"expected a positive integer, got {value!r}")
+            raise fail(f"model.{key}", f"expected a positive integer, got {_short.repr(value)}")
+        if value > MAX_MODEL_DIM:
+            raise fail(f"model.{key}", f"expected at most {MAX_MODEL_DIM}, got {value}")
         kwargs[key] = value
     for key in strs:
         value = model.get(key)
         if not isinstance(value, str) or not value:
-            raise fail(f"model.{key}", f"expected a non-empty string, got {value!r}")
+            raise fail(f"model.{key}", f"expected a non-empty string, got {_short.repr(value)}")
         kwargs[key] = value
     extra = set(model) - set(ints) - set(strs)
     if extra:
         raise fail(f"model.{sorted(extra)[0]}", "unknown field")
     if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
         raise fail("model.num_key_value_heads", "must divide num_attention_heads")
+    if kwargs["num_layers"] * kwargs["num_key_value_heads"] > MAX_PLAN_HEADS:
+        raise fail(
+            "model.num_layers",
+            f"num_layers x num_key_value_heads must be at most {MAX_PLAN_HEADS}",
+        )
     identity = ModelIdentity(**kwargs)
     head_dim = identity.head_dim
 
     def pattern_at(path: str, spec: Any) -> Pattern:
         if not isinstance(spec, str):
             raise fail(
-                path, f"expected a pattern string like 'window:sink=4,span=256', got {spec!r}"
+                path,
+                f"expected a pattern string like 'window:sink=4,span=256', got {_short.repr(spec)}",
             )
         try:
             return parse(spec, head_dim)
@@ -270,9 +291,12 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         raise fail("made_for", "expected a mapping")
     lengths = made_for.get("lengths") or []
     if not isinstance(lengths, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths
+        isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_PARAM for n in lengths
     ):
-        raise fail("made_for.lengths", f"expected a list of positive integers, got {lengths!r}")
+        raise fail(
+            "made_for.lengths",
+            f"expected a list of positive integers up to {MAX_PARAM}, got {_short.repr(lengths)}",
+        )
     budget = made_for.get("budget") or {}
     if not isinstance(budget, dict):
         raise fail("made_for.budget", "expected a mapping")
@@ -289,18 +313,134 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read and validate a plan YAML; one-line MoaSearchError on any problem."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise MoaSearchError(
+                f"{path}: plan file is {size} bytes, more than the {MAX_PLAN_BYTES} allowed"
+            )
         text = path.read_text()
     except FileNotFoundError:
         raise MoaSearchError(f"{path}: plan file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MoaSearchError(f"{path}: cannot read plan ({type(exc).__name__})") from None
+    return plan_from_dict(load_yaml(text, str(path)), source=str(path))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load with limits on nesting depth and aliases while composing."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} aliases", self.peek_event())
+            return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event())
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _YamlLimit(Exception):
+    def __init__(self, message: str, at: Any = None):
+        mark = getattr(at, "start_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        super().__init__(f"{message}{where}")
+
+
+def load_yaml(text: str, source: str = "plan") -> Any:
+    """Parse one YAML document with bounded size, depth and aliases and without duplicate
+    mapping keys; one-line MoaSearchError naming ``source`` (and the field) otherwise."""
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tree(node, loader, source)
+        return loader.construct_document(node)
+    except _YamlLimit as exc:
+        raise MoaSearchError(f"{source}: YAML {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise MoaSearchError(f"{path}: malformed YAML{where}") from None
-    return plan_from_dict(data, source=str(path))
+        raise MoaSearchError(f"{source}: malformed YAML{where}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_tree(root: Any, loader: yaml.SafeLoader, source: str) -> None:
+    """Refuse recursive aliases, documents that expand past ``MAX_YAML_NODES`` nodes, and
+    duplicate keys in a mapping (YAML would keep the last one silently)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlLimit("has a recursive alias", node)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_NODES:
+            raise _YamlLimit(
+                f"expands to more than {MAX_YAML_NODES} nodes (aliases included)", node
+            )
+        return total
+
+    if isinstance(root, yaml.MappingNode):  # name the top-level field that is too big
+        for k, v in root.value:
+            try:
+                size(v)
+            except _YamlLimit as exc:
+                field = k.value if isinstance(k, yaml.ScalarNode) else "<key>"
+                raise MoaSearchError(f"{source}: {field}: YAML {exc}") from None
+    size(root)
+    seen: set[int] = set()
+
+    def keys(node: Any, where: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                keys(child, f"{where}[{i}]")
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        found: dict[Any, Any] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                keys(v, where)
+                continue
+            value = loader.construct_object(k, deep=True)
+            field = f"{where}.{value}" if where else str(value)
+            try:
+                first = found.setdefault(value, k)
+            except TypeError:  # unhashable key: construction reports it
+                first = k
+            if first is not k:
+                raise MoaSearchError(
+                    f"{source}: {field}: duplicate key (lines {first.start_mark.line + 1} "
+                    f"and {k.start_mark.line + 1}); each key may appear once"
+                )
+            keys(v, field)
+
+    keys(root, "")
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
@@ -326,7 +466,7 @@ def validate(plan_or_path: Plan | str | os.PathLike[str], model_or_config: Any =
     for i, row in enumerate(plan.heads):
         for j, p in enumerate(row):
             try:
-                p.validate(plan.model.head_dim)
+                p.check(plan.model.head_dim)
             except ValueError as exc:
                 raise MoaSearchError(f"{source}: layers.{i}[{j}]: {exc}") from None
     if model_or_config is not None:

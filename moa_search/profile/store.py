@@ -103,15 +103,41 @@ def prepare_folder(out: Path, args: dict[str, Any], overwrite: bool) -> bool:
     return False
 
 
+#: args.json keys a user sets, in the order a difference is reported, with their option:
+#: a changed --samples also changes calibration_hash, and the message must name --samples.
+_OPTIONS = {
+    "model": "MODEL",
+    "lengths": "--lengths",
+    "samples": "--samples",
+    "seed": "--seed",
+    "loss": "--loss",
+    "block_size": "--block-size",
+    "dtype": "--dtype",
+    "candidates": "--candidates",
+    "sparq_rows": "--sparq-rows",
+}
+#: keys derived from the options or the code, reported only when no option differs
+_DERIVED = {
+    "calibration_hash": "the calibration tokens differ (--calib contents or the tokenizer)",
+    "method_version": "made by another version of the profiler",
+}
+
+
 def _first_difference(old: Any, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return f"unreadable {ARGS}"
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            a, b = json.dumps(old.get(key)), json.dumps(new.get(key))
-            if len(a) > 60 or len(b) > 60:
-                return f"{key} differs"
-            return f"{key}: was {a}, now {b}"
+    keys = set(old) | set(new)
+    rest = sorted(keys - set(_OPTIONS) - set(_DERIVED))
+    for key in [*(k for k in _OPTIONS if k in keys), *rest, *(k for k in _DERIVED if k in keys)]:
+        if old.get(key) == new.get(key):
+            continue
+        a, b = json.dumps(old.get(key)), json.dumps(new.get(key))
+        name = f"{key} ({_OPTIONS[key]})" if key in _OPTIONS else key
+        if key in _DERIVED:
+            return f"{key}: {_DERIVED[key]}"
+        if len(a) > 60 or len(b) > 60:
+            return f"{name} differs"
+        return f"{name}: was {a}, now {b}"
     return "unknown difference"
 
 

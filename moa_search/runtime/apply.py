@@ -16,6 +16,11 @@ from moa_search.runtime.cache import MoACache, MoALayerCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 Backend = Literal["auto", "reference", "triton"]
+_MISSING = object()
+_ALREADY_APPLIED = (
+    "model already runs a plan: call remove_plan(model) (or leave its `with apply_plan(...)` "
+    "block) before applying another"
+)
 
 
 class PlanRuntime:
@@ -38,43 +43,102 @@ class PlanRuntime:
         self.max_cache_len = max_cache_len
         self.active_cache: Any = None
         self.padding_mask: torch.Tensor | None = None
-        self._saved_impl = model.config._attn_implementation
         self._modules = _attention_modules(model, plan)
+        #: per layer, the model's own sliding window (None: full causal attention); every
+        #: head's pattern is clamped to it, so a plan never attends further than the model
+        self.windows: list[int | None] = [_native_window(m) for m in self._modules]
         self._base = _base_model(model)
         self._signature = inspect.signature(self._base.forward)
         self._hook = None
         self._kernels: Any = None
         self._class_generate: Any = None
+        self._saved_impls: list[tuple[Any, Any]] = []
+        self._saved_generate: Any = _MISSING
+        self._installed = False
 
     # --- lifecycle ----------------------------------------------------------------
+    @property
+    def installed(self) -> bool:
+        """True while this runtime drives the model (between install and remove)."""
+        return self._installed
+
     def install(self) -> PlanRuntime:
+        if self._installed:
+            raise MoaSearchError("this plan runtime is already installed on its model")
+        current = self.model.__dict__.get("_moa_runtime")
+        if current is not None:
+            raise MoaSearchError(_ALREADY_APPLIED)
         attention.register()
-        for module in self._modules:
-            module._moa_runtime = self
-        _set_attn_impl(self.model, attention.ATTN_NAME)
-        self._hook = self._base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self.model._moa_runtime = self
+        # Everything install changes is recorded first, so remove() (also after a failure
+        # half-way) puts back exactly what was there.
+        self._saved_impls = [
+            (config, config._attn_implementation_internal) for config in _configs(self.model)
+        ]
+        self._saved_generate = self.model.__dict__.get("generate", _MISSING)
         self._class_generate = type(self.model).generate
-        self.model.generate = self._generate  # instance attribute; removed by remove()
+        self._installed = True
+        self.model._moa_runtime = self
+        try:
+            for module in self._modules:
+                module._moa_runtime = self
+            _set_attn_impl(self.model, attention.ATTN_NAME)
+            self._hook = self._base.register_forward_pre_hook(
+                self._before_forward, with_kwargs=True
+            )
+            self.model.generate = self._generate  # instance attribute; removed by remove()
+        except BaseException:
+            self.remove()
+            raise
         return self
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with a fresh per-head cache unless the caller passes one."""
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        """``model.generate`` with a fresh per-head cache unless the caller passes one.
+
+        ``cache_implementation="dynamic"`` is honoured (a full DynamicCache, each head's
+        pattern applied as a mask); any other cache implementation is refused, because the
+        plan's heads cannot read a static / quantized / offloaded cache."""
+        impl = kwargs.get("cache_implementation")
+        if impl is None:
+            config = kwargs.get("generation_config") or getattr(
+                self.model, "generation_config", None
+            )
+            impl = getattr(config, "cache_implementation", None)
+        if impl is not None and impl != "dynamic":
+            raise MoaSearchError(
+                f"cache_implementation={impl!r}: a plan runs with its own per-head cache "
+                "(MoACache, made automatically) or 'dynamic'; leave cache_implementation "
+                "unset or pass 'dynamic'"
+            )
+        if impl is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
             kwargs["past_key_values"] = self.new_cache()
         return self._class_generate(self.model, *args, **kwargs)
 
     def remove(self) -> None:
-        """Restore the model's own attention; caches made under the plan stop being valid."""
+        """Restore the model's own attention; caches made under the plan stop being valid.
+
+        Idempotent, and a no-op for a runtime that no longer drives the model (for example
+        the outer ``with apply_plan(...)`` after ``remove_plan`` inside the block)."""
+        if not self._installed:
+            return
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         for module in self._modules:
-            module.__dict__.pop("_moa_runtime", None)
-        _set_attn_impl(self.model, self._saved_impl)
-        self.model.__dict__.pop("_moa_runtime", None)
-        self.model.__dict__.pop("generate", None)
+            if module.__dict__.get("_moa_runtime") is self:
+                del module.__dict__["_moa_runtime"]
+        for config, impl in self._saved_impls:
+            config._attn_implementation_internal = impl
+        self._saved_impls = []
+        if self.model.__dict__.get("generate") == self._generate:
+            del self.model.__dict__["generate"]
+        if self._saved_generate is not _MISSING:
+            self.model.__dict__["generate"] = self._saved_generate
+        self._saved_generate = _MISSING
+        if self.model.__dict__.get("_moa_runtime") is self:
+            del self.model.__dict__["_moa_runtime"]
         self.active_cache = None
+        self.padding_mask = None
+        self._installed = False
 
     def __enter__(self) -> PlanRuntime:
         return self
@@ -84,7 +148,7 @@ class PlanRuntime:
 
     def new_cache(self, max_cache_len: int | None = None) -> MoACache:
         """A fresh per-head cache; pass it as ``past_key_values`` or let generate make one."""
-        return MoACache(self.plan, max_cache_len or self.max_cache_len)
+        return MoACache(self.plan, max_cache_len or self.max_cache_len, self.windows)
 
     # --- forward pre-hook -----------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -151,7 +215,8 @@ def apply_plan(
     """Run ``model`` with ``plan`` until :func:`remove_plan` (or the context manager exits).
 
     ``model.generate`` and plain forward calls with ``use_cache`` get a :class:`MoACache`
-    automatically, so window/elastic heads really store fewer entries.
+    automatically, so window/elastic heads really store fewer entries. A model runs one plan
+    at a time: applying another while one is applied is refused (remove it first).
     """
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -161,9 +226,8 @@ def apply_plan(
         )
     if backend not in ("auto", "reference", "triton"):
         raise MoaSearchError(f"backend must be auto, reference or triton, got {backend!r}")
-    existing = getattr(model, "_moa_runtime", None)
-    if existing is not None:
-        existing.remove()
+    if getattr(model, "_moa_runtime", None) is not None:
+        raise MoaSearchError(_ALREADY_APPLIED)
     plan = validate(plan_or_path, model)
     return PlanRuntime(model, plan, backend, max_cache_len).install()
 
@@ -193,8 +257,35 @@ def _arg_index(signature: inspect.Signature, name: str) -> int:
     return list(signature.parameters).index(name) if name in signature.parameters else 10**6
 
 
-def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """Every distinct config object held by the model's modules (sub-configs included)."""
+    found: dict[int, Any] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation_internal"):
-            config._attn_implementation_internal = name
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
+def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
+    for config in _configs(model):
+        config._attn_implementation_internal = name
+
+
+def _native_window(module: torch.nn.Module) -> int | None:
+    """The sliding window the model itself applies in this attention layer, if any.
+
+    Qwen2/Qwen3 set ``module.sliding_window`` per layer (None on full-attention layers);
+    Mistral reads ``config.sliding_window`` for every layer; Llama has none."""
+    if "sliding_window" in vars(module):
+        window = module.sliding_window
+    else:
+        window = getattr(getattr(module, "config", None), "sliding_window", None)
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise MoaSearchError(
+            f"layer {module.layer_idx}: sliding_window: expected a positive integer or None, "
+            f"got {window!r}"
+        )
+    return window

@@ -8,12 +8,14 @@ module with its layer's patterns; this function then attends per KV head and, wh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import MoACache, MoALayerCache
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
@@ -22,6 +24,35 @@ if TYPE_CHECKING:
     from moa_search.runtime.apply import PlanRuntime
 
 ATTN_NAME = "moa"
+
+
+@dataclass(frozen=True)
+class _Clamped(Pattern):
+    """``inner`` restricted to the model layer's own sliding window: key j is seen by query
+    i only when ``inner`` allows it and ``i - j < window`` (the model's rule). A runtime
+    helper handed to ``attend_head``; never part of a plan (so not registered)."""
+
+    inner: Pattern = None  # type: ignore[assignment]
+    window: int = 0
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        rule = self.inner.allowed if self.inner.static else dense_causal
+        near = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)) < self.window
+        return rule(q_pos, k_pos) & near
+
+
+def _clamp(
+    pattern: Pattern, window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> tuple[Pattern, torch.Tensor, bool]:
+    """(pattern, key positions, whether SparQ's running mean of V applies) for one head
+    under the layer's own window. SparQ decode keeps its algorithm over the keys inside the
+    window (the others marked empty) and averages V over those keys."""
+    if window is None:
+        return pattern, k_pos, True
+    if isinstance(pattern, SparQ) and q_pos.shape[1] == 1:
+        inside = (q_pos - k_pos) < window
+        return pattern, torch.where(inside, k_pos, torch.full_like(k_pos, -1)), False
+    return _Clamped(inner=pattern, window=window), k_pos, True
 
 
 def _positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
@@ -51,6 +82,7 @@ def moa_attention(
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
     mask2d = runtime.padding_mask
+    window = runtime.windows[layer_idx]
 
     cache = runtime.active_cache
     layer: MoALayerCache | None = None
@@ -64,11 +96,12 @@ def moa_attention(
         else:
             real = _real_mask(mask2d, batch, q_len, query.device)
             q_pos = _positions(real, layer.lengths)
-        if runtime.use_kernels(query, q_len):
+        # The Triton kernels know sinks and recent spans, not the model's own window.
+        if window is None and runtime.use_kernels(query, q_len):
             layer.append(key, value, q_pos)
             runtime.kernel_decode(layer, query, out, scale)
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
-            fresh_prefill(query, key, value, patterns, scale, out=out)
+            fresh_prefill(query, key, value, patterns, scale, out=out, window=window)
             layer.append(key, value, q_pos)
         else:
             for h, pattern in enumerate(patterns):
@@ -83,13 +116,15 @@ def moa_attention(
                     else value[:, h]
                 )
                 k_pos = torch.cat([pos_old, q_pos], 1)
+                head_pattern, k_pos, running_mean = _clamp(pattern, window, q_pos, k_pos)
                 v_mean = None
-                if h in layer.sparq_heads and layer.v_sum is not None and q_len == 1:
+                running_mean = running_mean and layer.v_sum is not None and q_len == 1
+                if running_mean and h in layer.sparq_heads:
                     j = layer.sparq_heads.index(h)
                     n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
                     v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
                 out[:, sl] = attend_head(
-                    query[:, sl], k_all, v_all, q_pos, k_pos, pattern, scale, v_mean
+                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, scale, v_mean
                 )
             layer.append(key, value, q_pos)
     else:
@@ -97,14 +132,29 @@ def moa_attention(
         # every head sees the full key range, masked by its pattern.
         k_len = key.shape[2]
         real_k = _real_mask(mask2d, batch, k_len, query.device)
-        k_pos = _positions(real_k)
+        k_pos = _positions(real_k, _dropped_real(cache, layer_idx, k_len, mask2d))
         q_pos = k_pos[:, -q_len:]
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)
+            head_pattern, head_k_pos, _ = _clamp(pattern, window, q_pos, k_pos)
             out[:, sl] = attend_head(
-                query[:, sl], key[:, h], value[:, h], q_pos, k_pos, pattern, scale
+                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, scale
             )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dropped_real(cache: Any, layer_idx: int, k_len: int, mask2d) -> torch.Tensor | int:
+    """Real tokens before the first key a dense cache returned: non-zero when the cache
+    keeps only a window (transformers' sliding layers), so positions stay absolute."""
+    layers = getattr(cache, "layers", None)
+    if cache is None or layers is None or layer_idx >= len(layers):
+        return 0
+    dropped = int(layers[layer_idx].get_seq_length()) - k_len
+    if dropped <= 0:
+        return 0
+    if mask2d is not None and mask2d.shape[-1] >= dropped + k_len:
+        return mask2d[:, -(dropped + k_len) : -k_len].long().sum(1)
+    return dropped
 
 
 def _fresh_unpadded(runtime, layer: MoALayerCache, mask2d, q_len: int) -> bool:

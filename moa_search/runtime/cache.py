@@ -31,12 +31,18 @@ class HeadLayout:
     rings: tuple[int, ...]
 
     @classmethod
-    def build(cls, patterns: list[Pattern], max_len: int) -> HeadLayout:
+    def build(cls, patterns: list[Pattern], max_len: int, window: int | None = None) -> HeadLayout:
+        """``window``: the model layer's own sliding window. No query then sees a key
+        ``window`` or more positions back, so a head keeps at most ``window`` entries: a
+        ring of ``window`` slots (its sinks, when still visible, are in it) unless its own
+        sink + ring is already smaller."""
         offsets, sinks, rings = [], [], []
         total = 0
         for p in patterns:
             sink = min(p.sink, max_len)
             ring = p.ring_size(max_len)
+            if window is not None and sink + ring > min(window, max_len):
+                sink, ring = 0, min(window, max_len)
             offsets.append(total)
             sinks.append(sink)
             rings.append(ring)
@@ -59,10 +65,16 @@ class MoALayerCache(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, patterns: list[Pattern], max_cache_len: int | None = None):
+    def __init__(
+        self,
+        patterns: list[Pattern],
+        max_cache_len: int | None = None,
+        window: int | None = None,
+    ):
         super().__init__()
         self.patterns = list(patterns)
         self.max_cache_len = max_cache_len
+        self.window = window  # the model layer's own sliding window (None: full attention)
         self.layout: HeadLayout | None = None
         self.lengths: torch.Tensor | None = None  # (B,) real tokens held per sequence
         self.processed = 0  # tokens seen including padding: transformers' notion of length
@@ -197,7 +209,7 @@ class MoALayerCache(CacheLayerMixin):
         else:
             old = self.layout.max_len
             max_len = max(needed, old + max(256, old // 4))
-        layout = HeadLayout.build(self.patterns, max_len)
+        layout = HeadLayout.build(self.patterns, max_len, self.window)
         geom = _geometry(layout, self.device)
         geom["span_affine"] = _span_affine(self.patterns, self.device)
         keys = torch.zeros(batch, layout.total_slots, dim, dtype=self.dtype, device=self.device)
@@ -262,8 +274,17 @@ def _geometry(layout: HeadLayout, device: torch.device) -> dict:
 class MoACache(Cache):
     """transformers Cache whose layers hold per-KV-head patterned storage for a plan."""
 
-    def __init__(self, plan: Plan, max_cache_len: int | None = None):
-        layers = [MoALayerCache(row, max_cache_len) for row in plan.heads]
+    def __init__(
+        self,
+        plan: Plan,
+        max_cache_len: int | None = None,
+        windows: list[int | None] | None = None,
+    ):
+        """``windows``: per layer, the model's own sliding window (apply_plan passes it)."""
+        windows = list(windows) if windows is not None else [None] * len(plan.heads)
+        layers = [
+            MoALayerCache(row, max_cache_len, w) for row, w in zip(plan.heads, windows, strict=True)
+        ]
         super().__init__(layers=layers)
         self.plan = plan
 

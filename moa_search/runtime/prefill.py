@@ -13,6 +13,10 @@ padding (the usual prefill), heads are grouped:
   positions; chunk [c0, c1) attends to the sink keys and the band [c1 - 1 - span_max + 1 ..
   c1) with a small (chunk x band) mask, so work is ~ L x (chunk + span) instead of L^2 / 2.
 
+With ``window`` (the model layer's own sliding window) no query sees a key ``window`` or
+more positions back, whatever its pattern: every head is then clamped to it (a dense head
+becomes a band of ``window`` keys, a sink only counts while it is inside the window).
+
 Exact: same keys and softmax as the reference, up to floating-point summation order.
 """
 
@@ -26,8 +30,10 @@ from moa_search.patterns import Dense, Pattern
 DEFAULT_CHUNK = 2048
 
 
-def covers_all(pattern: Pattern, length: int) -> bool:
+def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
     """True when every query of a prompt of ``length`` tokens sees all earlier keys."""
+    if window is not None and window < length:
+        return False
     if isinstance(pattern, Dense) or not pattern.static:
         return True
     n = torch.arange(1, length + 1, dtype=torch.long)
@@ -42,11 +48,13 @@ def fresh_prefill(
     scale: float,
     out: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
 
-    query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head.
-    Returns ``out`` (B, Hq, L, D), same dtype as query.
+    query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head;
+    window: the model layer's own sliding window, if any. Returns ``out`` (B, Hq, L, D),
+    same dtype as query.
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -56,7 +64,7 @@ def fresh_prefill(
     full: list[int] = []
     sparse: dict[str, tuple[Pattern, list[int]]] = {}
     for h, p in enumerate(patterns):
-        if covers_all(p, length):
+        if covers_all(p, length, window):
             full.append(h)
         else:
             sparse.setdefault(p.spec(), (p, []))[1].append(h)
@@ -76,7 +84,7 @@ def fresh_prefill(
             out[:, qi] = y
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, group, scale, out, chunk)
+        _banded(query, key, value, pattern, heads, group, scale, out, chunk, window)
     return out
 
 
@@ -95,11 +103,13 @@ def _sdpa_masked(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _banded(query, key, value, pattern, heads, group, scale, out, chunk) -> None:
+def _banded(query, key, value, pattern, heads, group, scale, out, chunk, window=None) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
     Every chunk reads a band of the same width (positions before the sink or before 0 are
-    masked), so all full chunks share one shape."""
+    masked), so all full chunks share one shape. With ``window`` every span is clamped to
+    it and a sink key counts only for queries less than ``window`` positions after it
+    (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
     batch, _, length, dim = query.shape
     dev = query.device
     qi = _q_heads(heads, group)
@@ -110,6 +120,8 @@ def _banded(query, key, value, pattern, heads, group, scale, out, chunk) -> None
     sink = min(pattern.sink, length)
     pos = torch.arange(length, device=dev)
     spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (L,) span of query i
+    if window is not None:
+        spans = spans.clamp(max=window)
     span_max = int(spans.max())
     chunk = max(16, min(chunk, length))
     width = min(length, -(-(chunk + span_max - 1) // 64) * 64)  # band keys per chunk
@@ -122,7 +134,13 @@ def _banded(query, key, value, pattern, heads, group, scale, out, chunk) -> None
         in_band = (
             (band[None] >= sink) & (band[None] <= q_pos) & (q_pos - band[None] < spans[c0:c1, None])
         )
-        mask = torch.cat([sink_pos[None] <= q_pos, in_band], 1) if sink else in_band
+        if sink:
+            sees_sink = sink_pos[None] <= q_pos
+            if window is not None:
+                sees_sink = sees_sink & (q_pos - sink_pos[None] < window)
+            mask = torch.cat([sees_sink, in_band], 1)
+        else:
+            mask = in_band
         k = torch.cat([k_g[:, :, :sink], k_g.index_select(2, idx)], 2)
         v = torch.cat([v_g[:, :, :sink], v_g.index_select(2, idx)], 2)
         m = k.shape[2]

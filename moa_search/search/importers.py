@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from moa_search.errors import MoaSearchError
-from moa_search.patterns import Dense, Elastic, Pattern, Window
-from moa_search.plan import ModelIdentity, Plan, save_plan
+from moa_search.patterns import MAX_PARAM, Dense, Elastic, Pattern, Window
+from moa_search.plan import ModelIdentity, Plan, plan_from_dict, save_plan
 
 MOA_SINK = 64
 DUO_SINK = 64
@@ -55,6 +55,7 @@ def model_identity(model: Any) -> ModelIdentity:
 def import_moa(path: str | os.PathLike[str], model: Any, sink: int = MOA_SINK) -> Plan:
     """MoA alphas/betas JSON -> Plan (elastic heads, max over each KV group)."""
     path = Path(path)
+    sink = _count(sink, "sink", minimum=0)
     ident = model_identity(model)
     data = _read_json(path)
     alphas = _matrix(data, "alphas", path, ident)
@@ -118,10 +119,8 @@ def import_duo(
             f"{gates.shape[1]}"
         )
     cfg_sink, cfg_recent, origin = _duo_config(path.parent / "config.json")
-    sink = int(sink if sink is not None else cfg_sink)
-    recent = int(recent if recent is not None else cfg_recent)
-    if sink < 0 or recent <= 0:
-        raise MoaSearchError(f"sink must be >= 0 and recent > 0, got sink={sink} recent={recent}")
+    sink = _count(sink, "sink", minimum=0) if sink is not None else cfg_sink
+    recent = _count(recent, "recent", minimum=1) if recent is not None else cfg_recent
     window: Pattern = Window(sink=sink, span=recent)
     full = np.clip(gates, 0, 1) >= threshold
     heads = [[Dense() if f else window for f in row] for row in full]
@@ -143,6 +142,8 @@ def import_plan(
     plan = (
         import_moa(path, model, **options) if fmt == "moa" else import_duo(path, model, **options)
     )
+    # Check the plan exactly as load_plan will read it back, before anything is written.
+    plan_from_dict(plan.to_dict(), source=f"{fmt} import of {path}")
     return save_plan(plan, out)
 
 
@@ -185,6 +186,26 @@ def _duo_config(path: Path) -> tuple[int, int, str]:
     cfg = _read_json(path)
     if not isinstance(cfg, dict):
         raise MoaSearchError(f"{path}: expected a JSON object")
-    sink = cfg.get("deploy_sink_size") or cfg.get("sink_size") or DUO_SINK
-    recent = cfg.get("deploy_recent_size") or cfg.get("recent_size") or DUO_RECENT
-    return int(sink), int(recent), f"from {path.name}"
+
+    def pick(keys: tuple[str, str], default: int, minimum: int) -> int:
+        for key in keys:  # the first one present and not null
+            if cfg.get(key) is not None:
+                return _count(cfg[key], key, minimum, source=path)
+        return default
+
+    sink = pick(("deploy_sink_size", "sink_size"), DUO_SINK, 0)
+    recent = pick(("deploy_recent_size", "recent_size"), DUO_RECENT, 1)
+    return sink, recent, f"from {path.name}"
+
+
+def _count(value: Any, name: str, minimum: int, source: Path | None = None) -> int:
+    """An integer in [minimum, MAX_PARAM] (integral floats such as 64.0 accepted)."""
+    where = f"{source}: " if source is not None else ""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    if not ok or not minimum <= value <= MAX_PARAM:
+        raise MoaSearchError(
+            f"{where}{name}: expected an integer in [{minimum}, {MAX_PARAM}], got {value!r}"
+        )
+    return value

@@ -37,7 +37,14 @@ from moa_search.search.check import CheckConfig, PlanChecker, held_out_samples
 from moa_search.search.costs import Problem, build_problem, check_families
 from moa_search.search.pareto import OBJECTIVES, pareto_mask, pick_best, uniform_baselines
 from moa_search.search.plots import plot_checked, plot_pareto, plot_plan_map
-from moa_search.search.study import TrialRunner, UserCap, check_feasible, user_caps
+from moa_search.search.study import (
+    WORKER_ATTR,
+    TrialRunner,
+    UserCap,
+    check_feasible,
+    user_caps,
+    worker_id,
+)
 from moa_search.search.table import ProfileTable, load_profile
 
 DEFAULT_PATTERNS = ("dense", "window", "elastic", "sparq")
@@ -142,6 +149,7 @@ def plan_search(
         windows = validation_windows(loaded[1], val_length, val_samples)
         measure = ValidationLoss(loaded[0], windows, out_dir / "val_cache")
     runner = TrialRunner(problem, caps, measure)
+    _fail_orphans(study)
     _optimize(study, runner, trials, progress)
     report = None
     if check is not None:
@@ -318,6 +326,38 @@ def _optimize(study: optuna.Study, runner: TrialRunner, trials: int, progress: b
         bar.close()
 
 
+def _fail_orphans(study: optuna.Study) -> int:
+    """Mark FAIL the trials left RUNNING by a killed process of this machine (resume).
+
+    A trial records its owner (host, pid) when it starts; one whose process no longer
+    exists can never finish. Trials of live workers and of other hosts are left alone.
+    Returns how many were marked."""
+    me = worker_id()
+    marked = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(WORKER_ATTR)
+        if not isinstance(owner, dict) or owner.get("host") != me["host"]:
+            continue
+        pid = owner.get("pid")
+        if isinstance(pid, int) and (pid == me["pid"] or not _pid_alive(pid)):
+            with contextlib.suppress(ValueError, RuntimeError):  # finished meanwhile
+                study.tell(trial.number, state=TrialState.FAIL)
+                marked += 1
+    return marked
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # no cheap, safe liveness check: assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else
+        return True
+    return True
+
+
 def _counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
@@ -410,7 +450,8 @@ def _write_outputs(
         "objective": objective,
         "report_length": n,
         "budgets": sorted({c.budget.text() for c in caps}),
-        "trials": int(len(frame)),
+        "trials": int(frame["state"].isin(["COMPLETE", "PRUNED"]).sum()),
+        "failed_trials": int((frame["state"] == "FAIL").sum()),
         "pareto": int(frame["pareto"].sum()),
         "best": str(best_path.relative_to(out)) if best_path else None,
         "best_rule": (

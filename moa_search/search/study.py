@@ -10,6 +10,8 @@ allowed families), the solver returns the best plan for that choice, and the obj
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,14 @@ from moa_search.search.knapsack import Capacity, Infeasible, smallest_total, sol
 DISTINCT_CHOICES = (0, 1, 2)  # 0 = no cap on distinct patterns per layer (MoA uses <= 2)
 TRIAL_SOLVE_LIMIT_S = 2.0  # a trial reports the certified gap it reached by then
 KINDS = ("memory", "bandwidth")
+#: user attribute naming the process that runs a trial, so a rerun can tell a trial left
+#: RUNNING by a killed process (an orphan) from one another live worker is running
+WORKER_ATTR = "worker"
+
+
+def worker_id() -> dict[str, object]:
+    """This process as a trial's owner: host name and process id."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 @dataclass(frozen=True)
@@ -207,6 +217,7 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         start = time.perf_counter()
+        trial.set_user_attr(WORKER_ATTR, worker_id())
         out = self.run(trial)
         measured = None
         if self.measure is not None:
