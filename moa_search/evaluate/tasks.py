@@ -46,7 +46,6 @@ from moa_search.runtime import apply_plan
 RULER_TASKS = tuple(ruler.TASKS)
 TASKS = ("ppl", "passkey", "kv-retrieval", *RULER_TASKS)
 RETRIEVAL_TASKS = ("passkey", "kv-retrieval")
-GENERATION_TASKS = (*RETRIEVAL_TASKS, *RULER_TASKS)  # scored from a greedy answer
 TASK_GROUPS = {  # names that stand for several tasks in ``tasks``
     "ruler": RULER_TASKS,
     "niah": tuple(t for t in RULER_TASKS if ruler.TASKS[t].family == "niah"),

@@ -174,3 +174,27 @@ def test_score_intervals():
     assert how == "bootstrap" and lo < value == 0.625 < hi
     point, lo, hi = mean_of_means_ci([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0.5]], seed=0)
     assert point == pytest.approx(0.625) and lo < point < hi <= 1
+
+
+@pytest.mark.slow
+def test_default_model_finds_single_needles(tmp_path):
+    """The real default model at 512 tokens: dense retrieves the single-needle tasks."""
+    from moa_search.models import default_model_dir, load_model, load_tokenizer
+
+    if not default_model_dir().exists():
+        pytest.skip("default model not converted yet")
+    model = load_model()
+    res = evaluate(
+        model,
+        uniform_plan(model, "window:sink=64,span=128"),
+        tokenizer=load_tokenizer(),
+        baselines=("dense",),
+        tasks=("niah-number", "niah-word", "niah-uuid"),
+        lengths=(512,),
+        depths=(0.5,),
+        samples=2,
+        out=tmp_path,
+        progress=False,
+    )
+    dense = res.summary.query("method == 'dense' and depth != depth and task != 'ruler'")
+    assert dense.value.mean() > 0.5
