@@ -368,6 +368,7 @@ def plot_vs_length(summary: pd.DataFrame, path: Path) -> Path | None:
             ax.errorbar(x, gm.value, yerr=_err(gm), marker="o", capsize=3, label=method)
         lengths = sorted(g.length.unique())
         ax.set_xscale("log", base=2)
+        ax.set_xlim(lengths[0] / 1.3, lengths[-1] * 1.3)  # one length: keep the dodge small
         ax.set_xticks(lengths, [f"{n}{'°' if (task, n) in quiet else ''}" for n in lengths])
         ax.set_xlabel("context length (tokens; ° = no signal)")
         ax.set_title(_short(task), fontsize=10)
