@@ -122,9 +122,14 @@ def evaluate(
     baselines: Annotated[
         str, typer.Option(help="Comma-separated: dense,window,elastic,sparq (or empty).")
     ] = "dense,window,elastic,sparq",
-    tasks: Annotated[str, typer.Option(help="Comma-separated: ppl,passkey,kv-retrieval.")] = (
-        "ppl,passkey,kv-retrieval"
-    ),
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: ppl, passkey, kv-retrieval, RULER tasks (niah-number, "
+            "niah-word, niah-uuid, niah-multikey, niah-multivalue, niah-multiquery, vt, cwe, "
+            "fwe), or the groups ruler / niah; empty with --lm-eval for harness tasks only."
+        ),
+    ] = "ppl,passkey,kv-retrieval",
     lengths: Annotated[str, typer.Option(help="Comma-separated eval lengths.")] = "2048,4096,8192",
     depths: Annotated[str, typer.Option(help="Needle depths in [0, 1].")] = "0.1,0.3,0.5,0.7,0.9",
     samples: Annotated[int, typer.Option(help="Samples per cell (ppl windows, prompts).")] = 10,
@@ -147,8 +152,38 @@ def evaluate(
         float | None, typer.Option(help="Fixed beta of the elastic baseline.")
     ] = None,
     ppl_corpus: Annotated[str, typer.Option(help="Test corpus for perplexity.")] = "austen",
+    ruler_corpus: Annotated[str, typer.Option(help="Test corpus of RULER filler.")] = "austen",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Answer tokens of every generation task (default: per task).")
+    ] = None,
+    lm_eval: Annotated[
+        str,
+        typer.Option(
+            "--lm-eval",
+            help="Comma-separated lm-evaluation-harness tasks to run with the plan and the "
+            "baselines (needs moa-search[lm-eval]).",
+        ),
+    ] = "",
+    lm_eval_include: Annotated[
+        Path | None, typer.Option(help="Folder of extra harness task YAMLs.")
+    ] = None,
+    lm_eval_limit: Annotated[
+        float | None, typer.Option(help="Documents per harness task (<1: a fraction).")
+    ] = None,
+    lm_eval_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples.")] = None,
+    lm_eval_length: Annotated[
+        int | None,
+        typer.Option(
+            help="Harness context cap; baselines match memory there (default: longest --lengths)."
+        ),
+    ] = None,
+    lm_eval_batch_size: Annotated[int, typer.Option(help="Harness batch size.")] = 1,
+    lm_eval_chat_template: Annotated[
+        bool, typer.Option(help="Apply the model's chat template to harness prompts.")
+    ] = False,
 ) -> None:
-    """Compare a plan's quality (perplexity, retrieval) with dense and uniform baselines."""
+    """Compare a plan's quality (perplexity, retrieval, RULER, lm-eval tasks) with dense and
+    uniform baselines at equal KV memory."""
     device = parse_device(device)
     from moa_search.evaluate import evaluate as run_eval
 
@@ -182,6 +217,17 @@ def evaluate(
         sink=sink,
         elastic_beta=elastic_beta,
         ppl_corpus=ppl_corpus,
+        ruler_corpus=ruler_corpus,
+        max_new_tokens=max_new_tokens,
+        lm_eval_tasks=items(lm_eval) or None,
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=(
+            int(lm_eval_limit) if lm_eval_limit and lm_eval_limit >= 1 else lm_eval_limit
+        ),
+        lm_eval_fewshot=lm_eval_fewshot,
+        lm_eval_length=lm_eval_length,
+        lm_eval_batch_size=lm_eval_batch_size,
+        lm_eval_chat_template=lm_eval_chat_template,
     )
     typer.echo(f"wrote {result.out / 'results.md'} ({result.seconds:.0f} s)")
 

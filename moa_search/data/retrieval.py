@@ -126,6 +126,16 @@ def _snap(tokenizer: Any, ids: list[int], k: int, radius: int = 32) -> int:
     return k
 
 
+def snap_to_sentence(tokenizer: Any, ids: list[int], k: int, radius: int = 32) -> int:
+    """Public form of the needle placement rule: the nearest sentence end to token ``k``."""
+    return _snap(tokenizer, ids, k, radius)
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (how every prompt piece is encoded)."""
+    return _ids(tokenizer, text)
+
+
 def _assemble(tokenizer, length, depth, fmt, needle, body_fn, answer, meta) -> RetrievalSample:
     head, tail = chat_parts(tokenizer, fmt[0], fmt[1], fmt[2])
     needle_ids = _ids(tokenizer, needle)

@@ -10,6 +10,11 @@ the longest eval length): every point gets uniform baselines rebuilt at that poi
 The plan side of a point is either one of ``sweep_plans`` (e.g. a search's Pareto plans; each
 sits at its own density) or, for each memory fraction in ``budgets``, the main plan with its
 window / elastic sizes scaled to that fraction (``baselines.scale_plan``).
+
+lm-evaluation-harness tasks (``lm_eval_tasks``, optional extra ``moa-search[lm-eval]``) run
+after the built-in tasks, for the plan and the same baselines solved to its KV memory at
+``lm_eval_length`` (default the longest eval length); their scores join the same report
+(section ``lm-eval``). See ``harness.py``.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from moa_search.evaluate.baselines import (
     scale_plan,
 )
 from moa_search.evaluate.tasks import (
+    RULER_TASKS,
     Item,
     check_tasks,
     method_applied,
     ppl_items,
     retrieval_items,
+    ruler_items,
     run_item,
 )
 from moa_search.plan import Plan, load_plan, validate
@@ -204,28 +211,45 @@ def evaluate(
     confidence: float = 0.95,
     plots: bool = True,
     progress: bool = True,
+    ruler_corpus: str = "austen",
+    lm_eval_tasks: Sequence[str] | None = None,
+    lm_eval_include: PathLike | None = None,
+    lm_eval_limit: int | float | None = None,
+    lm_eval_fewshot: int | None = None,
+    lm_eval_length: int | None = None,
+    lm_eval_batch_size: int = 1,
+    lm_eval_chat_template: bool = False,
 ) -> EvalResult:
     """Evaluate ``plan`` on ``model`` against dense and uniform baselines at equal budget.
 
     ``samples`` is per cell: ppl windows per length, passkey prompts per (length, depth),
-    kv prompts per length (depths cycled). A retrieval prompt plus its greedy answer
-    (``max_new_tokens``, default 10 passkey / 14 kv) fits in the eval length. ``model`` is
-    a name/path or a loaded model (then pass ``tokenizer``). Returns the tables it wrote to
-    ``out``; see the module doc for the sweep. Every bad input is a one-line MoaSearchError.
+    kv prompts per length (depths cycled); RULER tasks (``ruler`` = all of them): per depth
+    for the single-needle ones, else per length. A retrieval prompt plus its greedy answer
+    (``max_new_tokens``, default per task: 10 passkey, 14 kv, RULER's own) fits in the eval
+    length. ``model`` is a name/path or a loaded model (then pass ``tokenizer``). Returns
+    the tables it wrote to ``out``; see the module doc for the sweep and lm-eval. Every bad
+    input is a one-line MoaSearchError.
     """
     t0 = time.perf_counter()
     if plan is None:
         raise MoaSearchError("evaluate: a plan is required (--plan PLAN.yaml)")
-    task_names = check_tasks(tasks)
+    harness_tasks: tuple[str, ...] = ()
+    if lm_eval_tasks:
+        from moa_search.evaluate import harness  # noqa: PLC0415 - optional dependency
+
+        lm_eval_version = harness.require_lm_eval()
+        harness_tasks = harness.check_harness_tasks(lm_eval_tasks)
+    task_names = check_tasks(tasks, allow_empty=bool(harness_tasks))
     base_names = check_baselines(baselines)
     n_all = _check_numbers(lengths, depths, samples, budgets)
     depths = tuple(float(d) for d in depths)
     s_len = int(sweep_length or n_all[-1])
+    h_len = int(lm_eval_length or n_all[-1])
     if not isinstance(plan, Plan):
         load_plan(plan)  # a bad plan file fails in a second, before the model loads
     net, tok, model_name = _load(model, tokenizer, device, dtype)
     main_plan, source = _load_plan(plan, net)
-    _check_lengths(net, tuple(sorted({*n_all, s_len})))
+    _check_lengths(net, tuple(sorted({*n_all, s_len, *((h_len,) if harness_tasks else ())})))
     sweep = _sweep_points(main_plan, net, budgets, sweep_plans, s_len)
     opts = dict(sink=sink, elastic_beta=elastic_beta, sparq_r=sparq_r)
     work = _work(main_plan, source, n_all, base_names, sweep, s_len, opts)
@@ -237,6 +261,10 @@ def evaluate(
         if (task, n) not in items:
             if task == "ppl":
                 items[task, n] = ppl_items(tok, n, samples, seed, ppl_corpus)
+            elif task in RULER_TASKS:
+                items[task, n] = ruler_items(
+                    tok, task, n, depths, samples, seed, max_new_tokens, ruler_corpus
+                )
             else:
                 items[task, n] = retrieval_items(
                     tok, task, n, depths, samples, seed, prompt_format, max_new_tokens
@@ -281,7 +309,25 @@ def evaluate(
     bar.close()
 
     trials = pd.DataFrame(rows)
-    summary = aggregate.summarize(trials, confidence, seed)
+    summary = aggregate.summarize(trials, confidence, seed) if rows else pd.DataFrame()
+    if harness_tasks:
+        h_trials, h_summary = harness.run_harness(
+            net,
+            tok,
+            build_methods(main_plan, h_len, base_names, source, **opts),
+            harness_tasks,
+            h_len,
+            include=lm_eval_include,
+            limit=lm_eval_limit,
+            num_fewshot=lm_eval_fewshot,
+            batch_size=lm_eval_batch_size,
+            chat_template=lm_eval_chat_template,
+            backend=backend,
+            seed=seed,
+            confidence=confidence,
+        )
+        trials = pd.concat([trials, pd.DataFrame(h_trials)], ignore_index=True)
+        summary = pd.concat([summary, pd.DataFrame(h_summary)], ignore_index=True)
     profiled = max(main_plan.lengths) if main_plan.lengths else None
     summary["beyond_profiled"] = (
         summary.length > profiled if profiled else pd.Series(pd.NA, index=summary.index)
@@ -304,6 +350,20 @@ def evaluate(
         "sweep_length": s_len if sweep else None,
         "sweep_points": [label for label, _ in sweep],
         "ppl_corpus": ppl_corpus,
+        "ruler_corpus": ruler_corpus,
+        "lm_eval": (
+            {
+                "version": lm_eval_version,
+                "tasks": list(harness_tasks),
+                "length": h_len,
+                "limit": lm_eval_limit,
+                "num_fewshot": lm_eval_fewshot,
+                "chat_template": lm_eval_chat_template,
+                "include": Path(lm_eval_include).name if lm_eval_include else None,
+            }
+            if harness_tasks
+            else None
+        ),
         "confidence": confidence,
         "notes": notes,
         "seconds": round(seconds, 1),

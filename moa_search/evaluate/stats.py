@@ -82,3 +82,49 @@ def perplexity_ci(
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(np.exp(means), [tail, 100 - tail])
     return point, float(lo), float(hi)
+
+
+def score_ci(
+    values: Sequence[float], confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float, str]:
+    """Mean of per-sample scores in [0, 1] with an interval, and the interval's name.
+
+    All 0/1 (accuracy): the Wilson interval. Partial credit (e.g. 3 of 4 values found): a
+    percentile bootstrap over samples, which is (nan, nan) for fewer than two samples.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return NAN, NAN, NAN, ""
+    if np.isin(x, (0.0, 1.0)).all():
+        k = int(x.sum())
+        lo, hi = wilson(k, int(x.size), confidence)
+        return k / x.size, lo, hi, "wilson"
+    lo, hi = bootstrap_mean(x, confidence, seed=seed)
+    return float(x.mean()), lo, hi, "bootstrap"
+
+
+def mean_of_means_ci(
+    groups: Sequence[Sequence[float]],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Unweighted mean of group means (a suite average) with a stratified bootstrap interval.
+
+    Why stratified: each task keeps its own sample count in every resample, so a task with
+    many samples (one per depth) does not outweigh the others, as in RULER's average.
+    """
+    arrays = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+    if not arrays:
+        return NAN, NAN, NAN
+    point = float(np.mean([a.mean() for a in arrays]))
+    if all(a.size < 2 for a in arrays):
+        return point, NAN, NAN
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples)
+    for a in arrays:
+        means += a[rng.integers(0, a.size, size=(resamples, a.size))].mean(axis=1)
+    means /= len(arrays)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return point, float(lo), float(hi)

@@ -1,4 +1,4 @@
-"""The three tasks: perplexity on held-out text, passkey retrieval, key-value retrieval.
+"""The tasks: perplexity on held-out text, passkey, key-value retrieval and the RULER suite.
 
 Why these and how they are run:
 - Perplexity uses the ``test`` split only (never the calibration documents the profiler saw),
@@ -10,6 +10,10 @@ Why these and how they are run:
 - Retrieval prompts are built once per (task, length, sample) and decoded greedily through
   ``model.generate`` with the plan applied, so the answer comes out of the plan's real decode
   path (per-head cache, window heads that really dropped old entries), not a mask.
+- RULER-style tasks (``moa_search.data.ruler``: needles with number / word / UUID values,
+  multi-key, multi-value, multi-query, variable tracking, common / frequent words) are built
+  from the test split and run like retrieval; each has its own scorer (fraction of the
+  expected strings in the answer). ``ruler`` names the whole suite in ``tasks``.
 - Every sample has a fixed seed; the same prompts are shown to every method.
 """
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moa_search.data import ruler
 from moa_search.data.retrieval import (
     greedy_generate,
     make_kv_sample,
@@ -38,9 +43,20 @@ from moa_search.errors import MoaSearchError
 from moa_search.evaluate.baselines import Method
 from moa_search.runtime import apply_plan
 
-TASKS = ("ppl", "passkey", "kv-retrieval")
+RULER_TASKS = tuple(ruler.TASKS)
+TASKS = ("ppl", "passkey", "kv-retrieval", *RULER_TASKS)
 RETRIEVAL_TASKS = ("passkey", "kv-retrieval")
-DEFAULT_NEW_TOKENS = {"passkey": 10, "kv-retrieval": 14}
+TASK_GROUPS = {  # names that stand for several tasks in ``tasks``
+    "ruler": RULER_TASKS,
+    "niah": tuple(t for t in RULER_TASKS if ruler.TASKS[t].family == "niah"),
+}
+# tasks with one needle at a chosen depth and samples at every depth: the needle heatmaps
+DEPTH_TASKS = ("passkey", *(t for t in RULER_TASKS if ruler.TASKS[t].depth_grid))
+DEFAULT_NEW_TOKENS = {
+    "passkey": 10,
+    "kv-retrieval": 14,
+    **{name: t.new_tokens for name, t in ruler.TASKS.items()},
+}
 _LOGIT_CHUNK = 1024  # tokens per lm_head chunk: keeps (chunk x vocab) fp32 logits small
 
 
@@ -54,7 +70,7 @@ class Trial:
     depth: float
     sample: int
     seed: int
-    correct: float = math.nan  # 1.0 / 0.0 for retrieval
+    correct: float = math.nan  # retrieval: 1.0 / 0.0; RULER: fraction of answers found
     nll: float = math.nan  # mean NLL per token for perplexity
     tokens: int = 0  # predicted tokens (ppl) or prompt tokens (retrieval)
     output: str = ""
@@ -76,17 +92,17 @@ class Item:
     new_tokens: int = 0  # greedy tokens to generate (retrieval)
 
 
-def check_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Normalise and refuse unknown task names (one-line error)."""
-    out = []
+def check_tasks(tasks: tuple[str, ...] | list[str], allow_empty: bool = False) -> tuple[str, ...]:
+    """Normalise, expand groups (``ruler``, ``niah``), refuse unknown names (one-line error)."""
+    out: list[str] = []
+    known = ", ".join([*TASKS, *TASK_GROUPS])
     for t in tasks:
         name = str(t).strip().lower()
-        if name not in TASKS:
-            raise MoaSearchError(f"unknown task {t!r} (known: {', '.join(TASKS)})")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise MoaSearchError(f"no tasks given (known: {', '.join(TASKS)})")
+        if name not in TASKS and name not in TASK_GROUPS:
+            raise MoaSearchError(f"unknown task {t!r} (known: {known})")
+        out += [n for n in TASK_GROUPS.get(name, (name,)) if n not in out]
+    if not out and not allow_empty:
+        raise MoaSearchError(f"no tasks given (known: {known})")
     return tuple(out)
 
 
@@ -149,9 +165,39 @@ def retrieval_items(
     return items
 
 
+def ruler_items(
+    tokenizer: Any,
+    task: str,
+    length: int,
+    depths: tuple[float, ...],
+    samples: int,
+    seed: int,
+    new_tokens: int | None = None,
+    corpus: str = "austen",
+) -> list[Item]:
+    """RULER prompts of ``length - new_tokens`` tokens from the test split.
+
+    Single-needle tasks: ``samples`` prompts per depth (the heatmap); multi-needle tasks:
+    ``samples`` prompts with the queried needle's depth cycled; tasks without a depth
+    (vt, cwe, fwe): ``samples`` prompts, depth NaN.
+    """
+    spec = ruler.get_task(task)
+    new = new_tokens or spec.new_tokens
+    items = []
+    for i, depth in _cells(task, depths, samples):
+        s = ruler.make_sample(
+            task, tokenizer, length - new, depth, seed + i, split="test", corpus=corpus
+        )
+        d = depth if spec.uses_depth else math.nan
+        items.append(Item(task, length, d, i, seed + i, tuple(s.prompt_ids), s.answer, new))
+    return items
+
+
 def _cells(task: str, depths: tuple[float, ...], samples: int) -> list[tuple[int, float]]:
-    if task == "passkey":
+    if task in DEPTH_TASKS:
         return [(i, d) for d in depths for i in range(samples)]
+    if task in ruler.TASKS and not ruler.TASKS[task].uses_depth:
+        return [(i, 0.0) for i in range(samples)]
     return [(i, depths[i % len(depths)]) for i in range(samples)]
 
 
@@ -196,7 +242,10 @@ def run_item(model: Any, tokenizer: Any, method: Method, item: Item) -> Trial:
         trial.nll, trial.tokens = window_nll(model, item.ids)
     else:
         text = greedy_generate(model, tokenizer, list(item.ids), max_new_tokens=item.new_tokens)
-        trial.correct = float(score_answer(text, item.answer))
+        if item.task in ruler.TASKS:
+            trial.correct = ruler.score(item.task, item.answer, text)
+        else:
+            trial.correct = float(score_answer(text, item.answer))
         trial.output, trial.answer, trial.tokens = text.strip(), item.answer, len(item.ids)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
