@@ -86,7 +86,7 @@ class _LayerState:
 
     patterns: list[Pattern]
     rows: list[tuple[int, Pattern] | None] | None = None  # per batch row override
-    frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # k, v, positions
+    frozen: tuple | None = None  # base k, base v, scored positions, mask cache
     capture: dict[str, torch.Tensor] | None = None
 
 
@@ -133,6 +133,36 @@ def _scored_head(q, k, v, positions: torch.Tensor, pattern: Pattern, scale) -> t
     return out
 
 
+def _scored_masks(
+    pattern: Pattern, positions: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive masks of scored queries over (base keys, the scored positions' own keys):
+    a base key at a scored position is replaced by that position's recomputed key."""
+    dev = positions.device
+    k_pos = torch.arange(n, device=dev)
+    base_ok = pattern.allowed(positions, k_pos)
+    base_ok[:, positions] = False
+    own_ok = pattern.allowed(positions, positions)
+    zero = torch.zeros((), device=dev)
+    neg = torch.full((), float("-inf"), device=dev)
+    return torch.where(base_ok, zero, neg), torch.where(own_ok, zero, neg)
+
+
+def _scored_static(q, k_base, v_base, k_new, v_new, masks, scale) -> torch.Tensor:
+    """q: (R, G, S, D); k_base, v_base: (N, D) shared by every row; k_new, v_new: (R, S, D)
+    the rows' own keys at the scored positions. Softmax over both key sets, no copies."""
+    base_mask, own_mask = masks
+    qf = q.float()
+    s_base = torch.einsum("rgsd,nd->rgsn", qf, k_base.float()) * scale + base_mask
+    s_own = torch.einsum("rgsd,rtd->rgst", qf, k_new.float()) * scale + own_mask
+    top = torch.maximum(s_base.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+    p_base, p_own = (s_base - top).exp(), (s_own - top).exp()
+    norm = p_base.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
+    y = torch.einsum("rgsn,nd->rgsd", p_base, v_base.float())
+    y += torch.einsum("rgst,rtd->rgsd", p_own, v_new.float())
+    return y / norm
+
+
 def _measure_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -165,11 +195,7 @@ def _measure_attention(
                     done[(h, p.spec())] = _one_head_full(query, key, value, h, p, scale)[0]
                 out[r, _group(h, group)] = done[(h, p.spec())]
     else:
-        k_base, v_base, positions = st.frozen
-        k_all = k_base.expand(rows, -1, -1, -1).clone()
-        v_all = v_base.expand(rows, -1, -1, -1).clone()
-        k_all[:, :, positions] = key.to(k_all.dtype)
-        v_all[:, :, positions] = value.to(v_all.dtype)
+        k_base, v_base, positions, masks = st.frozen
         out = torch.empty_like(query)
         for h in range(kv_heads):
             per_row = [
@@ -182,10 +208,20 @@ def _measure_attention(
             for spec in dict.fromkeys(p.spec() for p in per_row):
                 idx = [r for r, p in enumerate(per_row) if p.spec() == spec]
                 pat = next(p for p in per_row if p.spec() == spec)
-                sel = torch.tensor(idx, device=query.device)
-                out[sel, sl] = _scored_head(
-                    query[sel][:, sl], k_all[sel, h], v_all[sel, h], positions, pat, scale
-                ).to(out.dtype)
+                sel = torch.tensor(idx, device=query.device) if len(idx) < rows else slice(None)
+                q, k_new, v_new = query[sel][:, sl], key[sel][:, h], value[sel][:, h]
+                if isinstance(pat, SparQ):
+                    k_all = k_base[0, h].expand(q.shape[0], -1, -1).clone()
+                    v_all = v_base[0, h].expand(q.shape[0], -1, -1).clone()
+                    k_all[:, positions] = k_new.to(k_all.dtype)
+                    v_all[:, positions] = v_new.to(v_all.dtype)
+                    y = _scored_head(q, k_all, v_all, positions, pat, scale)
+                else:
+                    mask = masks.get(spec)
+                    if mask is None:
+                        mask = masks[spec] = _scored_masks(pat, positions, k_base.shape[2])
+                    y = _scored_static(q, k_base[0, h], v_base[0, h], k_new, v_new, mask, scale)
+                out[sel, sl] = y.to(out.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -226,6 +262,7 @@ class BaseRun:
     hidden: list[torch.Tensor]  # entering each layer: (1, N, D) exact, (1, S, D) scored
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # scored only
     base_patterns: list[list[Pattern]] = field(default_factory=list)
+    masks: dict[str, Any] = field(default_factory=dict)  # scored masks by pattern spec
 
 
 @dataclass
@@ -363,7 +400,7 @@ class AblationEngine:
             pos = torch.arange(h.shape[1], device=h.device)
         else:
             pos = run.scored.positions
-            st.frozen = (run.kv[i][0], run.kv[i][1], pos)
+            st.frozen = (run.kv[i][0], run.kv[i][1], pos, run.masks)
         return self._layer(modules, i, h, pos, st)
 
     def _at_scored(self, run: BaseRun, h: torch.Tensor) -> torch.Tensor:

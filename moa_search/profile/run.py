@@ -319,7 +319,8 @@ def profile(
     measure = measure or measured_mod.MeasureConfig()
     device_list = _device_list(device, devices)
     dtype_name = _dtype_name(dtype, device_list[0])
-    lengths = _check_lengths(lengths, block_size)
+    # blocks tile N x N in the gradient method only; measured lengths may be any size
+    lengths = _check_lengths(lengths, block_size if method == "gradient" else 1)
     if samples <= 0:
         raise MoaSearchError(f"samples: expected a positive integer, got {samples}")
     if sparq_rows < 0:

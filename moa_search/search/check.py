@@ -189,32 +189,45 @@ class PlanChecker:
             rows.append((n, s.task, kl[0], dnll[0], float(match[0])))
         return self._summarise(rows)
 
+    def neighbours(self, g: int, current: int, width: int = 2) -> list[int]:
+        """Candidates re-measured for head ``g``: the current one, dense, and the ``width``
+        next cheaper and next costlier ones by KV memory (a local search step)."""
+        p = self.problem
+        ok = [c for c in range(len(p.patterns)) if np.isfinite(p.loss[g, c]).all()]
+        cost = p.bytes_per_head("memory", min(p.lengths))
+        order = sorted(ok, key=lambda c: (cost[c], c))
+        i = order.index(current) if current in order else 0
+        near = order[max(0, i - width) : i + width + 1]
+        dense = [c for c in ok if isinstance(p.patterns[c], Dense)]
+        return sorted(set(near + dense))
+
     def conditional(self, choice: np.ndarray, heads: Sequence[int]) -> np.ndarray:
         """Per re-measured head, (candidates, lengths) values: the weighted divergence of the
-        plan with that head switched to each candidate, minus with it dense (clipped at 0)."""
+        plan with that head switched to each nearby candidate, minus with it dense (clipped
+        at 0); candidates not re-measured stay ``nan`` (keep their old value)."""
         p = self.problem
         n_kv = p.identity.num_key_value_heads
-        cands = [c for c in range(len(p.patterns)) if np.isfinite(p.loss[heads[0], c]).all()]
-        rows = [Ablation(g // n_kv, g % n_kv, p.patterns[c]) for g in heads for c in cands]
+        rows, where = [], []
+        for gi, g in enumerate(heads):
+            for c in self.neighbours(g, int(choice[g])):
+                rows.append(Ablation(g // n_kv, g % n_kv, p.patterns[c]))
+                where.append((gi, c))
         dense_rows = [Ablation(g // n_kv, g % n_kv, Dense()) for g in heads]
         per: dict[tuple[int, int, str], list[float]] = {}
         for n, s, run in self._runs(self._heads(choice)):
-            eff = self.engine.effects(run, rows + dense_rows)
-            kl = eff.kl.numpy()
+            kl = self.engine.effects(run, rows + dense_rows).kl.numpy()
             base = kl[len(rows) :]
-            for j, row_kl in enumerate(kl[: len(rows)]):
-                gi, ci = divmod(j, len(cands))
-                per.setdefault((gi, ci, f"{n}:{s.task}"), []).append(row_kl - base[gi])
-        out = np.full((len(heads), len(p.patterns), len(p.lengths)), np.inf)
-        for gi in range(len(heads)):
-            for ci, c in enumerate(cands):
-                for li, n in enumerate(p.lengths):
-                    total = 0.0
-                    for t, w in self.weights.items():
-                        vals = per.get((gi, ci, f"{n}:{t}"))
-                        if vals and w:
-                            total += w * float(np.mean(vals))
-                    out[gi, c, li] = max(total, 0.0)
+            for (gi, c), row_kl in zip(where, kl[: len(rows)], strict=True):
+                per.setdefault((gi, c, f"{n}:{s.task}"), []).append(row_kl - base[gi])
+        out = np.full((len(heads), len(p.patterns), len(p.lengths)), np.nan)
+        for gi, c in where:
+            for li, n in enumerate(p.lengths):
+                total = 0.0
+                for t, w in self.weights.items():
+                    vals = per.get((gi, c, f"{n}:{t}"))
+                    if vals and w:
+                        total += w * float(np.mean(vals))
+                out[gi, c, li] = max(total, 0.0)
         return out
 
     # --- refinement ---------------------------------------------------------------
@@ -260,7 +273,8 @@ class PlanChecker:
             if not heads:
                 break
             seen.update(heads)
-            values[heads] = self.conditional(best, heads)
+            fresh = self.conditional(best, heads)
+            values[heads] = np.where(np.isnan(fresh), values[heads], fresh)
             try:
                 new = self._solve(values @ length_weights, caps)
             except Infeasible:

@@ -1,0 +1,122 @@
+"""The plan check: measured plans are real runs, conditional values are differences of
+measured plans, refinement never returns a worse plan, fidelity is a Spearman."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moa_search.plan import dense_plan
+from moa_search.profile import profile
+from moa_search.profile.calib import Sample
+from moa_search.profile.measured import MeasureConfig
+from moa_search.runtime import apply_plan
+from moa_search.search.budget import parse_budgets
+from moa_search.search.check import CheckConfig, PlanChecker
+from moa_search.search.costs import build_problem
+from moa_search.search.study import user_caps
+from moa_search.search.table import load_profile
+
+N = 48
+CANDS = "window:sink=2,span=4;window:sink=2,span=12;elastic:sink=2,alpha=4,beta=0.25"
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(6.0)
+    return model
+
+
+def _samples(seed: int) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for task in ("text", "retrieval", "text"):
+        ids = torch.randint(3, 96, (N,), generator=g)
+        mask = torch.zeros(N, dtype=torch.bool)
+        mask[1:] = task == "text"
+        mask[-3:] = True
+        out.append(Sample(ids, mask, task))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = _model()
+    out = tmp_path_factory.mktemp("check") / "profile"
+    profile(
+        model, calib=_samples(0), lengths=[N], samples=3, candidates=CANDS, out=out,
+        progress=False, plots=False, measure=MeasureConfig(max_scored=0),
+    )  # fmt: skip
+    problem = build_problem(load_profile(out), None, ("dense", "window", "elastic"))
+    caps = user_caps(problem, parse_budgets(["memory=0.5"]))
+    cfg = CheckConfig(samples=3, rounds=2, heads=2, random_plans=5, max_scored=0)
+    checker = PlanChecker(model, problem, {N: _samples(1)}, cfg, progress=False)
+    return model, problem, caps, checker
+
+
+def _kl_of_plan(model, problem, choice, samples) -> dict[str, float]:
+    plan = problem.plan(choice)
+    by_task: dict[str, list[float]] = {}
+    for s in samples:
+        pos = torch.nonzero(s.loss_mask[1:])[:, 0]
+        with torch.no_grad(), apply_plan(model, dense_plan(model), backend="reference"):
+            ref = F.log_softmax(model(s.input_ids[None]).logits[0, pos].float(), -1)
+        with torch.no_grad(), apply_plan(model, plan, backend="reference"):
+            got = F.log_softmax(model(s.input_ids[None]).logits[0, pos].float(), -1)
+        by_task.setdefault(s.task, []).append(float((ref.exp() * (ref - got)).sum(-1).mean()))
+    return {t: float(np.mean(v)) for t, v in by_task.items()}
+
+
+def test_measured_plan_is_a_real_run(setup):
+    model, problem, _, checker = setup
+    choice = np.array([1, 2, 3, 0])
+    m = checker.measure(choice)
+    want = _kl_of_plan(model, problem, choice, _samples(1))
+    for task, kl in want.items():
+        assert m.by_task[task]["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert m.objective == pytest.approx(sum(want.values()), rel=1e-4)
+    assert m.objective > 1e-4
+
+
+def test_conditional_values_are_differences_of_measured_plans(setup):
+    _, problem, _, checker = setup
+    choice = np.array([1, 2, 3, 1])
+    values = checker.conditional(choice, [0, 3])
+    dense = choice.copy()
+    dense[3] = 0
+    for c in checker.neighbours(3, int(choice[3])):
+        other = choice.copy()
+        other[3] = c
+        want = max(0.0, checker.measure(other).objective - checker.measure(dense).objective)
+        assert values[1, c, 0] == pytest.approx(want, rel=1e-2, abs=1e-7)  # batched vs single
+    assert checker.neighbours(3, 2, width=0) == [0, 2]  # a local step: current and dense
+
+
+def test_refine_never_returns_a_worse_plan_and_stays_within_budget(setup):
+    _, problem, caps, checker = setup
+    w = np.ones(1)
+    start = checker._solve(problem.loss @ w, caps)
+    report = checker.refine(start, caps, w)
+    assert report.final["measured"] <= report.start["measured"] + 1e-12
+    for cap in caps:
+        used = problem.bytes_per_head(cap.kind, cap.length)[report.choice].sum()
+        assert used <= cap.limit * (1 + 1e-9)
+    assert report.history and all("measured" in h for h in report.history)
+
+
+def test_fidelity_is_a_spearman_over_random_plans(setup):
+    _, _, caps, checker = setup
+    fid = checker.fidelity(caps, np.ones(1))
+    assert fid["plans"] >= 3 and -1 <= fid["spearman"] <= 1
+    assert len(fid["records"]) == fid["plans"]
