@@ -67,9 +67,18 @@ class Scored:
 
     positions: torch.Tensor
     targets: torch.Tensor
+    #: (S,) bool: targets an exact answer must reproduce (end-of-turn tokens left out: the
+    #: answer is the same whether the model then stops, adds a period or a newline)
+    content: torch.Tensor | None = None
 
     @classmethod
-    def from_mask(cls, input_ids: torch.Tensor, loss_mask: torch.Tensor, limit: int) -> Scored:
+    def from_mask(
+        cls,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        limit: int,
+        stop_ids: Sequence[int] = (),
+    ) -> Scored:
         """loss_mask[i] marks token i as a target (predicted at position i - 1)."""
         tgt = torch.nonzero(loss_mask.bool()[1:], as_tuple=False)[:, 0] + 1
         if tgt.numel() == 0:
@@ -77,7 +86,20 @@ class Scored:
         if limit and tgt.numel() > limit:
             pick = torch.linspace(0, tgt.numel() - 1, limit).round().long()
             tgt = tgt[pick.unique()]
-        return cls(positions=tgt - 1, targets=input_ids[tgt])
+        targets = input_ids[tgt]
+        content = ~torch.isin(
+            targets, torch.tensor(list(stop_ids), dtype=targets.dtype).to(targets.device)
+        )
+        if not content.any():
+            content = torch.ones_like(content)
+        return cls(positions=tgt - 1, targets=targets, content=content)
+
+    def matches(self, logp: torch.Tensor) -> torch.Tensor:
+        """(R, S, V) log-probs -> (R,) bool: the argmax reproduces every content target."""
+        hit = logp.argmax(-1) == self.targets[None]
+        if self.content is not None:
+            hit = hit | ~self.content[None]
+        return hit.all(-1)
 
 
 @dataclass
@@ -300,6 +322,9 @@ class AblationEngine:
         cfg = model.config
         self.num_kv = int(cfg.num_key_value_heads)
         self.device = self.embed.weight.device
+        eos = getattr(cfg, "eos_token_id", None)
+        self.stop_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
+                         if e is not None]  # fmt: skip
 
     # --- layer stepping -----------------------------------------------------------
     def _rotary(self, h: torch.Tensor, positions: torch.Tensor):
@@ -336,7 +361,7 @@ class AblationEngine:
         dense = [[Dense()] * self.num_kv for _ in range(n_layers)]
         base_p = [list(row) for row in base] if base is not None else dense
         ids = input_ids.to(self.device)
-        scored = Scored.from_mask(ids, loss_mask.to(self.device), self.max_scored)
+        scored = Scored.from_mask(ids, loss_mask.to(self.device), self.max_scored, self.stop_ids)
         full_pos = torch.arange(ids.shape[0], device=self.device)
         with measuring(self.model) as modules:
             hidden, kv = [], []
@@ -356,7 +381,7 @@ class AblationEngine:
         if reference is not None:
             ref_logp = reference.ref_logp
         nll = -ref_logp.gather(-1, scored.targets[:, None])[:, 0]
-        match = bool((ref_logp.argmax(-1) == scored.targets).all())
+        match = bool(scored.matches(ref_logp[None])[0])
         return BaseRun(ids, scored, ref_logp, nll, match, logp, hidden, kv, base_p)
 
     # --- sweeps -------------------------------------------------------------------
@@ -412,5 +437,4 @@ class AblationEngine:
         kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean(-1)
         nll = -logp.gather(-1, run.scored.targets[None, :, None].expand(logp.shape[0], -1, 1))
         dnll = (nll[..., 0] - run.ref_nll[None]).mean(-1)
-        match = (logp.argmax(-1) == run.scored.targets[None]).all(-1)
-        return kl.tolist(), dnll.tolist(), match.tolist()
+        return kl.tolist(), dnll.tolist(), run.scored.matches(logp).tolist()

@@ -120,3 +120,14 @@ def test_bad_input_is_one_line(make_model):
     ids, _ = _data()
     with pytest.raises(MoaSearchError, match="no scored token"):
         AblationEngine(model).prepare(ids, torch.zeros(N, dtype=torch.bool))
+
+
+def test_answer_match_ignores_the_end_of_turn_token():
+    ids = torch.tensor([5, 6, 7, 8, 2])
+    mask = torch.tensor([0, 0, 0, 1, 1], dtype=torch.bool)
+    sc = Scored.from_mask(ids, mask, 0, stop_ids=[2])
+    assert sc.targets.tolist() == [8, 2] and sc.content.tolist() == [True, False]
+    logp = torch.full((2, 2, 10), -9.0)
+    logp[0, 0, 8] = logp[0, 1, 3] = 0.0  # right answer, then a period instead of stopping
+    logp[1, 0, 4] = logp[1, 1, 2] = 0.0  # wrong answer, then stops
+    assert sc.matches(logp).tolist() == [True, False]
