@@ -394,6 +394,19 @@ class AblationEngine:
             by_layer.setdefault(a.layer if a is not None else len(self.layers), []).append(j)
         results: dict[int, tuple[float, float, bool]] = {}
         with measuring(self.model) as modules:
+            if self.fidelity == "scored":  # few tokens per row: one pass over the layers
+                order = [j for _, idx in sorted(by_layer.items()) for j in idx]
+                h = self._wavefront(modules, run, [ablations[j] for j in order])
+                for c0 in range(0, len(order), self.row_batch):
+                    chunk = order[c0 : c0 + self.row_batch]
+                    part = h[c0 : c0 + self.row_batch]
+                    base = [c0 + i for i, j in enumerate(chunk) if ablations[j] is None]
+                    logp = self._logp(part)
+                    if base:
+                        logp[[b - c0 for b in base]] = run.base_logp
+                    for j, kj, dj, mj in zip(chunk, *self._compare(run, logp), strict=True):
+                        results[j] = (kj, dj, mj)
+                by_layer = {}
             for layer, idx in sorted(by_layer.items()):
                 for c0 in range(0, len(idx), self.row_batch):
                     chunk = idx[c0 : c0 + self.row_batch]
@@ -407,6 +420,26 @@ class AblationEngine:
             dnll.append(results[j][1])
             match.append(results[j][2])
         return Effect(torch.tensor(kl), torch.tensor(dnll), torch.tensor(match))
+
+    def _wavefront(self, modules, run: BaseRun, rows: list[Ablation | None]) -> torch.Tensor:
+        """Scored fidelity: every row (sorted by layer) in one pass over the layers. A row
+        joins at its own layer (before it, it equals the base run); the matmuls see all
+        rows' scored tokens at once instead of one layer's rows at a time."""
+        n_layers = len(self.layers)
+        dim = run.hidden[0].shape[-1]
+        h = run.hidden[0].new_zeros((0, run.hidden[0].shape[1], dim))
+        for i in range(n_layers):
+            new = [a for a in rows if a is not None and a.layer == i]
+            if new:
+                h = torch.cat([h, run.hidden[i].expand(len(new), -1, -1)], 0)
+            if not len(h):
+                continue
+            active = [a for a in rows if a is not None and a.layer <= i]
+            changes = [(a.kv_head, a.pattern) if a.layer == i else None for a in active]
+            st = _LayerState(run.base_patterns[i], rows=changes if new else None)
+            h = self._step(modules, run, i, h, st)
+        rest = sum(a is None for a in rows)  # the base itself: filled in by the caller
+        return torch.cat([h, h.new_zeros((rest, *h.shape[1:]))], 0) if rest else h
 
     def _rows(self, modules, run: BaseRun, layer: int, rows: list[Ablation | None]):
         n_layers = len(self.layers)

@@ -42,8 +42,10 @@ def plot_pareto(
     budgets: dict[str, float],
     loss_label: str,
     path: Path,
+    length: int | None = None,
 ) -> Path:
-    """Two panels sharing the loss axis; budgets as dashed lines (fractions of dense)."""
+    """Two panels sharing the loss axis; budgets as dashed lines (fractions of dense), the
+    cost axes at ``length`` tokens (where the budget binds)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     done = trials[trials["state"] == "COMPLETE"]
     front = done[done["pareto"]]
@@ -52,6 +54,8 @@ def plot_pareto(
         (axes[0], "memory_density", "KV memory (fraction of dense)", "memory"),
         (axes[1], "read_density", "KV bytes read per decode step (fraction of dense)", "bandwidth"),
     ):
+        if length is not None:
+            label = f"{label} at {length} tokens"
         ax.scatter(done[col], done["loss"], s=10, c="0.75", label="trials")
         f = front.sort_values(col)
         ax.scatter(f[col], f["loss"], s=22, c="tab:blue", label="Pareto-optimal")

@@ -437,13 +437,15 @@ def _write_outputs(
     _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
     baselines = uniform_baselines(problem, caps, measure)
     n = runner.report_length
-    fractions = {c.kind: c.limit / problem.dense_bytes(n) for c in caps if c.length == n}
     label = (
         "validation loss (measured)"
         if objective == "measured"
         else f"predicted loss increase at {n} tokens"
     )
-    plot_pareto(frame, baselines, fractions, label, out / "pareto.png")
+    at = _binding_length(problem, caps)
+    shown, shown_base = _costs_at(problem, frame, baselines, at)
+    fractions = {c.kind: c.limit / problem.dense_bytes(at) for c in caps if c.length == at}
+    plot_pareto(shown, shown_base, fractions, label, out / "pareto.png", at)
     summary = {
         "study": study.study_name,
         "storage": _portable(url, out),
@@ -466,6 +468,32 @@ def _write_outputs(
         lambda p: Path(p).write_text(json.dumps(summary, indent=1, default=float) + "\n"),
     )
     return SearchResult(out, best_path, written, frame, study.study_name, _safe(url))
+
+
+def _binding_length(problem: Problem, caps: list[UserCap]) -> int:
+    """The length the plot's cost axes use: where the user's caps are tightest for the
+    chosen plans (a window's fraction of dense is largest at the shortest length)."""
+    lengths = sorted({c.length for c in caps}) or [max(problem.lengths)]
+    return lengths[0]
+
+
+def _costs_at(problem: Problem, frame: pd.DataFrame, baselines: list[dict], n: int):
+    """Trials and baselines with memory / read densities recomputed at length ``n``."""
+    dense = problem.dense_bytes(n)
+    mem, read = problem.bytes_per_head("memory", n), problem.bytes_per_head("bandwidth", n)
+    shown = frame.copy()
+    for col, cost in (("memory_density", mem), ("read_density", read)):
+        shown[col] = [
+            float(cost[[int(c) for c in ch.split(",")]].sum() / dense) if ch else np.nan
+            for ch in frame["choice"].fillna("")
+        ]
+    index = {s: i for i, s in enumerate(problem.specs)}
+    shown_base = [
+        {**b, "memory_density": float(mem[index[b["pattern"]]] * problem.num_heads / dense),
+         "read_density": float(read[index[b["pattern"]]] * problem.num_heads / dense)}
+        for b in baselines
+    ]  # fmt: skip
+    return shown, shown_base
 
 
 def _write_checked(problem: Problem, report, budget: dict, study: str, out: Path) -> Path:

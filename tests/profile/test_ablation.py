@@ -131,3 +131,23 @@ def test_answer_match_ignores_the_end_of_turn_token():
     logp[0, 0, 8] = logp[0, 1, 3] = 0.0  # right answer, then a period instead of stopping
     logp[1, 0, 4] = logp[1, 1, 2] = 0.0  # wrong answer, then stops
     assert sc.matches(logp).tolist() == [True, False]
+
+
+def test_scored_rows_measured_together_equal_each_alone(make_model):
+    model = make_model(num_hidden_layers=3)
+    ids, mask = _data(5, answer_only=True)
+    engine = AblationEngine(model, "scored", row_batch=2, max_scored=0)
+    run = engine.prepare(ids, mask)
+    abl = [
+        Ablation(1, 0, Window(sink=1, span=4)),
+        None,
+        Ablation(0, 1, parse("elastic:sink=1,alpha=2,beta=0.25")),
+        Ablation(2, 1, Window(sink=0, span=3)),
+        Ablation(0, 0, Window(sink=2, span=5)),
+    ]
+    together = engine.effects(run, abl)
+    for j, a in enumerate(abl):
+        alone = engine.effects(run, [a])
+        assert together.kl[j].item() == pytest.approx(alone.kl[0].item(), rel=1e-4, abs=1e-7)
+    assert together.kl[1].item() == pytest.approx(0.0, abs=1e-7)
+    assert (together.kl[[0, 2, 3, 4]] > 1e-6).all()
