@@ -97,6 +97,10 @@ def profile(
     max_scored: Annotated[
         int, typer.Option(help="measured: scored positions read per sample (0: all).")
     ] = 128,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="RDB URL shared by workers (sqlite:///f.db, postgresql://...)."),
+    ] = None,
 ) -> None:
     """Measure each layer/KV head's sensitivity to each candidate pattern on calibration data.
 
@@ -110,7 +114,7 @@ def profile(
         dtype=dtype, samples=samples, block_size=block_size, seed=seed, loss=loss,
         gradient_checkpointing=gradient_checkpointing, validate=validate, overwrite=overwrite,
         candidates=candidates, sparq_rows=sparq_rows, plots=plots, method=method,
-        measure=MeasureConfig(fidelity, row_batch, max_scored),
+        measure=MeasureConfig(fidelity, row_batch, max_scored), storage=storage,
     )  # fmt: skip
     typer.echo(f"wrote profile to {result.out}")
 

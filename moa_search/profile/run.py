@@ -8,6 +8,8 @@ stopped. Merging, validation and plots run once every checkpoint exists.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import sys
@@ -273,6 +275,28 @@ def _run_parallel(
         raise MoaSearchError(f"a profiling worker exited with code {bad[0]}")
 
 
+def _run_shared(url: str, key: str, jobs, out: Path, bar: Any, run_one, poll_s: float = 1.0):
+    """Claim units from the shared store until none is left, then wait for the others."""
+    from moa_search.profile.units import UnitStore, worker_name  # noqa: PLC0415
+
+    units = UnitStore(url, key)
+    units.add(jobs)
+    units.pull(out)
+    me = worker_name()
+    while (job := units.claim(me)) is not None:
+        if not store.checkpoint_path(out, *job).is_file():
+            bar.set_postfix(length=job[0], sample=job[1])
+            run_one(*job)
+        units.finish(out, *job)
+        bar.update(len(store.done_jobs(out, jobs)) - bar.n)
+    while True:  # units other workers are still running
+        units.pull(out)
+        bar.update(len(store.done_jobs(out, jobs)) - bar.n)
+        if units.counts().get("done", 0) >= len(jobs):
+            return
+        time.sleep(poll_s)
+
+
 # --- entry point --------------------------------------------------------------------
 def profile(
     model: str | torch.nn.Module = "smollm2-135m",
@@ -296,6 +320,7 @@ def profile(
     plots: bool = True,
     method: str = "measured",
     measure: measured_mod.MeasureConfig | None = None,
+    storage: str | None = None,
 ) -> ProfileResult:
     """Profile per-head sensitivity of ``model`` to every candidate pattern; resumable.
 
@@ -303,6 +328,8 @@ def profile(
     measures the model's divergence from dense per task family (``measure`` sets its
     fidelity and batch); ``"gradient"`` is MoA's first-order influence from one
     forward + backward per sample (cheaper, blind where the model is confident).
+    ``storage`` (an RDB URL such as the plan study's): every worker running the same
+    profile against it claims (length, sample) units, and all merge into one table.
 
     Writes ``out``/profile.parquet, influence.safetensors, meta.json, plots/*.png and
     checkpoints; a rerun with the same arguments continues, other arguments are refused
@@ -325,6 +352,8 @@ def profile(
         raise MoaSearchError(f"samples: expected a positive integer, got {samples}")
     if sparq_rows < 0:
         raise MoaSearchError(f"sparq_rows: expected 0 (all rows) or more, got {sparq_rows}")
+    if storage is not None and len(device_list) > 1:
+        raise MoaSearchError("storage: run one worker process per device, each with --device")
     if isinstance(model, torch.nn.Module) and len(device_list) > 1:
         raise MoaSearchError(
             "devices: several devices need a model name or path, not a model object"
@@ -402,18 +431,26 @@ def profile(
                 "gradient_checkpointing": gradient_checkpointing,
             }
             _run_parallel(spec, device_list, todo, out, bar)
-        elif todo and method == "measured":
-            engine = measured_mod.AblationEngine(loaded, **measure.as_dict())
-            for n, i in todo:
-                bar.set_postfix(length=n, sample=i)
-                measured_mod.run_job(engine, sample_sets[n][i], cands, n, i, out)
-                bar.update(1)
-        elif todo:
-            recorder = _recorder(cands, block_size, tile_rows, sparq_rows)
-            for n, i in todo:
-                bar.set_postfix(length=n, sample=i)
-                run_job(loaded, sample_sets[n][i], n, i, recorder, out, gradient_checkpointing)
-                bar.update(1)
+        elif todo or storage is not None:
+            if method == "measured":
+                engine = measured_mod.AblationEngine(loaded, **measure.as_dict())
+
+                def run_one(n: int, i: int) -> None:
+                    measured_mod.run_job(engine, sample_sets[n][i], cands, n, i, out)
+            else:
+                recorder = _recorder(cands, block_size, tile_rows, sparq_rows)
+
+                def run_one(n: int, i: int) -> None:
+                    run_job(loaded, sample_sets[n][i], n, i, recorder, out, gradient_checkpointing)
+
+            if storage is not None:
+                key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:32]
+                _run_shared(storage, key, jobs, out, bar, run_one)
+            else:
+                for n, i in todo:
+                    bar.set_postfix(length=n, sample=i)
+                    run_one(n, i)
+                    bar.update(1)
     finally:
         bar.close()
 
