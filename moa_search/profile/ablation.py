@@ -136,15 +136,11 @@ def _one_head_full(query, key, value, h: int, pattern: Pattern, scale) -> torch.
     return _full(query[:1, sl], key[:1, h : h + 1], value[:1, h : h + 1], [pattern], scale)
 
 
-def _scored_head(q, k, v, positions: torch.Tensor, pattern: Pattern, scale) -> torch.Tensor:
+def _scored_sparq(q, k, v, positions: torch.Tensor, pattern: SparQ, scale) -> torch.Tensor:
     """q: (R, G, S, D) at ``positions``; k, v: (R, N, D) full. Returns (R, G, S, D)."""
     rows, _, s, _ = q.shape
     n = k.shape[1]
     k_pos = torch.arange(n, device=q.device)
-    if not isinstance(pattern, SparQ):
-        return attend_head(
-            q, k, v, positions[None].expand(rows, s), k_pos[None].expand(rows, n), pattern, scale
-        )
     out = torch.empty_like(q)
     for i in range(s):  # SparQ decodes each scored position over the keys seen so far
         seen = torch.where(k_pos <= positions[i], k_pos, torch.full_like(k_pos, -1))
@@ -237,7 +233,7 @@ def _measure_attention(
                     v_all = v_base[0, h].expand(q.shape[0], -1, -1).clone()
                     k_all[:, positions] = k_new.to(k_all.dtype)
                     v_all[:, positions] = v_new.to(v_all.dtype)
-                    y = _scored_head(q, k_all, v_all, positions, pat, scale)
+                    y = _scored_sparq(q, k_all, v_all, positions, pat, scale)
                 else:
                     mask = masks.get(spec)
                     if mask is None:

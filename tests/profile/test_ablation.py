@@ -105,11 +105,18 @@ def test_scored_fidelity_is_exact_for_the_last_layer_and_close_elsewhere(make_mo
     ids, mask = _data(4, answer_only=True)
     exact = AblationEngine(model, "exact", max_scored=0)
     scored = AblationEngine(model, "scored", max_scored=0)
-    abl = [Ablation(2, 0, Window(sink=1, span=4)), Ablation(0, 1, Window(sink=1, span=4))]
+    sparq = parse("sparq:r=4,k_ratio=0.25,local=2", 16)
+    abl = [
+        Ablation(2, 0, Window(sink=1, span=4)),
+        Ablation(0, 1, Window(sink=1, span=4)),
+        Ablation(2, 1, sparq),
+    ]
     e = exact.effects(exact.prepare(ids, mask), abl)
     s = scored.effects(scored.prepare(ids, mask), abl)
     # at the last layer nothing downstream reads other positions: both are the same
     assert s.kl[0].item() == pytest.approx(e.kl[0].item(), rel=1e-4)
+    assert s.kl[2].item() == pytest.approx(e.kl[2].item(), rel=1e-3)
+    assert e.kl[2].item() > 1e-6
     assert s.kl[1].item() > 0 and e.kl[1].item() > 0
 
 
