@@ -17,7 +17,7 @@ FAMILY_OF_KIND = {
     "code": "code",
     "passkey": "retrieval",
     "kv": "retrieval",
-    "multikey": "retrieval",
+    "multivalue": "retrieval",
     "self_text": "self",
     "self_code": "self",
 }

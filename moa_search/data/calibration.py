@@ -23,7 +23,7 @@ from moa_search.data.retrieval import (
 )
 from moa_search.errors import MoaSearchError
 
-MIX_KINDS = ("text", "code", "passkey", "kv", "self_text", "self_code")
+MIX_KINDS = ("text", "code", "passkey", "kv", "multivalue", "self_text", "self_code")
 DEFAULT_MIX = {"text": 0.4, "code": 0.2, "passkey": 0.2, "kv": 0.2}
 _TEXT_CORPORA = {"text": ("austen", "pydocs"), "code": ("pystdlib",)}
 SELF_ANSWER_QUESTIONS = {
@@ -83,12 +83,22 @@ def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
+def _multivalue(tokenizer: Any, length: int, depth: float, seed: int, split: str = "test"):
+    from moa_search.data.ruler import make_sample  # noqa: PLC0415
+
+    return make_sample("niah-multivalue", tokenizer, length, depth, seed, split)
+
+
 def retrieval_sample(tokenizer: Any, length: int, kind: str, seed: int) -> CalibSample:
-    """Passkey / key-value prompt of total ``length`` with loss only on the answer span."""
+    """Passkey / key-value / multi-value prompt of total ``length``, loss on the answer only.
+
+    ``multivalue``: RULER's multi-value needle (four values under one key, with
+    distractors), which the default model partly solves where the hex key-value lookup fails.
+    """
     rng = random.Random(f"{kind}:{length}:{seed}")
     depth = rng.random()
-    make = make_passkey_sample if kind == "passkey" else make_kv_sample
-    kwargs = {"split": "calibration"} if kind == "passkey" else {}
+    make = {"passkey": make_passkey_sample, "kv": make_kv_sample, "multivalue": _multivalue}[kind]
+    kwargs = {"split": "calibration"} if kind in ("passkey", "multivalue") else {}
     s = make(tokenizer, length - 8, depth, seed, **kwargs)
     ans = _answer_ids(tokenizer, s.answer)
     if len(s.prompt_ids) + len(ans) != length:  # same seed -> same key, so redo exactly

@@ -39,7 +39,7 @@ METHOD_VERSION = "moa-measured-1"
 MEASURED_SINK = 32
 #: the built-in calibration mix of the measured method: text and code score every token,
 #: retrieval and self-answer samples only their answers (the dense model's own, for self)
-MEASURED_MIX = {"text": 0.25, "code": 0.15, "passkey": 0.4, "self_text": 0.2}
+MEASURED_MIX = {"text": 0.25, "code": 0.15, "passkey": 0.3, "multivalue": 0.1, "self_text": 0.2}
 METRICS = ("kl", "dnll", "match")
 DTYPE_BYTES = 2
 

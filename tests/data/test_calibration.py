@@ -98,3 +98,16 @@ def test_self_answer_sample_scores_the_models_own_answer(tok):
     assert s.meta["answer"] and s.meta["answer"] in tok.decode(s.input_ids[start:])
     again = self_answer_sample(model, tok, 384, seed=0, max_new_tokens=16)
     assert again.input_ids == s.input_ids
+
+
+def test_multivalue_samples_score_only_their_answer(tok):
+    from moa_search.data.calibration import retrieval_sample
+    from moa_search.objective import family_of
+
+    s = retrieval_sample(tok, 384, "multivalue", 5)
+    assert len(s.input_ids) == 384 and family_of(s.kind) == "retrieval"
+    start = s.meta["answer_start"]
+    assert sum(s.loss_mask) == 384 - start and all(s.loss_mask[start:])
+    assert s.meta["split"] == "calibration"
+    answer = tok.decode(s.input_ids[start:], skip_special_tokens=True)
+    assert all(v in answer for v in s.meta["answer"].split(", "))
