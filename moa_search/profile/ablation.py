@@ -400,7 +400,7 @@ class AblationEngine:
                     logp = self._logp(part)
                     if base:
                         logp[[b - c0 for b in base]] = run.base_logp
-                    for j, kj, dj, mj in zip(chunk, *self._compare(run, logp), strict=True):
+                    for j, kj, dj, mj in zip(chunk, *self.compare(run, logp), strict=True):
                         results[j] = (kj, dj, mj)
                 by_layer = {}
             for layer, idx in sorted(by_layer.items()):
@@ -408,7 +408,7 @@ class AblationEngine:
                     chunk = idx[c0 : c0 + self.row_batch]
                     rows = [ablations[j] for j in chunk]
                     logp = self._rows(modules, run, layer, rows)
-                    k, d, m = self._compare(run, logp)
+                    k, d, m = self.compare(run, logp)
                     for j, kj, dj, mj in zip(chunk, k, d, m, strict=True):
                         results[j] = (kj, dj, mj)
         for j in range(len(ablations)):
@@ -461,7 +461,9 @@ class AblationEngine:
         return h[:, run.scored.positions] if self.fidelity == "exact" else h
 
     @staticmethod
-    def _compare(run: BaseRun, logp: torch.Tensor) -> tuple[list, list, list]:
+    def compare(run: BaseRun, logp: torch.Tensor) -> tuple[list, list, list]:
+        """(R, S, V) log-probs of R changed runs -> per row: mean KL(dense || changed) and
+        NLL change per scored token, and whether every answer token is reproduced."""
         ref = run.ref_logp[None]
         kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean(-1)
         nll = -logp.gather(-1, run.scored.targets[None, :, None].expand(logp.shape[0], -1, 1))

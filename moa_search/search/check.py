@@ -139,7 +139,9 @@ class PlanChecker:
     def _dense_run(self, n: int, i: int) -> BaseRun:
         if (n, i) not in self._dense:
             s = self.samples[n][i]
-            self._dense[(n, i)] = self.engine.prepare(s.input_ids, s.loss_mask)
+            run = self.engine.prepare(s.input_ids, s.loss_mask)
+            run.hidden, run.kv = [], []  # only the reference log-probs are reused
+            self._dense[(n, i)] = run
         return self._dense[(n, i)]
 
     def _runs(self, heads):
@@ -157,8 +159,7 @@ class PlanChecker:
             rows = [r for r in per_sample if r[1] == t]
             if not rows:
                 continue
-            kl_len = [np.mean([r[2] for r in rows if r[0] == n]) for n in lengths]
-            kl_len = [k for k in kl_len if np.isfinite(k)]
+            kl_len = [np.mean(v) for n in lengths if (v := [r[2] for r in rows if r[0] == n])]
             dnll = float(np.mean([r[3] for r in rows]))
             by_task[t] = {
                 "kl": float(np.mean(kl_len)),
@@ -174,18 +175,14 @@ class PlanChecker:
         """The whole plan on every held-out sample (cached by plan)."""
         key = hashlib.sha1(np.asarray(choice, np.int64).tobytes()).hexdigest()
         if key not in self._cache:
-            rows = []
-            for n, s, run in self._runs(self._heads(choice)):
-                kl, dnll, match = AblationEngine._compare(run, run.base_logp[None])
-                rows.append((n, s.task, kl[0], dnll[0], float(match[0])))
-            self._cache[key] = self._summarise(rows)
+            self._cache[key] = self.measure_heads(self._heads(choice))
         return self._cache[key]
 
     def measure_heads(self, heads: Sequence[Pattern | None] | list[list[Pattern]]) -> Measured:
         """A plan given as per-layer patterns (e.g. a uniform baseline)."""
         rows = []
         for n, s, run in self._runs(heads):
-            kl, dnll, match = AblationEngine._compare(run, run.base_logp[None])
+            kl, dnll, match = AblationEngine.compare(run, run.base_logp[None])
             rows.append((n, s.task, kl[0], dnll[0], float(match[0])))
         return self._summarise(rows)
 
@@ -363,3 +360,44 @@ class PlanChecker:
             "measured": m.objective,
             "measured_by_task": m.by_task,
         }
+
+
+def check_plans(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problem: Problem,
+    caps: Sequence[UserCap],
+    trials: Any,
+    config: CheckConfig,
+    progress: bool = True,
+) -> CheckReport:
+    """Measure the front's best plans (``trials``: the study's trials frame), refine the
+    best measured one, then measure the fidelity and the uniform window at the budget.
+
+    Held-out samples come from the built-in calibration mix (calibration split, another
+    seed), whatever data the profile was made from."""
+    from moa_search.profile.measured import MEASURED_MIX  # noqa: PLC0415
+
+    within = trials[trials["pareto"] & trials["within_budget"]].sort_values("predicted_loss")
+    if within.empty:
+        raise MoaSearchError("check: no trial within budget to check (run more --trials)")
+    samples = held_out_samples(model, tokenizer, problem.lengths, config.samples, MEASURED_MIX)
+    checker = PlanChecker(model, problem, samples, config, progress)
+    front, choices = [], []
+    for _, row in within.head(max(1, config.front)).iterrows():
+        choice = np.array([int(c) for c in row["choice"].split(",")])
+        choices.append(choice)
+        front.append(
+            {"trial": int(row["number"]), **checker.describe(choice, checker.measure(choice))}
+        )
+    start = min(range(len(front)), key=lambda i: front[i]["measured"])
+    w = np.full(len(problem.lengths), 1 / len(problem.lengths))
+    report = checker.refine(choices[start], caps, w)
+    report.start["trial"] = front[start]["trial"]
+    report.front = front
+    report.fidelity = checker.fidelity(caps, w)
+    fractions = sorted(
+        {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
+    )
+    report.baselines = [checker.uniform_window(f) for f in fractions]
+    return report

@@ -33,7 +33,7 @@ from moa_search.errors import MoaSearchError
 from moa_search.objective import parse_weights
 from moa_search.plan import ModelIdentity, save_plan
 from moa_search.search.budget import parse_budgets
-from moa_search.search.check import CheckConfig, PlanChecker, held_out_samples
+from moa_search.search.check import CheckConfig, check_plans
 from moa_search.search.costs import Problem, build_problem, check_families
 from moa_search.search.pareto import OBJECTIVES, pareto_mask, pick_best, uniform_baselines
 from moa_search.search.plots import plot_checked, plot_pareto, plot_plan_map
@@ -153,37 +153,9 @@ def plan_search(
     _optimize(study, runner, trials, progress)
     report = None
     if check is not None:
-        report = _check(loaded[0], loaded[1], table, problem, caps, study, check, progress)
+        frame = _trials_frame(study)
+        report = check_plans(loaded[0], loaded[1], problem, caps, frame, check, progress)
     return _write_outputs(study, runner, problem, caps, out_dir, url, measure, objective, report)
-
-
-def _check(model, tokenizer, table, problem, caps, study, config, progress):
-    """Measure the front's best plans, refine the best, measure fidelity and baselines."""
-    from moa_search.profile.measured import MEASURED_MIX  # noqa: PLC0415
-
-    frame = _trials_frame(study)
-    within = frame[frame["pareto"] & frame["within_budget"]].sort_values("predicted_loss")
-    if within.empty:
-        raise MoaSearchError("check: no trial within budget to check (run more --trials)")
-    samples = held_out_samples(model, tokenizer, problem.lengths, config.samples, MEASURED_MIX)
-    checker = PlanChecker(model, problem, samples, config, progress)
-    front = []
-    for _, row in within.head(max(1, config.front)).iterrows():
-        choice = np.array([int(c) for c in row["choice"].split(",")])
-        m = checker.measure(choice)
-        front.append({"trial": int(row["number"]), **checker.describe(choice, m)})
-    start = min(range(len(front)), key=lambda i: front[i]["measured"])
-    first = np.array([int(c) for c in within.iloc[start]["choice"].split(",")])
-    w = np.full(len(problem.lengths), 1 / len(problem.lengths))
-    report = checker.refine(first, caps, w)
-    report.start["trial"] = front[start]["trial"]
-    report.front = front
-    report.fidelity = checker.fidelity(caps, w)
-    fractions = sorted(
-        {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
-    )
-    report.baselines = [checker.uniform_window(f) for f in fractions]
-    return report
 
 
 def _default_val_length(lengths: list[int]) -> int:

