@@ -375,11 +375,11 @@ def profile(
     given = isinstance(calib, (torch.Tensor, list, tuple))
     mix = measured_mod.MEASURED_MIX if method == "measured" and calib is None else None
     needs_model = mix is not None and any(k.startswith("self_") for k in mix)
+    own_model = not isinstance(model, torch.nn.Module)
     if loaded is None and (len(device_list) == 1 or needs_model):
-        first = device_list[0] if device_list[0] != "auto" else "cuda"
-        loaded = load_for_profile(
-            model, dtype_name, first if len(device_list) > 1 else device_list[0]
-        )
+        # several devices: the parent loads the model on the first only to write the
+        # self-answer samples, and frees it before the workers start
+        loaded = load_for_profile(model, dtype_name, device_list[0])
     tokenizer = None if given else _tokenizer(model)
     if method == "measured":
         loss = "answer"  # text and code samples score every token; answers only their answer
@@ -387,6 +387,10 @@ def profile(
         n: calib_mod.load_samples(calib, tokenizer, n, samples, seed, loss, mix, loaded)
         for n in lengths
     }
+    if own_model and len(device_list) > 1 and loaded is not None:
+        loaded = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     counts = {n: len(s) for n, s in sample_sets.items()}
     calib_hash = calib_mod.calibration_hash(sample_sets)
     version = METHOD_VERSION if method == "gradient" else measured_mod.METHOD_VERSION
