@@ -85,3 +85,10 @@ def test_cuda_index_past_the_visible_devices(monkeypatch):
     assert parse_device("cuda:1") == "cuda:1"
     with pytest.raises(MoaSearchError, match=r"'cuda:2' requested but only 2 cuda device\(s\)"):
         parse_device("cuda:2")
+
+
+def test_library_profile_checks_its_device_too():
+    from moa_search.profile import profile
+
+    with pytest.raises(MoaSearchError, match="--device"):
+        profile("smollm2-135m", device="nonsense", lengths=[64], samples=1)

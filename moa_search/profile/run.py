@@ -52,11 +52,13 @@ class ProfileResult:
 
 # --- small helpers ------------------------------------------------------------------
 def _device_list(device: str | None, devices: str | Sequence[str] | None) -> list[str]:
+    """The devices to use, checked once here (the CLI's parser, for library callers too)."""
+    from moa_search.devices import parse_device, parse_devices  # noqa: PLC0415
+
     if devices:
-        found = [d.strip() for d in (devices.split(",") if isinstance(devices, str) else devices)]
-        return [d for d in found if d]
+        return parse_devices(devices) or []
     if device:
-        return [device]
+        return [parse_device(device, allow_auto=True)]
     return ["cuda" if torch.cuda.is_available() else "cpu"]
 
 
