@@ -69,13 +69,17 @@ def profile(
     block_size: Annotated[int, typer.Option(help="Influence block size (tokens).")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for sampling calibration data.")] = 0,
     loss: Annotated[
-        str, typer.Option(help="'all' tokens or only the marked 'answer' span.")
+        str,
+        typer.Option(
+            help="gradient: 'all' tokens or the marked 'answer' span (measured "
+            "always scores answers only where the data marks them)."
+        ),
     ] = "all",
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute layer activations in backward (saves memory).")
     ] = True,
     validate: Annotated[
-        int, typer.Option(help="Measure M single-head ablations; report Spearman vs predicted.")
+        int, typer.Option(help="gradient: measure M single-head ablations, report Spearman.")
     ] = 0,
     overwrite: Annotated[
         bool, typer.Option(help="Replace a profile made with other arguments.")

@@ -346,6 +346,11 @@ def profile(
     if method not in METHODS:
         raise MoaSearchError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     measure = measure or measured_mod.MeasureConfig()
+    if method == "measured" and validate:
+        raise MoaSearchError(
+            "validate: checks the gradient method's estimates against real ablations; the "
+            "measured method's entries are those ablations (use plan --check for whole plans)"
+        )
     device_list = _device_list(device, devices)
     dtype_name = _dtype_name(dtype, device_list[0])
     # blocks tile N x N in the gradient method only; measured lengths may be any size

@@ -105,6 +105,8 @@ def test_resume_after_a_kill_loses_no_finished_sample(model, tmp_path, monkeypat
 def test_bad_input_is_one_line(model, tmp_path):
     with pytest.raises(MoaSearchError, match="method"):
         _run(model, tmp_path / "a", method="guess")
+    with pytest.raises(MoaSearchError, match="validate"):
+        _run(model, tmp_path / "v", validate=3)
     with pytest.raises(MoaSearchError, match="fidelity"):
         MeasureConfig(fidelity="rough")
     with pytest.raises(MoaSearchError, match="row_batch"):
