@@ -59,6 +59,37 @@ def sensitivity_heatmap(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def measured_heatmap(table: pd.DataFrame, path: Path) -> Path:
+    """One panel per task family: log10 KL(dense || changed) per scored token when a KV head
+    keeps only its smallest window candidate, per (layer, KV head): which heads each task
+    needs far context from (retrieval heads stand out in their own panel)."""
+    plt = _pyplot()
+    length = int(table["length"].max())
+    rows = table[(table["length"] == length) & (table["family"] == "window")]
+    tasks = [c[3:] for c in table.columns if c.startswith("kl_")]
+    if rows.empty or not tasks:
+        rows = table[(table["length"] == length) & (table["family"] != "dense")]
+    smallest = rows[rows["stored_bytes"] == rows["stored_bytes"].min()]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(3.2 * max(1, len(tasks)), 5),
+                             squeeze=False)  # fmt: skip
+    pattern = smallest["pattern"].iloc[0] if len(smallest) else "?"
+    for ax, task in zip(axes[0], tasks, strict=False):
+        grid = smallest.pivot_table(index="layer", columns="kv_head", values=f"kl_{task}")
+        img = ax.imshow(
+            np.log10(grid.to_numpy().clip(1e-7)), aspect="auto", origin="lower", cmap="magma"
+        )
+        ax.set_title(f"{task}", fontsize=10)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(grid.shape[1]))
+        fig.colorbar(img, ax=ax, shrink=0.8, label="log10 KL per token")
+    fig.suptitle(f"one head at {pattern}, all others dense (N={length})", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def influence_distance(distance: torch.Tensor, block_size: int, path: Path) -> Path:
     """distance: (L, H, nb) influence summed per block distance at one length."""
     plt = _pyplot()

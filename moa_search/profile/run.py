@@ -534,7 +534,10 @@ def profile(
     if plots:
         from moa_search.profile import plots as plots_mod  # noqa: PLC0415
 
-        plots_mod.sensitivity_heatmap(table, out / "plots" / "sensitivity_heatmap.png")
+        heatmap = (
+            plots_mod.sensitivity_heatmap if method == "gradient" else plots_mod.measured_heatmap
+        )
+        heatmap(table, out / "plots" / "sensitivity_heatmap.png")
         if blocks is not None:
             plots_mod.influence_distance(
                 blocks[f"distance.{lengths[-1]}"],

@@ -77,6 +77,9 @@ def test_entries_are_measured_single_head_ablations(model, tmp_path):
         assert row["delta_loss_mean"].item() == pytest.approx(weighted, rel=1e-9)
     dense = table[table.family == "dense"]
     assert (dense["delta_loss_mean"] == 0).all()
+    from moa_search.profile.plots import measured_heatmap
+
+    assert measured_heatmap(table, tmp_path / "hm.png").stat().st_size > 1000
 
 
 def test_resume_after_a_kill_loses_no_finished_sample(model, tmp_path, monkeypatch):
