@@ -325,6 +325,16 @@ def plan(
     typer.echo(
         f"{len(result.pareto_plans)} Pareto plans; best: {result.best} (all in {result.out})"
     )
+    if checked is not None:
+        import json
+
+        for v in json.loads((result.out / "check.json").read_text())["verdict"]:
+            plan_obj, base_obj = v["objective"]
+            lower = "plan" if v["plan_lower_divergence"] else "baseline"
+            typer.echo(
+                f"checked on held-out samples: plan divergence {plan_obj:.4g} vs uniform "
+                f"{v['baseline']} {base_obj:.4g} ({lower} lower)"
+            )
 
 
 @app.command(name="import")

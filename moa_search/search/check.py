@@ -89,8 +89,33 @@ class CheckReport:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     fidelity: dict[str, Any] = field(default_factory=dict)
 
+    def verdict(self) -> list[dict[str, Any]]:
+        """The checked plan against each uniform baseline at the same budget, measured."""
+        out = []
+        for b in self.baselines:
+            mine, theirs = self.final["measured_by_task"], b["measured_by_task"]
+            out.append(
+                {
+                    "baseline": b["pattern"],
+                    "objective": [self.final["measured"], b["measured"]],
+                    "plan_lower_divergence": bool(self.final["measured"] < b["measured"]),
+                    "tasks": {
+                        t: {
+                            "plan_kl": mine[t]["kl"],
+                            "baseline_kl": theirs[t]["kl"],
+                            "plan_match": mine[t]["match"],
+                            "baseline_match": theirs[t]["match"],
+                        }
+                        for t in mine
+                        if t in theirs
+                    },  # fmt: skip
+                }
+            )
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         return {
+            "verdict": self.verdict(),
             "start": self.start,
             "final": self.final,
             "history": self.history,

@@ -158,6 +158,9 @@ def test_plan_search_with_check_writes_the_checked_plan(tmp_path):
     assert plan.metrics["measured_objective"] == pytest.approx(report["final"]["measured"])
     assert set(plan.metrics["predicted_by_task"]) == set(report["final"]["predicted_by_task"])
     assert report["baselines"][0]["family"] == "window" and report["front"]
+    verdict = report["verdict"][0]
+    assert verdict["objective"] == [report["final"]["measured"], report["baselines"][0]["measured"]]
+    assert verdict["plan_lower_divergence"] == (verdict["objective"][0] < verdict["objective"][1])
     assert (tmp_path / "plans" / "pareto_measured.png").is_file()
     assert json.loads((tmp_path / "plans" / "summary.json").read_text())["best_rule"].startswith(
         "lowest measured"
