@@ -33,7 +33,7 @@ from moa_search.profile.ablation import (
     AblationEngine,
 )
 from moa_search.profile.calib import Sample
-from moa_search.profile.candidates import params
+from moa_search.profile.table import add_pattern_columns
 
 METHOD_VERSION = "moa-measured-1"
 MEASURED_SINK = 32
@@ -41,7 +41,6 @@ MEASURED_SINK = 32
 #: retrieval and self-answer samples only their answers (the dense model's own, for self)
 MEASURED_MIX = {"text": 0.25, "code": 0.15, "passkey": 0.3, "multivalue": 0.1, "self_text": 0.2}
 METRICS = ("kl", "dnll", "match")
-DTYPE_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -194,15 +193,7 @@ def build_table(
             frame.insert(4, "pattern", p.spec())
             frame.insert(5, "delta_loss_mean", total)
             frame.insert(6, "delta_loss_std", kl_all.std(0, ddof=1) if s > 1 else 0.0)
-            for key, value in params(p).items():
-                frame[key] = np.nan if value is None else float(value)
-            frame["length"] = length
-            frame["n_samples"] = s
-            dense = Dense().bytes_stored(length, head_dim, DTYPE_BYTES)
-            frame["stored_bytes"] = p.bytes_stored(length, head_dim, DTYPE_BYTES)
-            frame["read_bytes"] = p.bytes_read(length, head_dim, DTYPE_BYTES)
-            frame["density"] = frame["stored_bytes"] / dense
-            frame["read_density"] = frame["read_bytes"] / dense
+            add_pattern_columns(frame, p, length, s, head_dim)
             frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     return table.sort_values(

@@ -28,6 +28,7 @@ from moa_search.plan import ModelIdentity
 from moa_search.profile import calib as calib_mod
 from moa_search.profile import measured as measured_mod
 from moa_search.profile import store
+from moa_search.profile.ablation import AblationEngine
 from moa_search.profile.candidates import resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
 from moa_search.profile.table import PRIMARY, build_table, mean_blocks
@@ -218,7 +219,7 @@ def _worker(
         cands = [parse(c, spec["head_dim"]) for c in spec["candidates"]]
         samples = calib_mod.from_tensors(store.read_tensors(out_p / store.CALIB))
         if spec["method"] == "measured":
-            engine = measured_mod.AblationEngine(model, **spec["measure"])
+            engine = AblationEngine(model, **spec["measure"])
             for length, i in jobs:
                 measured_mod.run_job(engine, samples[length][i], cands, length, i, out_p)
             return
@@ -444,7 +445,7 @@ def profile(
             _run_parallel(spec, device_list, todo, out, bar)
         elif todo or storage is not None:
             if method == "measured":
-                engine = measured_mod.AblationEngine(loaded, **measure.as_dict())
+                engine = AblationEngine(loaded, **measure.as_dict())
 
                 def run_one(n: int, i: int) -> None:
                     measured_mod.run_job(engine, sample_sets[n][i], cands, n, i, out)

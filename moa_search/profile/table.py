@@ -55,6 +55,22 @@ def _values(stacked: dict[str, torch.Tensor], cands: Sequence[Pattern]) -> dict[
     return out
 
 
+def add_pattern_columns(
+    frame: pd.DataFrame, p: Pattern, length: int, n_samples: int, head_dim: int
+) -> None:
+    """The columns every profile table carries for a candidate, whichever method made it:
+    its parameters, the length, the sample count and its bytes stored / read vs dense."""
+    for key, value in params(p).items():
+        frame[key] = np.nan if value is None else float(value)
+    frame["length"] = length
+    frame["n_samples"] = n_samples
+    dense = Dense().bytes_stored(length, head_dim, DTYPE_BYTES)
+    frame["stored_bytes"] = p.bytes_stored(length, head_dim, DTYPE_BYTES)
+    frame["read_bytes"] = p.bytes_read(length, head_dim, DTYPE_BYTES)
+    frame["density"] = frame["stored_bytes"] / dense
+    frame["read_density"] = frame["read_bytes"] / dense
+
+
 def build_table(
     out: Path,
     lengths: Sequence[int],
@@ -86,16 +102,7 @@ def build_table(
                 frame = pd.DataFrame(cols)
                 frame.insert(3, "family", p.name)
                 frame.insert(4, "pattern", p.spec())
-                for key, value in params(p).items():
-                    frame[key] = np.nan if value is None else float(value)
-                frame["length"] = length
-                frame["n_samples"] = s
-                stored = p.bytes_stored(length, head_dim, DTYPE_BYTES)
-                dense = Dense().bytes_stored(length, head_dim, DTYPE_BYTES)
-                frame["stored_bytes"] = stored
-                frame["read_bytes"] = p.bytes_read(length, head_dim, DTYPE_BYTES)
-                frame["density"] = stored / dense
-                frame["read_density"] = frame["read_bytes"] / dense
+                add_pattern_columns(frame, p, length, s, head_dim)
                 frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table.insert(5, "delta_loss_mean", table[f"delta_{PRIMARY}_mean"])

@@ -203,7 +203,7 @@ class PlanChecker:
             self._cache[key] = self.measure_heads(self._heads(choice))
         return self._cache[key]
 
-    def measure_heads(self, heads: Sequence[Pattern | None] | list[list[Pattern]]) -> Measured:
+    def measure_heads(self, heads: Sequence[Sequence[Pattern]]) -> Measured:
         """A plan given as per-layer patterns (e.g. a uniform baseline)."""
         rows = []
         for n, s, run in self._runs(heads):
@@ -379,7 +379,7 @@ class PlanChecker:
             "budget": fraction,
             "memory_density": {
                 str(x): pattern.bytes_stored(x, p.identity.head_dim)
-                / (2 * x * p.identity.head_dim * 2)
+                / Dense().bytes_stored(x, p.identity.head_dim)
                 for x in p.lengths
             },
             "measured": m.objective,

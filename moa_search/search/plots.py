@@ -133,8 +133,6 @@ def plot_checked(report, path: Path) -> Path:
     One panel per task family the check measured: perplexity ratio to dense for text-like
     tasks, the share of answers still reproduced for retrieval; x is KV memory at the
     shortest planned length, where a fractional budget binds (dashed line)."""
-    plans = [("front", p) for p in report.front] + [("start", report.start)]
-    plans += [("final", report.final)]
     tasks = [
         t for t in ("text", "code", "retrieval", "self") if t in report.final["measured_by_task"]
     ]
@@ -150,8 +148,8 @@ def plot_checked(report, path: Path) -> Path:
         def y(entry: dict, task: str = task, key: str = key) -> float:
             return entry["measured_by_task"].get(task, {}).get(key, np.nan)
 
-        xs = [p["memory_density"][length] for _, p in plans if _ == "front"]
-        ax.scatter(xs, [y(p) for k, p in plans if k == "front"], c="tab:blue", s=24,
+        ax.scatter([p["memory_density"][length] for p in report.front],
+                   [y(p) for p in report.front], c="tab:blue", s=24,
                    label="Pareto plans (measured)")  # fmt: skip
         ax.scatter([report.final["memory_density"][length]], [y(report.final)], marker="*",
                    s=160, c="tab:red", zorder=5, label="best.yaml (refined)")  # fmt: skip
