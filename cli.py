@@ -288,6 +288,9 @@ def plan(
     ] = False,
     check_samples: Annotated[int, typer.Option(help="check: held-out samples per length.")] = 8,
     check_rounds: Annotated[int, typer.Option(help="check: refinement rounds.")] = 3,
+    check_balance: Annotated[
+        int, typer.Option(help="check: re-weighting steps against the uniform window (0: off).")
+    ] = 4,
     check_plans: Annotated[
         int, typer.Option(help="check: random plans for the predicted-vs-measured Spearman.")
     ] = 20,
@@ -308,6 +311,7 @@ def plan(
         CheckConfig(  # device is parsed only when the check runs
             samples=check_samples,
             rounds=check_rounds,
+            balance=check_balance,
             random_plans=check_plans,
             device=device,
             dtype=dtype,
@@ -331,9 +335,11 @@ def plan(
         for v in json.loads((result.out / "check.json").read_text())["verdict"]:
             plan_obj, base_obj = v["objective"]
             lower = "plan" if v["plan_lower_divergence"] else "baseline"
+            worse = sorted(set(v["tasks"]) - set(v["plan_no_worse_on"]))
             typer.echo(
                 f"checked on held-out samples: plan divergence {plan_obj:.4g} vs uniform "
-                f"{v['baseline']} {base_obj:.4g} ({lower} lower)"
+                f"{v['baseline']} {base_obj:.4g} ({lower} lower); plan worse on: "
+                f"{', '.join(worse) or 'no task'}"
             )
 
 

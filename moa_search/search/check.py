@@ -6,8 +6,10 @@ its neighbours are windowed). So the best plans of the front are run for real on
 calibration samples (every task); then, with the current plan in place, the heads that
 matter are re-measured for every candidate, their values replaced by these conditional
 effects, the knapsack re-solved, and the loop stops when the measured objective stops
-improving. Plan-level fidelity is the Spearman correlation of predicted vs measured
-objective over random plans within the budget.
+improving. Then, while the plan is measured worse than the uniform window on some task
+family, that family's weight is raised and the values re-solved (balance). Plan-level
+fidelity is the Spearman correlation of predicted vs measured objective over random plans
+within the budget.
 
 Measured here = the same quantity the profile stores: KL(dense || plan) per scored token,
 mean per task family, weighted; plus the NLL change (reported as a perplexity ratio) and
@@ -54,6 +56,7 @@ class CheckConfig:
     fidelity: str = "exact"
     row_batch: int = 64
     max_scored: int = 128
+    balance: int = 4  # re-weighting steps against the uniform window (0: off)
     device: str = "cpu"  # where a model given by name is loaded
     dtype: str = "float32"
 
@@ -61,7 +64,7 @@ class CheckConfig:
         for name in ("samples", "row_batch"):
             if int(getattr(self, name)) < 1:
                 raise MoaSearchError(f"check.{name}: expected a positive integer")
-        for name in ("rounds", "heads", "front", "random_plans", "max_scored"):
+        for name in ("rounds", "heads", "front", "random_plans", "max_scored", "balance"):
             if int(getattr(self, name)) < 0:
                 raise MoaSearchError(f"check.{name}: expected 0 or more")
 
@@ -99,6 +102,9 @@ class CheckReport:
                     "baseline": b["pattern"],
                     "objective": [self.final["measured"], b["measured"]],
                     "plan_lower_divergence": bool(self.final["measured"] < b["measured"]),
+                    "plan_no_worse_on": sorted(
+                        t for t in mine if t in theirs and mine[t]["kl"] <= theirs[t]["kl"]
+                    ),
                     "tasks": {
                         t: {
                             "plan_kl": mine[t]["kl"],
@@ -156,6 +162,7 @@ class PlanChecker:
         self.weights = problem.weights or {"text": 1.0}
         self._dense: dict[tuple[int, int], BaseRun] = {}
         self._cache: dict[str, Measured] = {}
+        self._refined: dict[str, np.ndarray] | None = None  # per-task values after refine
 
     # --- measuring ----------------------------------------------------------------
     def _heads(self, choice: np.ndarray) -> list[list[Pattern]]:
@@ -223,10 +230,11 @@ class PlanChecker:
         dense = [c for c in ok if isinstance(p.patterns[c], Dense)]
         return sorted(set(near + dense))
 
-    def conditional(self, choice: np.ndarray, heads: Sequence[int]) -> np.ndarray:
-        """Per re-measured head, (candidates, lengths) values: the weighted divergence of the
-        plan with that head switched to each nearby candidate, minus with it dense (clipped
-        at 0); candidates not re-measured stay ``nan`` (keep their old value)."""
+    def conditional(self, choice: np.ndarray, heads: Sequence[int]) -> dict[str, np.ndarray]:
+        """Per task family and re-measured head, (candidates, lengths) values: the divergence
+        of the plan with that head switched to each nearby candidate, minus with it dense
+        (clipped at 0, as the profile's values are); candidates not re-measured stay ``nan``
+        (keep their old value). Kept per task so the balance step can re-weight them."""
         p = self.problem
         n_kv = p.identity.num_key_value_heads
         rows, where = [], []
@@ -235,22 +243,34 @@ class PlanChecker:
                 rows.append(Ablation(g // n_kv, g % n_kv, p.patterns[c]))
                 where.append((gi, c))
         dense_rows = [Ablation(g // n_kv, g % n_kv, Dense()) for g in heads]
-        per: dict[tuple[int, int, str], list[float]] = {}
+        per: dict[tuple[int, int, int, str], list[float]] = {}
         for n, s, run in self._runs(self._heads(choice)):
             kl = self.engine.effects(run, rows + dense_rows).kl.numpy()
             base = kl[len(rows) :]
             for (gi, c), row_kl in zip(where, kl[: len(rows)], strict=True):
-                per.setdefault((gi, c, f"{n}:{s.task}"), []).append(row_kl - base[gi])
-        out = np.full((len(heads), len(p.patterns), len(p.lengths)), np.nan)
+                per.setdefault((gi, c, n, s.task), []).append(row_kl - base[gi])
+        shape = (len(heads), len(p.patterns), len(p.lengths))
+        out = {t: np.full(shape, np.nan) for t in self.weights}
         for gi, c in where:
             for li, n in enumerate(p.lengths):
-                total = 0.0
-                for t, w in self.weights.items():
-                    vals = per.get((gi, c, f"{n}:{t}"))
-                    if vals and w:
-                        total += w * float(np.mean(vals))
-                out[gi, c, li] = max(total, 0.0)
+                for t, values in out.items():
+                    if vals := per.get((gi, c, n, t)):
+                        values[gi, c, li] = max(float(np.mean(vals)), 0.0)
         return out
+
+    def _task_values(self) -> dict[str, np.ndarray]:
+        """The profile's values per task family the check weighs (``inf`` = not allowed)."""
+        p = self.problem
+        allowed = np.isfinite(p.loss)
+        return {
+            t: np.where(allowed, p.task_loss.get(t, p.loss), np.inf) if p.task_loss else p.loss
+            for t in self.weights
+        }
+
+    @staticmethod
+    def _weighted(values: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+        total = sum(w * values[t] for t, w in weights.items() if w)
+        return np.where(np.isfinite(total), total, np.inf)
 
     # --- refinement ---------------------------------------------------------------
     def _solve(self, values: np.ndarray, caps: Sequence[UserCap]) -> np.ndarray:
@@ -283,22 +303,23 @@ class PlanChecker:
     def refine(
         self, choice: np.ndarray, caps: Sequence[UserCap], length_weights: np.ndarray
     ) -> CheckReport:
-        p = self.problem
-        values = p.loss.copy()
+        """Re-measure the heads that matter with the plan in place, re-solve, keep the best
+        measured plan; stops when the measured objective stops improving."""
+        values = self._task_values()
         best = np.asarray(choice)
         best_m = self.measure(best)
         report = CheckReport(best, self.describe(best, best_m), {})
         seen: set[int] = set()
         bar = tqdm(range(self.config.rounds), desc="refine", disable=not self.progress)
         for r in bar:
-            heads = self._pick(values @ length_weights, best, seen)
+            heads = self._pick(self._weighted(values, self.weights) @ length_weights, best, seen)
             if not heads:
                 break
             seen.update(heads)
-            fresh = self.conditional(best, heads)
-            values[heads] = np.where(np.isnan(fresh), values[heads], fresh)
+            for t, fresh in self.conditional(best, heads).items():
+                values[t][heads] = np.where(np.isnan(fresh), values[t][heads], fresh)
             try:
-                new = self._solve(values @ length_weights, caps)
+                new = self._solve(self._weighted(values, self.weights) @ length_weights, caps)
             except Infeasible:
                 break
             m = self.measure(new)
@@ -317,9 +338,71 @@ class PlanChecker:
                 break  # the measured objective stopped improving: keep the best measured
             best, best_m = new, m
         bar.close()
+        self._refined = values
         report.choice = best
         report.final = self.describe(best, best_m)
         return report
+
+    # --- balance against the uniform window --------------------------------------
+    def _losses(self, m: Measured, baselines: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Task families (with weight) where a measured plan diverges more than a baseline."""
+        return sorted(
+            {
+                t
+                for b in baselines
+                for t, row in m.by_task.items()
+                if self.weights.get(t, 0.0) > 0
+                and t in b["measured_by_task"]
+                and row["kl"] > b["measured_by_task"][t]["kl"]
+            }
+        )
+
+    def balance(
+        self,
+        report: CheckReport,
+        caps: Sequence[UserCap],
+        length_weights: np.ndarray,
+        baselines: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Make the checked plan no worse than the uniform baselines on any task family.
+
+        Why: one weighted sum lets a plan buy a large retrieval win with a small loss on
+        text, and then it loses to a uniform window on perplexity. While the plan is
+        measured worse than a baseline on some task, that task's weight is doubled and the
+        (refined) values re-solved; a new plan is kept when it loses on fewer tasks, or on
+        as many with a lower objective at the user's weights."""
+        values = self._refined if self._refined is not None else self._task_values()
+        weights = dict(self.weights)
+        best = np.asarray(report.choice)
+        best_m = self.measure(best)
+        lost = self._losses(best_m, baselines)
+        solved_with = dict(self.weights)
+        for step in range(self.config.balance):
+            if not lost:
+                break
+            for t in lost:
+                weights[t] *= 2.0
+            try:
+                new = self._solve(self._weighted(values, weights) @ length_weights, caps)
+            except Infeasible:
+                break
+            m = self.measure(new)
+            new_lost = self._losses(m, baselines)
+            accepted = (len(new_lost), m.objective) < (len(lost), best_m.objective)
+            report.history.append(
+                {
+                    "balance": step + 1,
+                    "weights": dict(weights),
+                    "changed_heads": int((new != best).sum()),
+                    "measured": m.objective,
+                    "worse_than_baseline": new_lost,
+                    "accepted": bool(accepted),
+                }
+            )
+            if accepted:
+                best, best_m, lost, solved_with = new, m, new_lost, dict(weights)
+        report.choice = best
+        report.final = {**self.describe(best, best_m), "solved_with_weights": solved_with}
 
     def describe(self, choice: np.ndarray, m: Measured) -> dict[str, Any]:
         p = self.problem
@@ -420,9 +503,10 @@ def check_plans(
     report = checker.refine(choices[start], caps, w)
     report.start["trial"] = front[start]["trial"]
     report.front = front
-    report.fidelity = checker.fidelity(caps, w)
     fractions = sorted(
         {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
     )
     report.baselines = [checker.uniform_window(f) for f in fractions]
+    checker.balance(report, caps, w, report.baselines)
+    report.fidelity = checker.fidelity(caps, w)
     return report

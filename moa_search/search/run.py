@@ -483,11 +483,14 @@ def _write_checked(problem: Problem, report, budget: dict, study: str, out: Path
         ),
         "report_length": n,
         "weights": problem.weights,
-        "refinement_rounds": len(report.history),
+        "refinement_rounds": sum("round" in h for h in report.history),
+        "balance_steps": sum("balance" in h for h in report.history),
+        "solved_with_weights": final.get("solved_with_weights", problem.weights),
     }
     notes = (
         f"moa-search plan: study {study}, trial {report.start.get('trial')} measured on "
-        f"held-out calibration samples and refined ({len(report.history)} rounds); see check.json"
+        f"held-out calibration samples, refined and balanced against the uniform window; "
+        f"see check.json"
     )
     plan = problem.plan(report.choice, budget=budget, metrics=metrics, notes=notes)
     path = save_plan(plan, out / "best.yaml")

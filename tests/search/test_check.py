@@ -98,8 +98,10 @@ def test_conditional_values_are_differences_of_measured_plans(setup):
     for c in checker.neighbours(3, int(choice[3])):
         other = choice.copy()
         other[3] = c
-        want = max(0.0, checker.measure(other).objective - checker.measure(dense).objective)
-        assert values[1, c, 0] == pytest.approx(want, rel=1e-2, abs=1e-7)  # batched vs single
+        for task in ("text", "retrieval"):
+            kl = [checker.measure(x).by_task[task]["kl"] for x in (other, dense)]
+            want = max(0.0, kl[0] - kl[1])
+            assert values[task][1, c, 0] == pytest.approx(want, rel=1e-2, abs=5e-7)  # float32
     assert checker.neighbours(3, 2, width=0) == [0, 2]  # a local step: current and dense
 
 
@@ -113,6 +115,26 @@ def test_refine_never_returns_a_worse_plan_and_stays_within_budget(setup):
         used = problem.bytes_per_head(cap.kind, cap.length)[report.choice].sum()
         assert used <= cap.limit * (1 + 1e-9)
     assert report.history and all("measured" in h for h in report.history)
+
+
+def test_balance_trades_towards_the_task_the_plan_loses_on(setup):
+    _, problem, caps, checker = setup
+    w = np.ones(1)
+    report = checker.refine(checker._solve(problem.loss @ w, caps), caps, w)
+    start = checker.measure(report.choice)
+    # a baseline that beats every plan on text and loses on retrieval
+    text_kl = 0.5 * report.final["measured_by_task"]["text"]["kl"]
+    baseline = {"measured_by_task": {"text": {"kl": text_kl}, "retrieval": {"kl": float("inf")}}}
+    before = len(report.history)
+    checker.balance(report, caps, w, [baseline])
+    steps = report.history[before:]
+    assert steps and steps[0]["weights"]["text"] == 2 * checker.weights["text"]
+    assert all(s["worse_than_baseline"] in ([], ["text"]) for s in steps)
+    final = checker.measure(report.choice)
+    assert final.by_task["text"]["kl"] <= start.by_task["text"]["kl"] + 1e-12
+    for cap in caps:
+        used = problem.bytes_per_head(cap.kind, cap.length)[report.choice].sum()
+        assert used <= cap.limit * (1 + 1e-9)
 
 
 def test_fidelity_is_a_spearman_over_random_plans(setup):
