@@ -8,17 +8,17 @@
 #   profcost    benchmarks/profile_cost.py, default model at 2k/4k/8k incl. the PyTorch path
 #   profcost8b  benchmarks/profile_cost.py, Llama-3-8B-shaped random weights at 8k and 32k
 #   multigpu    (2+ GPUs) one-GPU vs --devices cuda:0,cuda:1 vs --device auto profiles
-# The machine has no registry: carried wheels in .whl/ (optuna and its needs) are installed
-# into /tmp/site. moa_search is not pip-installed there, so kernels/ is linked in place.
+# No package index there: carried wheels (.whl/, e.g. optuna) and moa-search itself install
+# without one; the editable install maps moa_search.kernels to kernels/ as on any machine.
 set -euo pipefail
 stage=$1
 out=$2
 mkdir -p "$out"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl
 fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ -e moa_search/kernels ] || ln -s ../kernels moa_search/kernels
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 case "$stage" in
     card)

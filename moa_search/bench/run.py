@@ -31,7 +31,7 @@ import torch
 
 from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, PlanLoop
 from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_max_batch
-from moa_search.bench.models import build_model, ensure_kernels, weight_bytes
+from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
 from moa_search.errors import MoaSearchError
 from moa_search.plan import Plan, load_plan, uniform_plan
@@ -385,8 +385,6 @@ def bench(
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if dev.type == "cuda":
-        ensure_kernels()
 
     t0 = time.perf_counter()
     net = build_model(model, dtype=dtype, device=dev, seed=seed)
