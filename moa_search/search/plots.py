@@ -6,8 +6,6 @@ same budgets; the map shows where the plan spends its bytes (which layers/heads 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from moa_search.files import atomic_write  # noqa: E402
 from moa_search.plan import Plan  # noqa: E402
 
 _MARKERS = {"window": "s", "elastic": "^", "sparq": "D"}
@@ -25,15 +24,10 @@ _LETTER = {"dense": "D", "window": "W", "elastic": "E", "sparq": "S"}
 
 def _save(fig: plt.Figure, path: Path) -> None:
     """Write the PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_pareto(

@@ -9,15 +9,13 @@ very sensitive (only dense or SparQ serve them well).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from moa_search.files import atomic_folder, write_json
 from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
 from moa_search.plan import ModelIdentity
 from moa_search.search.costs import DTYPE_BYTES
@@ -171,16 +169,9 @@ def make_synthetic_profile(
         "method_version": "synthetic-1",
         "spearman": None,
     }
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         frame.to_parquet(tmp / "profile.parquet", index=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        write_json(tmp / "meta.json", meta)
+
+    return atomic_folder(out_dir, fill)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import write_json
 from moa_search.plan import Plan
 
 
@@ -64,11 +63,7 @@ class ValidationLoss:
             except (ValueError, KeyError, OSError):
                 pass  # a damaged cache entry is measured again
         loss = self.measure(plan)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"loss": loss, "windows": list(self.windows.shape)}, handle)
-        os.replace(tmp, path)
+        write_json(path, {"loss": loss, "windows": list(self.windows.shape)})
         return loss
 
     @torch.no_grad()
