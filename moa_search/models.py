@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from moa_search.devices import parse_dtype
 from moa_search.errors import MoaSearchError
 from moa_search.files import atomic_folder
 
@@ -231,24 +232,6 @@ def check_supported(config: Any) -> None:
         )
 
 
-def _dtype(dtype: DType) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
-    except KeyError:
-        raise MoaSearchError(
-            f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or auto)"
-        ) from None
-
-
 def _one_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -277,7 +260,7 @@ def load_model(
     path = resolve_model_path(name_or_path)
     try:
         check_supported(AutoConfig.from_pretrained(path))
-        kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype, allow_auto=True)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from moa_search.devices import parse_dtype
 from moa_search.errors import MoaSearchError
 
 #: Config-only model shapes (LlamaConfig fields). ``tiny-llama`` is for CPU tests.
@@ -59,22 +60,6 @@ def shape_config(name: str) -> Any:
     return config
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    if dtype not in table:
-        raise MoaSearchError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
-    return table[dtype]
-
-
 def build_model(
     name: str = "llama3-8b-shape",
     dtype: torch.dtype | str = torch.bfloat16,
@@ -87,7 +72,7 @@ def build_model(
     weights (normal, std = initializer_range; norms 1), so nothing is downloaded and no
     host copy of the weights is made. Other names go to :func:`moa_search.models.load_model`.
     """
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     device = torch.device(device)
     if name not in SHAPES:
         from moa_search.models import load_model  # noqa: PLC0415

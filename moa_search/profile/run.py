@@ -66,13 +66,9 @@ def _device_list(device: str | None, devices: str | Sequence[str] | None) -> lis
 def _dtype_name(dtype: str | torch.dtype | None, device: str) -> str:
     if dtype is None:
         return "bfloat16" if device.startswith(("cuda", "auto")) else "float32"
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    name = names.get(dtype, dtype)
-    if name not in ("float32", "bfloat16", "float16"):
-        raise MoaSearchError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    return name
+    from moa_search.devices import dtype_name  # noqa: PLC0415
+
+    return dtype_name(dtype)
 
 
 def _check_lengths(lengths: Sequence[int] | str, block_size: int) -> list[int]:
