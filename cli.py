@@ -391,6 +391,33 @@ def bench(
 
 
 @app.command()
+def card(
+    model: Annotated[str, typer.Argument(help="Model alias, HF name or path.")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Folder for baseline_card.csv / .md.")] = Path(
+        "profiles/smollm2-135m"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    ppl_lengths: Annotated[
+        str, typer.Option(help="Perplexity lengths.")
+    ] = "512,1024,2048,4096,8192",
+    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows per length.")] = 1,
+    ret_lengths: Annotated[str, typer.Option(help="Retrieval lengths.")] = "1024,2048,4096",
+    depths: Annotated[str, typer.Option(help="Needle depths in [0, 1].")] = "0.1,0.5,0.9",
+    n: Annotated[int, typer.Option(help="Prompts per retrieval cell.")] = 5,
+) -> None:
+    """Measure the dense model's baseline card: perplexity by length, retrieval by depth."""
+    from moa_search.data.baseline_card import CardConfig, baseline_card
+
+    config = CardConfig(
+        model, dtype=dtype, device=parse_device(device), ppl_lengths=tuple(_lengths(ppl_lengths)),
+        ppl_windows=ppl_windows, ret_lengths=tuple(_lengths(ret_lengths)),
+        depths=tuple(float(x) for x in _items(depths)), n=n,
+    )  # fmt: skip
+    typer.echo(f"wrote {baseline_card(config, out)}")
+
+
+@app.command()
 def quickstart(
     model: Annotated[str, typer.Argument(help="Model alias, HF name or path.")] = "smollm2-135m",
     out: Annotated[Path, typer.Option(help="Folder for profile/, plans/ and eval/.")] = Path(

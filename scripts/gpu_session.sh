@@ -22,7 +22,7 @@ export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 case "$stage" in
     card)
-        python3 -m moa_search.data.baseline_card --dtype bfloat16 --device cuda \
+        python3 cli.py card --dtype bfloat16 --device cuda \
             --ppl-lengths 512,1024,2048,4096,8192 --ppl-windows 3 \
             --ret-lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 10 --out "$out/card"
         ;;

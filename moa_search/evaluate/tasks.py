@@ -24,12 +24,10 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moa_search.data import ruler
 from moa_search.data.retrieval import (
@@ -38,9 +36,9 @@ from moa_search.data.retrieval import (
     make_passkey_sample,
     score_answer,
 )
-from moa_search.data.texts import load_texts
 from moa_search.errors import MoaSearchError
 from moa_search.evaluate.baselines import Method
+from moa_search.nll import token_stream, window_nll
 from moa_search.runtime import apply_plan
 
 RULER_TASKS = tuple(ruler.TASKS)
@@ -57,7 +55,6 @@ DEFAULT_NEW_TOKENS = {
     "kv-retrieval": 14,
     **{name: t.new_tokens for name, t in ruler.TASKS.items()},
 }
-_LOGIT_CHUNK = 1024  # tokens per lm_head chunk: keeps (chunk x vocab) fp32 logits small
 
 
 @dataclass
@@ -107,23 +104,9 @@ def check_tasks(tasks: tuple[str, ...] | list[str], allow_empty: bool = False) -
 
 
 # --- inputs -------------------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _test_tokens(tokenizer: Any, corpus: str) -> np.ndarray:
-    docs = load_texts("test", corpus)
-    if not docs:
-        raise MoaSearchError(f"no {corpus!r} documents in the test split")
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for doc in docs:
-        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(int(eos))
-    return np.asarray(ids, dtype=np.int64)
-
-
 def ppl_items(tokenizer: Any, length: int, samples: int, seed: int, corpus: str) -> list[Item]:
     """``samples`` non-overlapping windows of ``length`` test tokens, picked by ``seed``."""
-    tokens = _test_tokens(tokenizer, corpus)
+    tokens = token_stream(tokenizer, "test", corpus)
     slots = len(tokens) // length
     if slots < samples:
         raise MoaSearchError(
@@ -210,28 +193,6 @@ def method_applied(model: Any, method: Method, backend: str, max_len: int) -> It
         return
     with apply_plan(model, method.plan, backend=backend, max_cache_len=max_len):
         yield
-
-
-@torch.no_grad()
-def window_nll(model: Any, ids: list[int] | tuple[int, ...]) -> tuple[float, int]:
-    """Mean next-token NLL over one window (labels = inputs shifted) and the token count.
-
-    Runs the decoder once and the LM head in chunks, so an 8k window never materialises a
-    full (8k x vocab) fp32 logit matrix.
-    """
-    x = torch.tensor([list(ids)], device=model.device)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is None or head is None:
-        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
-        return float(F.cross_entropy(logits, x[0, 1:])), x.shape[1] - 1
-    hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[0]
-    total, count = 0.0, x.shape[1] - 1
-    for s in range(0, count, _LOGIT_CHUNK):
-        e = min(count, s + _LOGIT_CHUNK)
-        logits = head(hidden[s:e]).float()
-        total += float(F.cross_entropy(logits, x[0, s + 1 : e + 1], reduction="sum"))
-    return total / count, count
 
 
 def run_item(model: Any, tokenizer: Any, method: Method, item: Item) -> Trial:

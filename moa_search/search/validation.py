@@ -17,6 +17,7 @@ import torch
 
 from moa_search.errors import MoaSearchError
 from moa_search.files import write_json
+from moa_search.nll import token_stream, window_nll
 from moa_search.plan import Plan
 
 
@@ -28,22 +29,13 @@ def plan_hash(plan: Plan) -> str:
 
 def validation_windows(tokenizer: Any, length: int, samples: int) -> torch.Tensor:
     """``samples`` windows of ``length`` tokens from the built-in validation split."""
-    from moa_search.data.texts import load_texts  # noqa: PLC0415 - data is optional here
-
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for doc in load_texts("validation"):
-        ids += list(tokenizer.encode(doc.text, add_special_tokens=False))
-        if eos is not None:
-            ids.append(int(eos))
-        if len(ids) >= length * samples:
-            break
+    ids = token_stream(tokenizer, "validation")
     count = min(samples, len(ids) // length)
     if count == 0:
         raise MoaSearchError(
             f"validation text has {len(ids)} tokens, fewer than one window of {length}"
         )
-    return torch.tensor(ids[: count * length]).view(count, length)
+    return torch.from_numpy(ids[: count * length].copy()).view(count, length)
 
 
 class ValidationLoss:
@@ -70,11 +62,6 @@ class ValidationLoss:
     def measure(self, plan: Plan) -> float:
         from moa_search.runtime import apply_plan  # noqa: PLC0415 - heavy import
 
-        device = next(self.model.parameters()).device
-        total = 0.0
         with apply_plan(self.model, plan, backend="reference"):
-            for row in self.windows:
-                ids = row[None].to(device)
-                out = self.model(input_ids=ids, labels=ids, use_cache=False)
-                total += float(out.loss)
+            total = sum(window_nll(self.model, row.tolist())[0] for row in self.windows)
         return total / len(self.windows)
