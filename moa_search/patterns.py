@@ -252,6 +252,25 @@ class SparQ(Pattern):
             raise ValueError(f"local must be >= 0, got {self.local}")
 
 
+def sparq_query_components(
+    q: torch.Tensor, r: int, group_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparQ's first step, shared by the runtime, the profiler and the Triton kernel.
+
+    ``q``: queries with components on the last axis and the query heads of one GQA group on
+    ``group_dim``. Returns the indices of the top-r components of |q| summed over the group
+    (``q``'s shape without ``group_dim``, last axis r; shared by the group), the gathered
+    components ``q[..., idx]`` (``q``'s shape, last axis r) and each query's approximate-score
+    scale sqrt(D * sum|q[idx]| / sum|q|) (``q``'s shape without the last axis, >= 1e-30):
+    approximate scores are ``q[idx] . K[:, idx] / scale``.
+    """
+    qa = q.abs()
+    idx = qa.sum(group_dim).topk(r, dim=-1).indices
+    q_r = q.gather(-1, idx.unsqueeze(group_dim).expand(*q.shape[:-1], r))
+    scale = torch.sqrt(q.shape[-1] * q_r.abs().sum(-1) / qa.sum(-1).clamp_min(1e-30))
+    return idx, q_r, scale.clamp_min(1e-30)
+
+
 def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
     """Turn ``"window:sink=4,span=256"`` into ``Window(sink=4, span=256)``, validated.
 

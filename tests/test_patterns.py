@@ -141,3 +141,18 @@ def test_sparq_k_at_tensor_equals_scalar(spec):
     p = parse(spec)
     n = torch.arange(0, 400)
     assert p.k_at(n).tolist() == [1] + [p.k_at(int(m)) for m in n[1:]]
+
+
+def test_sparq_query_components_share_indices_over_the_group() -> None:
+    from moa_search.patterns import sparq_query_components
+
+    q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(0))  # (B, t, G, D)
+    idx, q_r, scale = sparq_query_components(q, 5, group_dim=2)
+    assert idx.shape == (3, 4, 5) and q_r.shape == (3, 4, 2, 5) and scale.shape == (3, 4, 2)
+    b, t = 1, 2
+    want = q[b, t].abs().sum(0).topk(5).indices
+    assert set(idx[b, t].tolist()) == set(want.tolist())
+    sel = q[b, t][:, idx[b, t]]
+    assert torch.equal(q_r[b, t], sel)
+    expect = torch.sqrt(16 * sel.abs().sum(-1) / q[b, t].abs().sum(-1))
+    assert torch.allclose(scale[b, t], expect)
