@@ -8,10 +8,11 @@ by emulating their decode step at every position.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from moa_search.errors import MoaSearchError
-from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window, parse
+from moa_search.patterns import PATTERNS, Dense, Elastic, Pattern, SparQ, Window, parse
 
 DEFAULT_SINK = 64
 WINDOW_FRACTIONS = (16, 8, 4, 2)  # spans of N/16 .. N/2 of every profiled length
@@ -78,15 +79,13 @@ def split_static(cands: Sequence[Pattern]) -> tuple[list[Pattern], list[SparQ]]:
     return static, sparq
 
 
+def param_columns() -> tuple[str, ...]:
+    """Parameter columns of the tidy table: the fields of every registered pattern, in order."""
+    return tuple(dict.fromkeys(f.name for c in PATTERNS.values() for f in dataclasses.fields(c)))
+
+
 def params(p: Pattern) -> dict[str, float | None]:
-    """Parameter columns of the tidy table (None where a family has no such parameter)."""
-    row: dict[str, float | None] = dict.fromkeys(
-        ("sink", "span", "alpha", "beta", "r", "k", "k_ratio", "local")
-    )
-    if isinstance(p, Window):
-        row.update(sink=p.sink, span=p.span)
-    elif isinstance(p, Elastic):
-        row.update(sink=p.sink, alpha=p.alpha, beta=p.beta)
-    elif isinstance(p, SparQ):
-        row.update(r=p.r, k=p.k, k_ratio=p.k_ratio, local=p.local)
+    """A candidate's parameter columns (None where its family has no such parameter)."""
+    row: dict[str, float | None] = dict.fromkeys(param_columns())
+    row.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
     return row

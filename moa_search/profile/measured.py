@@ -33,7 +33,7 @@ from moa_search.profile.ablation import (
     AblationEngine,
 )
 from moa_search.profile.calib import Sample
-from moa_search.profile.table import add_pattern_columns
+from moa_search.profile.table import SORT_COLUMNS, add_pattern_columns
 
 METHOD_VERSION = "moa-measured-1"
 MEASURED_SINK = 32
@@ -196,9 +196,7 @@ def build_table(
             add_pattern_columns(frame, p, length, s, head_dim)
             frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    return table.sort_values(
-        ["length", "layer", "kv_head", "family", "pattern"], kind="stable", ignore_index=True
-    )
+    return table.sort_values(SORT_COLUMNS, kind="stable", ignore_index=True)
 
 
 def task_counts(out: Path, lengths: Sequence[int], counts: Mapping[int, int]) -> dict:

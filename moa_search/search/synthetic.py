@@ -18,9 +18,10 @@ import pandas as pd
 from moa_search.files import atomic_folder, write_json
 from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
 from moa_search.plan import ModelIdentity
+from moa_search.profile.candidates import param_columns
+from moa_search.profile.candidates import params as candidate_params
+from moa_search.profile.table import KEY_COLUMNS
 from moa_search.search.costs import DTYPE_BYTES
-
-PARAM_COLUMNS = ("sink", "span", "alpha", "beta", "r", "k", "k_ratio")
 
 
 def default_candidates() -> list[Pattern]:
@@ -89,9 +90,7 @@ def synthetic_rows(
     d = identity.head_dim
     records = []
     for ci, p in enumerate(candidates):
-        params = {c: getattr(p, c, None) for c in PARAM_COLUMNS}
-        if isinstance(p, Dense):
-            params = dict.fromkeys(PARAM_COLUMNS)
+        params = candidate_params(p)
         for n in lengths:
             stored = p.bytes_stored(n, d, DTYPE_BYTES)
             read = p.bytes_read(n, d, DTYPE_BYTES)
@@ -123,13 +122,10 @@ def synthetic_rows(
                             density,
                         )
                     )
+    param_cols = param_columns()
     columns = [
-        "layer",
-        "kv_head",
-        "head",
-        "family",
-        "pattern",
-        *PARAM_COLUMNS,
+        *KEY_COLUMNS,
+        *param_cols,
         "length",
         "delta_loss_mean",
         "delta_loss_std",
@@ -139,7 +135,7 @@ def synthetic_rows(
         "density",
     ]
     frame = pd.DataFrame.from_records(records, columns=columns)
-    for col in PARAM_COLUMNS:
+    for col in param_cols:
         frame[col] = pd.array(frame[col].to_numpy(dtype=float), dtype="Float64")
     for col in ("layer", "kv_head", "head", "length", "n_samples", "stored_bytes", "read_bytes"):
         frame[col] = frame[col].astype("int64")
