@@ -110,16 +110,18 @@ def profile(
 
     Resumable: rerun the same command to continue an interrupted profile."""
     device, devices = parse_device(device, allow_auto=True), parse_devices(devices)
+    from moa_search.profile import ProfileConfig
     from moa_search.profile import profile as run_profile
     from moa_search.profile.measured import MeasureConfig
 
-    result = run_profile(
-        model, calib=calib, lengths=_lengths(lengths), out=out, device=device, devices=devices,
-        dtype=dtype, samples=samples, block_size=block_size, seed=seed, loss=loss,
-        gradient_checkpointing=gradient_checkpointing, validate=validate, overwrite=overwrite,
-        candidates=candidates, sparq_rows=sparq_rows, plots=plots, method=method,
-        measure=MeasureConfig(fidelity, row_batch, max_scored), storage=storage,
+    config = ProfileConfig(
+        method=method, lengths=tuple(_lengths(lengths)), samples=samples, candidates=candidates,
+        seed=seed, loss=loss, dtype=dtype, device=device, devices=devices, storage=storage,
+        block_size=block_size, sparq_rows=sparq_rows,
+        gradient_checkpointing=gradient_checkpointing, validate=validate,
+        measure=MeasureConfig(fidelity, row_batch, max_scored), plots=plots,
     )  # fmt: skip
+    result = run_profile(model, config, calib=calib, out=out, overwrite=overwrite)
     typer.echo(f"wrote profile to {result.out}")
 
 
