@@ -195,6 +195,7 @@ def evaluate(
     """Compare a plan's quality (perplexity, retrieval, RULER, lm-eval tasks) with dense and
     uniform baselines at equal KV memory."""
     device = parse_device(device)
+    from moa_search.evaluate import EvalConfig
     from moa_search.evaluate import evaluate as run_eval
 
     def items(text: str) -> list[str]:
@@ -208,37 +209,26 @@ def evaluate(
                 f"{what}: expected comma-separated numbers, got {text!r}"
             ) from None
 
-    result = run_eval(
-        model,
-        plan,
-        items(baselines),
-        items(tasks),
-        _lengths(lengths),
-        floats(depths, "--depths"),
-        samples,
-        out,
-        device,
-        dtype,
-        seed,
-        floats(budgets, "--budgets") or None,
-        items(sweep_plans) or None,
-        sweep_length,
-        backend=backend,
-        sink=sink,
-        elastic_beta=elastic_beta,
-        ppl_corpus=ppl_corpus,
-        ruler_corpus=ruler_corpus,
-        max_new_tokens=max_new_tokens,
-        lm_eval_tasks=items(lm_eval) or None,
-        lm_eval_include=lm_eval_include,
-        lm_eval_limit=(
-            int(lm_eval_limit) if lm_eval_limit and lm_eval_limit >= 1 else lm_eval_limit
-        ),
-        lm_eval_fewshot=lm_eval_fewshot,
-        lm_eval_length=lm_eval_length,
-        lm_eval_batch_size=lm_eval_batch_size,
-        lm_eval_chat_template=lm_eval_chat_template,
-    )
+    harness = None
+    if items(lm_eval):
+        from moa_search.evaluate.harness import HarnessConfig
+
+        limit = int(lm_eval_limit) if lm_eval_limit and lm_eval_limit >= 1 else lm_eval_limit
+        harness = HarnessConfig(
+            tasks=tuple(items(lm_eval)), include=lm_eval_include, limit=limit,
+            num_fewshot=lm_eval_fewshot, length=lm_eval_length, batch_size=lm_eval_batch_size,
+            chat_template=lm_eval_chat_template,
+        )  # fmt: skip
+    config = EvalConfig(
+        baselines=tuple(items(baselines)), tasks=tuple(items(tasks)),
+        lengths=tuple(_lengths(lengths)), depths=tuple(floats(depths, "--depths")),
+        samples=samples, seed=seed, device=device, dtype=dtype, backend=backend,
+        budgets=tuple(floats(budgets, "--budgets")) or None,
+        sweep_plans=tuple(items(sweep_plans)) or None, sweep_length=sweep_length, sink=sink,
+        elastic_beta=elastic_beta, ppl_corpus=ppl_corpus, ruler_corpus=ruler_corpus,
+        max_new_tokens=max_new_tokens, lm_eval=harness,
+    )  # fmt: skip
+    result = run_eval(model, plan, config, out=out)
     typer.echo(f"wrote {result.out / 'results.md'} ({result.seconds:.0f} s)")
 
 
