@@ -369,16 +369,28 @@ def bench(
     configs: Annotated[str, typer.Option(help="Configs to run.")] = "dense-sdpa,dense-moa,plan",
     device: Annotated[str, typer.Option(help="CUDA device.")] = "cuda",
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+    prefill_batch: Annotated[
+        int, typer.Option(help="Sequences per timed prefill (0: no prefill timing).")
+    ] = 1,
+    overhead_at: Annotated[
+        str, typer.Option(help="BATCH,CONTEXT where the step-time breakdown is measured ('').")
+    ] = "8,32768",
 ) -> None:
     """Measure generation speed and memory of a plan against dense, side by side."""
     device = parse_device(device)
+    from moa_search.bench.run import BenchConfig
     from moa_search.bench.run import bench as run_bench
 
-    run_bench(
-        model, plan, synthetic=synthetic, batch=batch, context=context, new_tokens=new_tokens,
-        memory_budget=None if memory_budget == "none" else memory_budget, out=out,
-        configs=_items(configs), device=device, dtype=dtype,
+    at = tuple(_lengths(overhead_at)) if overhead_at else None
+    if at is not None and len(at) != 2:
+        raise typer.BadParameter(f"--overhead-at: expected BATCH,CONTEXT, got {overhead_at!r}")
+    config = BenchConfig(
+        synthetic=synthetic, batch=batch, context=context, new_tokens=new_tokens,
+        memory_budget=None if memory_budget == "none" else memory_budget,
+        configs=tuple(_items(configs)), prefill_batch=prefill_batch or None, overhead_at=at,
+        dtype=dtype, device=device,
     )  # fmt: skip
+    run_bench(model, plan, config, out=out)
     typer.echo(f"wrote results to {out}")
 
 
@@ -438,19 +450,25 @@ def quickstart(
 ) -> None:
     """The main job end to end: profile -> plan (checked) -> eval, sized for a CPU."""
     device = parse_device(device)
-    from moa_search.pipeline import QUICK_CANDIDATES
+    from dataclasses import replace
+
+    from moa_search.pipeline import QUICK_EVAL, QUICK_PROFILE
     from moa_search.pipeline import quickstart as run_quickstart
     from moa_search.profile.measured import MeasureConfig
 
     exact = fidelity == "exact"
-    run_quickstart(
-        model, out, tuple(_lengths(profile_lengths)), profile_samples, budget, trials,
-        tuple(_lengths(eval_lengths)), eval_samples,
-        depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
-        baselines=tuple(_items(baselines)), validate=validate, device=device, dtype=dtype,
+    profile_config = replace(
+        QUICK_PROFILE, lengths=tuple(_lengths(profile_lengths)), samples=profile_samples,
+        validate=validate, device=device, dtype=dtype,
         measure=MeasureConfig(fidelity, 64 if exact else 32, 128 if exact else 16),
-        candidates=None if full_grid else QUICK_CANDIDATES,
+        candidates=None if full_grid else QUICK_PROFILE.candidates,
     )  # fmt: skip
+    eval_config = replace(
+        QUICK_EVAL, lengths=tuple(_lengths(eval_lengths)), samples=eval_samples,
+        depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
+        baselines=tuple(_items(baselines)), device=device, dtype=dtype,
+    )  # fmt: skip
+    run_quickstart(model, out, profile_config, eval_config, budget, trials)
 
 
 def main() -> None:
