@@ -16,10 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from moa_search.files import atomic_write  # noqa: E402
+from moa_search.patterns import PATTERNS  # noqa: E402
 from moa_search.plan import Plan  # noqa: E402
-
-_MARKERS = {"window": "s", "elastic": "^", "sparq": "D"}
-_LETTER = {"dense": "D", "window": "W", "elastic": "E", "sparq": "S"}
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -61,7 +59,7 @@ def plot_pareto(
                 b[col],
                 b["loss"],
                 s=60,
-                marker=_MARKERS.get(b["family"], "o"),
+                marker=PATTERNS[b["family"]].marker,
                 facecolors="none",
                 edgecolors="k",
                 label=f"uniform {b['family']}",
@@ -107,7 +105,7 @@ def plot_plan_map(plan: Plan, length: int, path: Path, title: str = "") -> Path:
                 ax.text(
                     j,
                     i,
-                    _LETTER.get(p.name, "?"),
+                    p.letter,
                     ha="center",
                     va="center",
                     fontsize=6,
