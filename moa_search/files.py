@@ -54,3 +54,14 @@ def atomic_folder(path: str | os.PathLike[str], fill: Callable[[Path], None]) ->
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110, **savefig: Any) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically and close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - only plotting callers pay for it
+
+    try:
+        fig.tight_layout()
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", **savefig))
+    finally:
+        plt.close(fig)

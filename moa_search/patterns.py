@@ -5,8 +5,8 @@ profiler, the search and the generic tests can iterate over ``PATTERNS`` and a n
 pattern is covered everywhere by adding one class here: besides its geometry and costs it
 declares its share of the profiler's candidate grid (``candidates``), how the gradient
 profiler prices it (``pricing``), whether the search groups it by sink (``has_sink``) and
-compares plans to its uniform baseline (``uniform_baseline``), its plot style (``marker``,
-``letter``) and how eval's budget sweep resizes it (``scaled``).
+compares plans to its uniform baseline (``uniform_baseline``), its plot style (``style``)
+and how eval's budget sweep resizes it (``scaled``).
 
 Positions are 0-based. A query at position ``i`` has seen ``n = i + 1`` tokens. All
 patterns are causal (key ``j <= i``).
@@ -24,11 +24,11 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from moa_search.errors import MoaSearchError
+from moa_search.errors import MoaSearchError, finite_float
 
 PATTERNS: dict[str, type[Pattern]] = {}
 #: Largest value any numeric pattern parameter may take: positions, spans and counts are
@@ -38,6 +38,13 @@ MAX_PARAM = 2**31 - 1
 #: (MoA's 64)
 MEASURED_SINK = 32
 GRADIENT_SINK = 64
+
+
+class PlotStyle(NamedTuple):
+    """How plots draw a family: matplotlib marker of its uniform baseline, plan-map letter."""
+
+    marker: str
+    letter: str
 
 
 def register(cls: type[Pattern]) -> type[Pattern]:
@@ -63,8 +70,7 @@ class Pattern:
     #: a uniform plan of this family is a baseline the search's Pareto plot shows
     uniform_baseline: ClassVar[bool] = True
     #: plot style: marker of its uniform baseline (Pareto plot), letter on the plan map
-    marker: ClassVar[str] = "o"
-    letter: ClassVar[str] = "?"
+    style: ClassVar[PlotStyle] = PlotStyle(marker="o", letter="?")
 
     # --- candidates -----------------------------------------------------------------
     @classmethod
@@ -168,7 +174,7 @@ class Dense(Pattern):
 
     name: ClassVar[str] = "dense"
     uniform_baseline: ClassVar[bool] = False  # the reference itself
-    letter: ClassVar[str] = "D"
+    style: ClassVar[PlotStyle] = PlotStyle("o", "D")
 
     @classmethod
     def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
@@ -185,8 +191,7 @@ class Window(Pattern):
 
     name: ClassVar[str] = "window"
     has_sink: ClassVar[bool] = True
-    marker: ClassVar[str] = "s"
-    letter: ClassVar[str] = "W"
+    style: ClassVar[PlotStyle] = PlotStyle("s", "W")
     sink: int = 0  # type: ignore[assignment]
     span: int = 256
 
@@ -236,8 +241,7 @@ class Elastic(Pattern):
 
     name: ClassVar[str] = "elastic"
     has_sink: ClassVar[bool] = True
-    marker: ClassVar[str] = "^"
-    letter: ClassVar[str] = "E"
+    style: ClassVar[PlotStyle] = PlotStyle("^", "E")
     sink: int = 0  # type: ignore[assignment]
     alpha: float = 0.0
     beta: float = 0.25
@@ -296,8 +300,7 @@ class SparQ(Pattern):
     name: ClassVar[str] = "sparq"
     static: ClassVar[bool] = False
     pricing: ClassVar[str] = "sparq"
-    marker: ClassVar[str] = "D"
-    letter: ClassVar[str] = "S"
+    style: ClassVar[PlotStyle] = PlotStyle("D", "S")
     r: int = 16
     k: int | None = None
     k_ratio: float | None = None
@@ -412,12 +415,7 @@ def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
 
 def _convert(text: str, key: str, raw: str, annotation: object) -> int | float:
     wants_int = "int" in str(annotation)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise MoaSearchError(f"pattern {text!r}: {key} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise MoaSearchError(f"pattern {text!r}: {key} must be finite, got {raw!r}")
+    value = finite_float(raw, f"pattern {text!r}: {key}")
     if wants_int and "float" not in str(annotation):
         if not value.is_integer():
             raise MoaSearchError(f"pattern {text!r}: {key} must be an integer, got {raw!r}")

@@ -163,7 +163,7 @@ def test_sparq_query_components_share_indices_over_the_group() -> None:
 def test_a_new_pattern_is_one_class_through_profile_plan_and_show(tmp_path) -> None:
     """Register a toy pattern here and nowhere else: the measured profile prices its grid,
     the search plans with it (plots included) and ``show`` prints the plan."""
-    from moa_search.patterns import PATTERNS, Pattern, register
+    from moa_search.patterns import PATTERNS, Pattern, PlotStyle, register
     from moa_search.plan import load_plan
     from moa_search.profile import profile
     from moa_search.profile.measured import MeasureConfig
@@ -178,8 +178,7 @@ def test_a_new_pattern_is_one_class_through_profile_plan_and_show(tmp_path) -> N
         """Toy: the newest ``span`` keys, no sink."""
 
         name: ClassVar[str] = "toyrecent"
-        marker: ClassVar[str] = "P"
-        letter: ClassVar[str] = "R"
+        style: ClassVar[PlotStyle] = PlotStyle("P", "R")
         span: int = 8
 
         @classmethod

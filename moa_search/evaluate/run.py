@@ -46,8 +46,7 @@ from moa_search.evaluate.tasks import (
     check_tasks,
     method_applied,
     ppl_items,
-    retrieval_items,
-    ruler_items,
+    prompt_items,
     run_item,
 )
 from moa_search.plan import Plan, load_plan, validate
@@ -295,16 +294,12 @@ def evaluate(
 
     def inputs(task: str, n: int) -> list[Item]:
         if (task, n) not in items:
-            new = cfg.max_new_tokens
             if task == "ppl":
                 items[task, n] = ppl_items(tok, n, samples, seed, cfg.ppl_corpus)
-            elif task in RULER_TASKS:
-                items[task, n] = ruler_items(
-                    tok, task, n, depths, samples, seed, new, cfg.ruler_corpus
-                )
             else:
-                items[task, n] = retrieval_items(
-                    tok, task, n, depths, samples, seed, cfg.prompt_format, new
+                source = cfg.ruler_corpus if task in RULER_TASKS else cfg.prompt_format
+                items[task, n] = prompt_items(
+                    tok, task, n, depths, samples, seed, cfg.max_new_tokens, source
                 )
         return items[task, n]
 

@@ -119,36 +119,7 @@ def ppl_items(tokenizer: Any, length: int, samples: int, seed: int, corpus: str)
     return [Item("ppl", length, math.nan, i, seed, ids) for i, ids in enumerate(windows)]
 
 
-def retrieval_items(
-    tokenizer: Any,
-    task: str,
-    length: int,
-    depths: tuple[float, ...],
-    samples: int,
-    seed: int,
-    prompt_format: str | None = None,
-    new_tokens: int | None = None,
-) -> list[Item]:
-    """Passkey: ``samples`` prompts per depth. KV: ``samples`` prompts, depths cycled.
-
-    The prompt is ``length - new_tokens`` tokens, so prompt plus answer fit in ``length``
-    (and a model whose context is exactly ``length`` is never run past it).
-    """
-    if task not in RETRIEVAL_TASKS:
-        raise MoaSearchError(f"unknown retrieval task {task!r} (known: {RETRIEVAL_TASKS})")
-    new = new_tokens or DEFAULT_NEW_TOKENS[task]
-    fmt = {"prompt_format": prompt_format} if prompt_format else {}
-    items = []
-    for i, depth in _cells(task, depths, samples):
-        if task == "passkey":
-            s = make_passkey_sample(tokenizer, length - new, depth, seed + i, **fmt)
-        else:
-            s = make_kv_sample(tokenizer, length - new, depth, seed + i, **fmt)
-        items.append(Item(task, length, depth, i, seed + i, tuple(s.prompt_ids), s.answer, new))
-    return items
-
-
-def ruler_items(
+def prompt_items(
     tokenizer: Any,
     task: str,
     length: int,
@@ -156,22 +127,37 @@ def ruler_items(
     samples: int,
     seed: int,
     new_tokens: int | None = None,
-    corpus: str = "austen",
+    source: str | None = None,
 ) -> list[Item]:
-    """RULER prompts of ``length - new_tokens`` tokens from the test split.
+    """Retrieval or RULER prompts of ``length - new_tokens`` tokens, so prompt plus answer
+    fit in ``length`` (and a model whose context is exactly ``length`` is never run past it).
 
-    Single-needle tasks: ``samples`` prompts per depth (the heatmap); multi-needle tasks:
-    ``samples`` prompts with the queried needle's depth cycled; tasks without a depth
-    (vt, cwe, fwe): ``samples`` prompts, depth NaN.
+    Passkey and single-needle RULER tasks: ``samples`` prompts per depth (the heatmap); kv and
+    multi-needle tasks: ``samples`` prompts with the (queried) needle's depth cycled; RULER
+    tasks without a depth (vt, cwe, fwe): ``samples`` prompts, depth NaN. ``source``: the
+    passkey / kv prompt format, or the RULER filler corpus of the test split (default austen).
     """
-    spec = ruler.get_task(task)
-    new = new_tokens or spec.new_tokens
+    if task in ruler.TASKS:
+        spec = ruler.get_task(task)
+        new, keep_depth = new_tokens or spec.new_tokens, spec.uses_depth
+
+        def make(depth: float, s: int) -> Any:
+            return ruler.make_sample(
+                task, tokenizer, length - new, depth, s, split="test", corpus=source or "austen"
+            )
+    elif task in RETRIEVAL_TASKS:
+        new, keep_depth = new_tokens or DEFAULT_NEW_TOKENS[task], True
+        maker = make_passkey_sample if task == "passkey" else make_kv_sample
+        fmt = {"prompt_format": source} if source else {}
+
+        def make(depth: float, s: int) -> Any:
+            return maker(tokenizer, length - new, depth, s, **fmt)
+    else:
+        raise MoaSearchError(f"unknown prompt task {task!r} (known: {RETRIEVAL_TASKS} + RULER)")
     items = []
     for i, depth in _cells(task, depths, samples):
-        s = ruler.make_sample(
-            task, tokenizer, length - new, depth, seed + i, split="test", corpus=corpus
-        )
-        d = depth if spec.uses_depth else math.nan
+        s = make(depth, seed + i)
+        d = depth if keep_depth else math.nan
         items.append(Item(task, length, d, i, seed + i, tuple(s.prompt_ids), s.answer, new))
     return items
 

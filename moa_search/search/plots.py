@@ -15,17 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moa_search.files import atomic_write  # noqa: E402
+from moa_search.files import save_figure  # noqa: E402
 from moa_search.patterns import PATTERNS  # noqa: E402
 from moa_search.plan import Plan  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     """Write the PNG atomically (temp file + rename)."""
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_pareto(
@@ -59,7 +56,7 @@ def plot_pareto(
                 b[col],
                 b["loss"],
                 s=60,
-                marker=PATTERNS[b["family"]].marker,
+                marker=PATTERNS[b["family"]].style.marker,
                 facecolors="none",
                 edgecolors="k",
                 label=f"uniform {b['family']}",
@@ -105,7 +102,7 @@ def plot_plan_map(plan: Plan, length: int, path: Path, title: str = "") -> Path:
                 ax.text(
                     j,
                     i,
-                    p.letter,
+                    p.style.letter,
                     ha="center",
                     va="center",
                     fontsize=6,
