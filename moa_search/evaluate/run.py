@@ -40,6 +40,7 @@ from moa_search.evaluate.baselines import (
     dense_method,
     scale_plan,
 )
+from moa_search.evaluate.harness import HarnessConfig
 from moa_search.evaluate.tasks import (
     RULER_TASKS,
     Item,
@@ -216,7 +217,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     confidence: float = 0.95
     plots: bool = True
-    lm_eval: Any = None  # harness.HarnessConfig, or None for no harness tasks
+    lm_eval: HarnessConfig | None = None
 
 
 #: the keyword names evaluate() accepted before EvalConfig, for its lm_eval fields
@@ -238,8 +239,6 @@ def _eval_config(config: EvalConfig | None, settings: dict[str, Any]) -> EvalCon
         _HARNESS_KEYWORDS[k]: settings.pop(k) for k in list(settings) if k in _HARNESS_KEYWORDS
     }
     if harness.get("tasks"):
-        from moa_search.evaluate.harness import HarnessConfig  # noqa: PLC0415
-
         harness["tasks"] = tuple(harness["tasks"])
         settings["lm_eval"] = replace(cfg.lm_eval or HarnessConfig(), **harness)
     return replace(cfg, **settings)
