@@ -110,16 +110,18 @@ def profile(
 
     Resumable: rerun the same command to continue an interrupted profile."""
     device, devices = parse_device(device, allow_auto=True), parse_devices(devices)
+    from moa_search.profile import ProfileConfig
     from moa_search.profile import profile as run_profile
     from moa_search.profile.measured import MeasureConfig
 
-    result = run_profile(
-        model, calib=calib, lengths=_lengths(lengths), out=out, device=device, devices=devices,
-        dtype=dtype, samples=samples, block_size=block_size, seed=seed, loss=loss,
-        gradient_checkpointing=gradient_checkpointing, validate=validate, overwrite=overwrite,
-        candidates=candidates, sparq_rows=sparq_rows, plots=plots, method=method,
-        measure=MeasureConfig(fidelity, row_batch, max_scored), storage=storage,
+    config = ProfileConfig(
+        method=method, lengths=tuple(_lengths(lengths)), samples=samples, candidates=candidates,
+        seed=seed, loss=loss, dtype=dtype, device=device, devices=devices, storage=storage,
+        block_size=block_size, sparq_rows=sparq_rows,
+        gradient_checkpointing=gradient_checkpointing, validate=validate,
+        measure=MeasureConfig(fidelity, row_batch, max_scored), plots=plots,
     )  # fmt: skip
+    result = run_profile(model, config, calib=calib, out=out, overwrite=overwrite)
     typer.echo(f"wrote profile to {result.out}")
 
 
@@ -193,6 +195,7 @@ def evaluate(
     """Compare a plan's quality (perplexity, retrieval, RULER, lm-eval tasks) with dense and
     uniform baselines at equal KV memory."""
     device = parse_device(device)
+    from moa_search.evaluate import EvalConfig
     from moa_search.evaluate import evaluate as run_eval
 
     def items(text: str) -> list[str]:
@@ -206,37 +209,26 @@ def evaluate(
                 f"{what}: expected comma-separated numbers, got {text!r}"
             ) from None
 
-    result = run_eval(
-        model,
-        plan,
-        items(baselines),
-        items(tasks),
-        _lengths(lengths),
-        floats(depths, "--depths"),
-        samples,
-        out,
-        device,
-        dtype,
-        seed,
-        floats(budgets, "--budgets") or None,
-        items(sweep_plans) or None,
-        sweep_length,
-        backend=backend,
-        sink=sink,
-        elastic_beta=elastic_beta,
-        ppl_corpus=ppl_corpus,
-        ruler_corpus=ruler_corpus,
-        max_new_tokens=max_new_tokens,
-        lm_eval_tasks=items(lm_eval) or None,
-        lm_eval_include=lm_eval_include,
-        lm_eval_limit=(
-            int(lm_eval_limit) if lm_eval_limit and lm_eval_limit >= 1 else lm_eval_limit
-        ),
-        lm_eval_fewshot=lm_eval_fewshot,
-        lm_eval_length=lm_eval_length,
-        lm_eval_batch_size=lm_eval_batch_size,
-        lm_eval_chat_template=lm_eval_chat_template,
-    )
+    harness = None
+    if items(lm_eval):
+        from moa_search.evaluate.harness import HarnessConfig
+
+        limit = int(lm_eval_limit) if lm_eval_limit and lm_eval_limit >= 1 else lm_eval_limit
+        harness = HarnessConfig(
+            tasks=tuple(items(lm_eval)), include=lm_eval_include, limit=limit,
+            num_fewshot=lm_eval_fewshot, length=lm_eval_length, batch_size=lm_eval_batch_size,
+            chat_template=lm_eval_chat_template,
+        )  # fmt: skip
+    config = EvalConfig(
+        baselines=tuple(items(baselines)), tasks=tuple(items(tasks)),
+        lengths=tuple(_lengths(lengths)), depths=tuple(floats(depths, "--depths")),
+        samples=samples, seed=seed, device=device, dtype=dtype, backend=backend,
+        budgets=tuple(floats(budgets, "--budgets")) or None,
+        sweep_plans=tuple(items(sweep_plans)) or None, sweep_length=sweep_length, sink=sink,
+        elastic_beta=elastic_beta, ppl_corpus=ppl_corpus, ruler_corpus=ruler_corpus,
+        max_new_tokens=max_new_tokens, lm_eval=harness,
+    )  # fmt: skip
+    result = run_eval(model, plan, config, out=out)
     typer.echo(f"wrote {result.out / 'results.md'} ({result.seconds:.0f} s)")
 
 
@@ -383,17 +375,56 @@ def bench(
     configs: Annotated[str, typer.Option(help="Configs to run.")] = "dense-sdpa,dense-moa,plan",
     device: Annotated[str, typer.Option(help="CUDA device.")] = "cuda",
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+    prefill_batch: Annotated[
+        int, typer.Option(help="Sequences per timed prefill (0: no prefill timing).")
+    ] = 1,
+    overhead_at: Annotated[
+        str, typer.Option(help="BATCH,CONTEXT where the step-time breakdown is measured ('').")
+    ] = "8,32768",
 ) -> None:
     """Measure generation speed and memory of a plan against dense, side by side."""
     device = parse_device(device)
+    from moa_search.bench.run import BenchConfig
     from moa_search.bench.run import bench as run_bench
 
-    run_bench(
-        model, plan, synthetic=synthetic, batch=batch, context=context, new_tokens=new_tokens,
-        memory_budget=None if memory_budget == "none" else memory_budget, out=out,
-        configs=_items(configs), device=device, dtype=dtype,
+    at = tuple(_lengths(overhead_at)) if overhead_at else None
+    if at is not None and len(at) != 2:
+        raise typer.BadParameter(f"--overhead-at: expected BATCH,CONTEXT, got {overhead_at!r}")
+    config = BenchConfig(
+        synthetic=synthetic, batch=batch, context=context, new_tokens=new_tokens,
+        memory_budget=None if memory_budget == "none" else memory_budget,
+        configs=tuple(_items(configs)), prefill_batch=prefill_batch or None, overhead_at=at,
+        dtype=dtype, device=device,
     )  # fmt: skip
+    run_bench(model, plan, config, out=out)
     typer.echo(f"wrote results to {out}")
+
+
+@app.command()
+def card(
+    model: Annotated[str, typer.Argument(help="Model alias, HF name or path.")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Folder for baseline_card.csv / .md.")] = Path(
+        "profiles/smollm2-135m"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    ppl_lengths: Annotated[
+        str, typer.Option(help="Perplexity lengths.")
+    ] = "512,1024,2048,4096,8192",
+    ppl_windows: Annotated[int, typer.Option(help="Perplexity windows per length.")] = 1,
+    ret_lengths: Annotated[str, typer.Option(help="Retrieval lengths.")] = "1024,2048,4096",
+    depths: Annotated[str, typer.Option(help="Needle depths in [0, 1].")] = "0.1,0.5,0.9",
+    n: Annotated[int, typer.Option(help="Prompts per retrieval cell.")] = 5,
+) -> None:
+    """Measure the dense model's baseline card: perplexity by length, retrieval by depth."""
+    from moa_search.data.baseline_card import CardConfig, baseline_card
+
+    config = CardConfig(
+        model, dtype=dtype, device=parse_device(device), ppl_lengths=tuple(_lengths(ppl_lengths)),
+        ppl_windows=ppl_windows, ret_lengths=tuple(_lengths(ret_lengths)),
+        depths=tuple(float(x) for x in _items(depths)), n=n,
+    )  # fmt: skip
+    typer.echo(f"wrote {baseline_card(config, out)}")
 
 
 @app.command()
@@ -425,19 +456,25 @@ def quickstart(
 ) -> None:
     """The main job end to end: profile -> plan (checked) -> eval, sized for a CPU."""
     device = parse_device(device)
-    from moa_search.pipeline import QUICK_CANDIDATES
+    from dataclasses import replace
+
+    from moa_search.pipeline import QUICK_EVAL, QUICK_PROFILE
     from moa_search.pipeline import quickstart as run_quickstart
     from moa_search.profile.measured import MeasureConfig
 
     exact = fidelity == "exact"
-    run_quickstart(
-        model, out, tuple(_lengths(profile_lengths)), profile_samples, budget, trials,
-        tuple(_lengths(eval_lengths)), eval_samples,
-        depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
-        baselines=tuple(_items(baselines)), validate=validate, device=device, dtype=dtype,
+    profile_config = replace(
+        QUICK_PROFILE, lengths=tuple(_lengths(profile_lengths)), samples=profile_samples,
+        validate=validate, device=device, dtype=dtype,
         measure=MeasureConfig(fidelity, 64 if exact else 32, 128 if exact else 16),
-        candidates=None if full_grid else QUICK_CANDIDATES,
+        candidates=None if full_grid else QUICK_PROFILE.candidates,
     )  # fmt: skip
+    eval_config = replace(
+        QUICK_EVAL, lengths=tuple(_lengths(eval_lengths)), samples=eval_samples,
+        depths=tuple(float(x) for x in _items(depths)), tasks=tuple(_items(tasks)),
+        baselines=tuple(_items(baselines)), device=device, dtype=dtype,
+    )  # fmt: skip
+    run_quickstart(model, out, profile_config, eval_config, budget, trials)
 
 
 def main() -> None:

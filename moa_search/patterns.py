@@ -2,7 +2,11 @@
 
 Every pattern is a small frozen dataclass registered by name, so plans, the CLI, the
 profiler, the search and the generic tests can iterate over ``PATTERNS`` and a new
-pattern is covered everywhere by adding one class here.
+pattern is covered everywhere by adding one class here: besides its geometry and costs it
+declares its share of the profiler's candidate grid (``candidates``), how the gradient
+profiler prices it (``pricing``), whether the search groups it by sink (``has_sink``) and
+compares plans to its uniform baseline (``uniform_baseline``), its plot style (``style``)
+and how eval's budget sweep resizes it (``scaled``).
 
 Positions are 0-based. A query at position ``i`` has seen ``n = i + 1`` tokens. All
 patterns are causal (key ``j <= i``).
@@ -18,17 +22,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from moa_search.errors import MoaSearchError
+from moa_search.errors import MoaSearchError, finite_float
 
 PATTERNS: dict[str, type[Pattern]] = {}
 #: Largest value any numeric pattern parameter may take: positions, spans and counts are
 #: 32-bit in the runtime's metadata and kernels, and larger values overflow tensor maths.
 MAX_PARAM = 2**31 - 1
+#: sinks of the default candidate grids: the measured profiler's, and the gradient one's
+#: (MoA's 64)
+MEASURED_SINK = 32
+GRADIENT_SINK = 64
+
+
+class PlotStyle(NamedTuple):
+    """How plots draw a family: matplotlib marker of its uniform baseline, plan-map letter."""
+
+    marker: str
+    letter: str
 
 
 def register(cls: type[Pattern]) -> type[Pattern]:
@@ -45,6 +61,31 @@ class Pattern:
     #: True when the kept keys depend on positions only (maskable in prefill, storable in
     #: a ring). False for data-dependent patterns such as SparQ (full KV stays).
     static: ClassVar[bool] = True
+    #: how the gradient profiler prices it: "mask" (from its position rule; any static
+    #: pattern) or "sparq" (SparQ's decode emulated at every row). The measured profiler runs
+    #: every static pattern through the runtime's masked prefill and needs nothing here.
+    pricing: ClassVar[str] = "mask"
+    #: sink positions are part of its shape (the search's per-candidate sink column)
+    has_sink: ClassVar[bool] = False
+    #: a uniform plan of this family is a baseline the search's Pareto plot shows
+    uniform_baseline: ClassVar[bool] = True
+    #: plot style: marker of its uniform baseline (Pareto plot), letter on the plan map
+    style: ClassVar[PlotStyle] = PlotStyle(marker="o", letter="?")
+
+    # --- candidates -----------------------------------------------------------------
+    @classmethod
+    def candidates(
+        cls, lengths: Sequence[int], head_dim: int, grid: str = "measured", block_size: int = 64
+    ) -> list[Pattern]:
+        """This family's share of the profiler's default candidates at ``lengths``:
+        ``grid`` is "measured" (the default method's grid) or "gradient" (spans on
+        ``block_size`` multiples). None by default: such a pattern is profiled when named."""
+        return []
+
+    def scaled(self, factor: float, n: int) -> Pattern:
+        """This pattern with its size (not its shape) times ``factor``, at length ``n``: how
+        eval's budget sweep moves a plan to another memory. Unchanged by default."""
+        return self
 
     # --- geometry -------------------------------------------------------------------
     @property
@@ -132,6 +173,12 @@ class Dense(Pattern):
     """Full causal attention: the baseline every plan is measured against."""
 
     name: ClassVar[str] = "dense"
+    uniform_baseline: ClassVar[bool] = False  # the reference itself
+    style: ClassVar[PlotStyle] = PlotStyle("o", "D")
+
+    @classmethod
+    def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
+        return [cls()]
 
     def ring_size(self, max_len: int) -> int:
         return max_len
@@ -143,8 +190,27 @@ class Window(Pattern):
     """Sliding window with attention sinks (StreamingLLM): key j<sink or i-j<span."""
 
     name: ClassVar[str] = "window"
+    has_sink: ClassVar[bool] = True
+    style: ClassVar[PlotStyle] = PlotStyle("s", "W")
     sink: int = 0  # type: ignore[assignment]
     span: int = 256
+
+    @classmethod
+    def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
+        """measured: spans 32, 64, ... up to half the longest length (sink 32); gradient:
+        spans N/16 .. N/2 of every length on ``block_size`` multiples (sink 64)."""
+        if grid == "gradient":
+            spans = {max(block_size, (n // f) // block_size * block_size) for n in lengths
+                     for f in (16, 8, 4, 2)}  # fmt: skip
+            return [cls(sink=GRADIENT_SINK, span=s) for s in sorted(spans)]
+        spans, s = [], 32
+        while s <= max(lengths) // 2:
+            spans.append(s)
+            s *= 2
+        return [cls(sink=MEASURED_SINK, span=s) for s in spans]
+
+    def scaled(self, factor: float, n: int) -> Pattern:
+        return dataclasses.replace(self, span=max(1, min(n, round(self.span * factor))))
 
     def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
         if isinstance(n, torch.Tensor):
@@ -174,9 +240,30 @@ class Elastic(Pattern):
     """
 
     name: ClassVar[str] = "elastic"
+    has_sink: ClassVar[bool] = True
+    style: ClassVar[PlotStyle] = PlotStyle("^", "E")
     sink: int = 0  # type: ignore[assignment]
     alpha: float = 0.0
     beta: float = 0.25
+
+    @classmethod
+    def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
+        """measured: four (alpha, beta) spans (sink 32); gradient: alpha 0 .. 16k x beta
+        0 .. 0.5 (sink 64); alphas from half the longest length up are left out."""
+        half = max(lengths) // 2
+        if grid == "gradient":
+            pairs = [(a, b) for a in (0, 512, 1024, 2048, 4096, 8192, 16384) if not a or a < half
+                     for b in (0.0, 0.125, 0.25, 0.5) if a or b]  # fmt: skip
+            sink = GRADIENT_SINK
+        else:
+            pairs = [(a, b) for a, b in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25))
+                     if a < half]  # fmt: skip
+            sink = MEASURED_SINK
+        return [cls(sink=sink, alpha=float(a), beta=b) for a, b in pairs]
+
+    def scaled(self, factor: float, n: int) -> Pattern:
+        beta = min(1.0, round(self.beta * factor, 4))
+        return dataclasses.replace(self, alpha=round(self.alpha * factor, 3), beta=beta)
 
     def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
         if isinstance(n, torch.Tensor):
@@ -212,10 +299,22 @@ class SparQ(Pattern):
 
     name: ClassVar[str] = "sparq"
     static: ClassVar[bool] = False
+    pricing: ClassVar[str] = "sparq"
+    style: ClassVar[PlotStyle] = PlotStyle("D", "S")
     r: int = 16
     k: int | None = None
     k_ratio: float | None = None
     local: int = 16
+
+    @classmethod
+    def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
+        """measured: the paper's 1/8 and 1/4 transfer (r = d/8, k = N/16; r = d/4, k = N/8);
+        gradient: r 8, 16, 32 (at most d) x k_ratio 1/16, 1/8, 1/4."""
+        if grid == "gradient":
+            return [cls(r=r, k_ratio=kr, local=16) for r in (8, 16, 32) if r <= head_dim
+                    for kr in (1 / 16, 1 / 8, 1 / 4)]  # fmt: skip
+        return [cls(r=head_dim // q, k_ratio=1 / (2 * q), local=16) for q in (8, 4)
+                if head_dim // q >= 1]  # fmt: skip
 
     def k_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
         """Positions attended exactly at length n (elementwise for a tensor of lengths)."""
@@ -250,6 +349,25 @@ class SparQ(Pattern):
             raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
         if self.local < 0:
             raise ValueError(f"local must be >= 0, got {self.local}")
+
+
+def sparq_query_components(
+    q: torch.Tensor, r: int, group_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparQ's first step, shared by the runtime, the profiler and the Triton kernel.
+
+    ``q``: queries with components on the last axis and the query heads of one GQA group on
+    ``group_dim``. Returns the indices of the top-r components of |q| summed over the group
+    (``q``'s shape without ``group_dim``, last axis r; shared by the group), the gathered
+    components ``q[..., idx]`` (``q``'s shape, last axis r) and each query's approximate-score
+    scale sqrt(D * sum|q[idx]| / sum|q|) (``q``'s shape without the last axis, >= 1e-30):
+    approximate scores are ``q[idx] . K[:, idx] / scale``.
+    """
+    qa = q.abs()
+    idx = qa.sum(group_dim).topk(r, dim=-1).indices
+    q_r = q.gather(-1, idx.unsqueeze(group_dim).expand(*q.shape[:-1], r))
+    scale = torch.sqrt(q.shape[-1] * q_r.abs().sum(-1) / qa.sum(-1).clamp_min(1e-30))
+    return idx, q_r, scale.clamp_min(1e-30)
 
 
 def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
@@ -297,12 +415,7 @@ def parse(spec: str | Pattern, head_dim: int | None = None) -> Pattern:
 
 def _convert(text: str, key: str, raw: str, annotation: object) -> int | float:
     wants_int = "int" in str(annotation)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise MoaSearchError(f"pattern {text!r}: {key} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise MoaSearchError(f"pattern {text!r}: {key} must be finite, got {raw!r}")
+    value = finite_float(raw, f"pattern {text!r}: {key}")
     if wants_int and "float" not in str(annotation):
         if not value.is_integer():
             raise MoaSearchError(f"pattern {text!r}: {key} must be an integer, got {raw!r}")

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import reprlib
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import yaml
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import write_text
 from moa_search.patterns import MAX_PARAM, Dense, Pattern, parse
 
 PLAN_VERSION = 1
@@ -445,18 +445,8 @@ def _check_tree(root: Any, loader: yaml.SafeLoader, source: str) -> None:
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a plan."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(plan.to_dict(), sort_keys=False, default_flow_style=None, width=100)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, text)
 
 
 def validate(plan_or_path: Plan | str | os.PathLike[str], model_or_config: Any = None) -> Plan:

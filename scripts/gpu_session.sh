@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs on an offline GPU machine after scripts/gpu_model_transfer.sh has put the default
-# model there. Usage: scripts/gpu_session.sh STAGE OUTDIR, with STAGE one of
+# The GPU runs behind the README's numbers, on a machine without internet once
+# scripts/gpu_model_transfer.sh has put the default model there (README: "On a GPU machine
+# without internet"). Usage: scripts/gpu_session.sh STAGE OUTDIR, with STAGE one of
 #   card        dense baseline card of smollm2-135m (512-8k ppl, 1k-8k retrieval)
 #   quickstart  profile (2k, 4k) -> plan search -> eval (2k/4k/8k) in bf16 on the GPU
 #   gputest     the profiler's kernel tests on the GPU (fused influence vs float64 brute force)
@@ -8,32 +9,31 @@
 #   profcost    benchmarks/profile_cost.py, default model at 2k/4k/8k incl. the PyTorch path
 #   profcost8b  benchmarks/profile_cost.py, Llama-3-8B-shaped random weights at 8k and 32k
 #   multigpu    (2+ GPUs) one-GPU vs --devices cuda:0,cuda:1 vs --device auto profiles
-# The machine has no registry: carried wheels in .whl/ (optuna and its needs) are installed
-# into /tmp/site. moa_search is not pip-installed there, so kernels/ is linked in place.
+# Wheels copied into .whl/ (what the machine lacks, e.g. optuna) and moa-search itself are
+# installed without an index; the editable install maps moa_search.kernels to kernels/.
 set -euo pipefail
 stage=$1
 out=$2
 mkdir -p "$out"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl
 fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ -e moa_search/kernels ] || ln -s ../kernels moa_search/kernels
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 case "$stage" in
     card)
-        python3 -m moa_search.data.baseline_card --dtype bfloat16 --device cuda \
+        python3 cli.py card --dtype bfloat16 --device cuda \
             --ppl-lengths 512,1024,2048,4096,8192 --ppl-windows 3 \
             --ret-lengths 1024,2048,4096,8192 --depths 0.1,0.5,0.9 --n 10 --out "$out/card"
         ;;
     quickstart)
         # kv-retrieval is left out: the dense 135M model itself fails it (baseline card)
-        timeout "${QS_TIMEOUT:-420}" python3 cli.py quickstart --out /tmp/qs --device cuda \
-            --dtype bfloat16 --profile-lengths 2048,4096 --profile-samples 8 --validate 30 \
+        python3 cli.py quickstart --out "$out/qs" --device cuda --dtype bfloat16 \
+            --profile-lengths 2048,4096 --profile-samples 8 --full-grid --fidelity exact \
             --trials 200 --eval-lengths 2048,4096,8192 --eval-samples 6 --depths 0.1,0.5,0.9 \
-            --tasks ppl,passkey --baselines dense,window,elastic || echo "quickstart rc=$?"
-        rm -rf /tmp/qs/profile/checkpoints
-        tar czf "$out/qs.tgz" -C /tmp qs
+            --tasks ppl,passkey --baselines dense,window,elastic
+        rm -rf "$out/qs/profile/checkpoints"
         ;;
     gputest)
         python3 -m pytest -q -p no:cacheprovider tests/kernels/test_influence_kernel.py \

@@ -1,5 +1,5 @@
-"""One device parser for every command: unknown or unavailable devices are one line, before
-any model is loaded, and the same wording whichever command was given them."""
+"""One device and dtype parser for every command: unknown or unavailable devices are one line,
+before any model is loaded, and the same wording whichever command was given them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from moa_search.devices import parse_device, parse_devices
+from moa_search.devices import dtype_name, parse_device, parse_devices, parse_dtype
 from moa_search.errors import MoaSearchError
 from tests.conftest import tiny_llama
 
@@ -92,3 +92,25 @@ def test_library_profile_checks_its_device_too():
 
     with pytest.raises(MoaSearchError, match="--device"):
         profile("smollm2-135m", device="nonsense", lengths=[64], samples=1)
+
+
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("fp32", "float32"),
+        ("bf16", "bfloat16"),
+        ("float16", "float16"),
+        (torch.bfloat16, "bfloat16"),
+    ],
+)
+def test_dtype_names_and_short_names(given, name) -> None:
+    assert dtype_name(given) == name
+    assert parse_dtype(given) is getattr(torch, name)
+
+
+def test_dtype_auto_only_where_allowed() -> None:
+    assert parse_dtype("auto", allow_auto=True) == "auto"
+    with pytest.raises(MoaSearchError, match="dtype: expected float32, bfloat16, float16, got"):
+        parse_dtype("auto")
+    with pytest.raises(MoaSearchError, match="or auto, got 'int8'"):
+        dtype_name("int8", allow_auto=True)

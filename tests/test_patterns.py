@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar  # at module level: dataclasses must see it for the toy pattern
 
 import pytest
 import torch
@@ -141,3 +143,74 @@ def test_sparq_k_at_tensor_equals_scalar(spec):
     p = parse(spec)
     n = torch.arange(0, 400)
     assert p.k_at(n).tolist() == [1] + [p.k_at(int(m)) for m in n[1:]]
+
+
+def test_sparq_query_components_share_indices_over_the_group() -> None:
+    from moa_search.patterns import sparq_query_components
+
+    q = torch.randn(3, 4, 2, 16, generator=torch.Generator().manual_seed(0))  # (B, t, G, D)
+    idx, q_r, scale = sparq_query_components(q, 5, group_dim=2)
+    assert idx.shape == (3, 4, 5) and q_r.shape == (3, 4, 2, 5) and scale.shape == (3, 4, 2)
+    b, t = 1, 2
+    want = q[b, t].abs().sum(0).topk(5).indices
+    assert set(idx[b, t].tolist()) == set(want.tolist())
+    sel = q[b, t][:, idx[b, t]]
+    assert torch.equal(q_r[b, t], sel)
+    expect = torch.sqrt(16 * sel.abs().sum(-1) / q[b, t].abs().sum(-1))
+    assert torch.allclose(scale[b, t], expect)
+
+
+def test_a_new_pattern_is_one_class_through_profile_plan_and_show(tmp_path) -> None:
+    """Register a toy pattern here and nowhere else: the measured profile prices its grid,
+    the search plans with it (plots included) and ``show`` prints the plan."""
+    from moa_search.patterns import PATTERNS, Pattern, PlotStyle, register
+    from moa_search.plan import load_plan
+    from moa_search.profile import profile
+    from moa_search.profile.measured import MeasureConfig
+    from moa_search.search import plan_search
+    from moa_search.show import describe_plan
+    from tests.profile.conftest import tiny_model
+    from tests.profile.test_measured import _samples
+
+    @register
+    @dataclass(frozen=True)
+    class Recent(Pattern):
+        """Toy: the newest ``span`` keys, no sink."""
+
+        name: ClassVar[str] = "toyrecent"
+        style: ClassVar[PlotStyle] = PlotStyle("P", "R")
+        span: int = 8
+
+        @classmethod
+        def candidates(cls, lengths, head_dim, grid="measured", block_size=64):
+            return [cls(span=max(lengths) // 8), cls(span=max(lengths) // 4)]
+
+        def span_at(self, n):
+            return (
+                torch.clamp(n, max=self.span) if isinstance(n, torch.Tensor) else min(n, self.span)
+            )
+
+        def ring_size(self, max_len: int) -> int:
+            return max(1, min(self.span, max_len))
+
+        def span_affine(self):
+            return (float(self.span), 0.0)
+
+    try:
+        model = tiny_model()
+        prof = profile(
+            model, calib=_samples(), lengths=[64], samples=4, out=tmp_path / "p", plots=False,
+            progress=False, measure=MeasureConfig(max_scored=0, row_batch=8),
+        )  # fmt: skip
+        assert {"toyrecent:span=8", "toyrecent:span=16"} <= set(prof.table["pattern"])
+        result = plan_search(
+            tmp_path / "p", budgets=["memory=0.5"], trials=4, patterns=["dense", "toyrecent"],
+            progress=False,
+        )  # fmt: skip
+        plan = load_plan(result.best)
+        families = {p.name for row in plan.heads for p in row}
+        assert "toyrecent" in families and families <= {"dense", "toyrecent"}
+        text = describe_plan(plan, [64])
+        assert "toyrecent:span=" in text and "heads by family:" in text
+    finally:
+        PATTERNS.pop("toyrecent", None)

@@ -28,5 +28,5 @@ def test_cli_help_lists_every_command():
 
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("profile", "plan", "eval", "bench", "show"):
+    for command in ("profile", "plan", "eval", "bench", "show", "card"):
         assert command in result.output

@@ -7,40 +7,32 @@ Llama-3-8B attention/MLP shapes without a 16 GB download.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from moa_search.devices import parse_dtype
 from moa_search.errors import MoaSearchError
 
 #: Config-only model shapes (LlamaConfig fields). ``tiny-llama`` is for CPU tests.
+_LLAMA3 = dict(  # what the Llama-3 shapes share
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b-shape": dict(
-        num_hidden_layers=32,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=14336,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
+        _LLAMA3, num_hidden_layers=32, hidden_size=4096, head_dim=128, intermediate_size=14336
     ),
     "llama3-1b-shape": dict(
+        _LLAMA3,
         num_hidden_layers=16,
         hidden_size=2048,
-        num_attention_heads=32,
-        num_key_value_heads=8,
         head_dim=64,
         intermediate_size=8192,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
         tie_word_embeddings=True,
     ),
     "tiny-llama": dict(
@@ -68,22 +60,6 @@ def shape_config(name: str) -> Any:
     return config
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    if dtype not in table:
-        raise MoaSearchError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
-    return table[dtype]
-
-
 def build_model(
     name: str = "llama3-8b-shape",
     dtype: torch.dtype | str = torch.bfloat16,
@@ -96,7 +72,7 @@ def build_model(
     weights (normal, std = initializer_range; norms 1), so nothing is downloaded and no
     host copy of the weights is made. Other names go to :func:`moa_search.models.load_model`.
     """
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     device = torch.device(device)
     if name not in SHAPES:
         from moa_search.models import load_model  # noqa: PLC0415
@@ -130,33 +106,3 @@ def weight_bytes(model: torch.nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def ensure_kernels() -> Any:
-    """Import ``moa_search.kernels``; when the package is not installed (a bare checkout on a
-    GPU machine) load it from the repository's ``kernels/`` folder. None if Triton is missing."""
-    try:
-        import moa_search.kernels as mk  # noqa: PLC0415
-
-        if hasattr(mk, "mixed_decode"):
-            return mk
-    except ImportError:
-        pass
-    import moa_search  # noqa: PLC0415
-
-    folder = Path(moa_search.__file__).resolve().parents[1] / "kernels"
-    if not (folder / "__init__.py").is_file():
-        return None
-    sys.modules.pop("moa_search.kernels", None)
-    spec = importlib.util.spec_from_file_location(
-        "moa_search.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    mk = importlib.util.module_from_spec(spec)
-    sys.modules["moa_search.kernels"] = mk
-    try:
-        spec.loader.exec_module(mk)
-    except ImportError:
-        sys.modules.pop("moa_search.kernels", None)
-        return None
-    moa_search.kernels = mk
-    return mk

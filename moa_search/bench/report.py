@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from moa_search.files import atomic_write
 
 GIB = 2**30
 
@@ -17,14 +18,28 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
-        w = csv.DictWriter(handle, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            w = csv.DictWriter(handle, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def _md_row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _speedups(row: dict, ref_of) -> dict[str, float | None]:
+    """tok/s of ``row`` over that of each dense config's row (``ref_of(config)``, or None)."""
+    out: dict[str, float | None] = {}
+    for d in ("dense-sdpa", "dense-moa"):
+        ref = ref_of(d)
+        ok = ref and ref.get("tok_s") and row.get("tok_s")
+        out[d] = row["tok_s"] / ref["tok_s"] if ok else None
+    return out
 
 
 def _ok(rows, mode):
@@ -58,17 +73,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for r in sweep:
         key = (r["context"], r["batch"])
-        sp = {}
-        for d in ("dense-sdpa", "dense-moa"):
-            ref = base.get((d, *key))
-            sp[d] = (r["tok_s"] / ref["tok_s"]) if ref and r.get("tok_s") else None
-        lines.append(
-            f"| {r['context']} | {r['batch']} | {r['config']} | {_fmt(r.get('kv_density'), 3)} "
-            f"| {_fmt(r.get('tok_s'), 1)} | {_fmt(r.get('step_ms'), 3)} | {_fmt(sp['dense-sdpa'])} "
-            f"| {_fmt(sp['dense-moa'])} | {_fmt(r.get('peak_gib'))} "
-            f"| {_fmt((r.get('kv_bytes') or 0) / GIB if r.get('kv_bytes') else None)} "
-            f"| {_fmt(r.get('kv_err_pct'), 3)}% | {r.get('status')} |"
-        )
+        sp = _speedups(r, lambda d, key=key: base.get((d, *key)))
+        kv_gib = r["kv_bytes"] / GIB if r.get("kv_bytes") else None
+        cells = [r["context"], r["batch"], r["config"], _fmt(r.get("kv_density"), 3),
+                 _fmt(r.get("tok_s"), 1), _fmt(r.get("step_ms"), 3), _fmt(sp["dense-sdpa"]),
+                 _fmt(sp["dense-moa"]), _fmt(r.get("peak_gib")), _fmt(kv_gib),
+                 f"{_fmt(r.get('kv_err_pct'), 3)}%", r.get("status")]  # fmt: skip
+        lines.append(_md_row(cells))
     eq = [r for r in rows if r.get("mode") == "equal-memory"]
     if eq:
         lines += [
@@ -81,16 +92,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ]
         by = {(r["config"], r["context"]): r for r in eq}
         for r in eq:
-            sp = {}
-            for d in ("dense-sdpa", "dense-moa"):
-                ref = by.get((d, r["context"]))
-                ok = ref and ref.get("tok_s") and r.get("tok_s")
-                sp[d] = r["tok_s"] / ref["tok_s"] if ok else None
-            lines.append(
-                f"| {r['context']} | {r['config']} | {r.get('batch')} | {r.get('predicted_batch')} "
-                f"| {_fmt(r.get('tok_s'), 1)} | {_fmt(sp['dense-sdpa'])} | {_fmt(sp['dense-moa'])} "
-                f"| {_fmt(r.get('peak_gib'))} | {r.get('tries')} |"
-            )
+            sp = _speedups(r, lambda d, ctx=r["context"]: by.get((d, ctx)))
+            cells = [r["context"], r["config"], r.get("batch"), r.get("predicted_batch"),
+                     _fmt(r.get("tok_s"), 1), _fmt(sp["dense-sdpa"]), _fmt(sp["dense-moa"]),
+                     _fmt(r.get("peak_gib")), r.get("tries")]  # fmt: skip
+            lines.append(_md_row(cells))
     pre = [r for r in rows if r.get("mode") == "prefill"]
     if pre:
         lines += [

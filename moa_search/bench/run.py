@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ import torch
 
 from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, PlanLoop
 from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_max_batch
-from moa_search.bench.models import build_model, ensure_kernels, weight_bytes
+from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
 from moa_search.errors import MoaSearchError
+from moa_search.files import write_json
 from moa_search.plan import Plan, load_plan, uniform_plan
 
 CONFIGS = ("dense-sdpa", "dense-moa", "plan")
@@ -336,41 +338,54 @@ def _as_list(value: int | str | Sequence[int]) -> list[int]:
     return [int(v) for v in value]
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``bench`` measures: built by the CLI, stored in run.json (``config``).
+
+    ``synthetic``: density (``0.25``) or ``"density=0.25,seed=1"``, a synthetic plan made
+    for each context (:func:`moa_search.bench.synthetic.synthetic_plan`) when no plan file
+    is given. ``batch`` x ``context``: the sweep (lists or "1,8,32"); ``new_tokens``: decode
+    steps timed per point; ``memory_budget``: the equal-memory mode's budget ("60GiB"; None
+    skips it); ``configs``: any of ``dense-sdpa``, ``dense-moa``, ``plan``;
+    ``prefill_batch``: sequences per timed prefill (None: no prefill timing);
+    ``overhead_at``: (batch, context) where eager vs graph time and the kernel-time
+    breakdown are measured (skipped when not in the sweep); ``max_tries``: batch sizes the
+    equal-memory search tries past the first estimate.
+    """
+
+    synthetic: float | str | None = None
+    batch: int | str | Sequence[int] = (1, 8, 32)
+    context: int | str | Sequence[int] = (4096, 32768)
+    new_tokens: int = 128
+    memory_budget: str | int | None = "60GiB"
+    configs: Sequence[str] = CONFIGS
+    prefill_batch: int | None = 1
+    overhead_at: tuple[int, int] | None = (8, 32768)
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    seed: int = 0
+    max_tries: int = 4
+
+
 def bench(
     model: str = "llama3-8b-shape",
     plan: str | os.PathLike[str] | Plan | None = None,
+    config: BenchConfig | None = None,
     *,
-    synthetic: float | str | None = None,
-    batch: int | str | Sequence[int] = (1, 8, 32),
-    context: int | str | Sequence[int] = (4096, 32768),
-    new_tokens: int = 128,
-    memory_budget: str | int | None = "60GiB",
     out: str | os.PathLike[str] | None = "bench_out",
-    configs: Sequence[str] = CONFIGS,
-    prefill_batch: int | None = 1,
-    overhead_at: tuple[int, int] | None = (8, 32768),
-    dtype: str = "bfloat16",
-    device: str = "cuda",
-    seed: int = 0,
-    max_tries: int = 4,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """Dense vs plan, side by side; writes OUT/bench.csv, bench.md, plots, run.json.
 
-    Args:
-        model: a shape from :data:`moa_search.bench.models.SHAPES` (random weights, no
-            download), the default alias ``smollm2-135m``, or any HF name / path.
-        plan: a plan YAML (or Plan) for ``model``; or give ``synthetic``.
-        synthetic: density (``0.25``) or ``"density=0.25,seed=1"``: a synthetic plan made for
-            each context (see :func:`moa_search.bench.synthetic.synthetic_plan`).
-        batch, context: the sweep (lists or "1,8,32").
-        new_tokens: decode steps timed per point.
-        memory_budget: equal-memory mode budget ("60GiB"); None skips the mode.
-        configs: any of ``dense-sdpa``, ``dense-moa``, ``plan``.
-        prefill_batch: sequences per timed prefill (None: no prefill timing).
-        overhead_at: (batch, context) where eager vs graph time and the kernel-time breakdown
-            are measured (skipped when not in the sweep).
+    ``model``: a shape from :data:`moa_search.bench.models.SHAPES` (random weights, no
+    download), the default alias ``smollm2-135m``, or any HF name / path; ``plan``: a plan
+    YAML (or Plan) for ``model``, or give ``synthetic`` in ``config``. Any
+    :class:`BenchConfig` field may also be given as a keyword, over ``config``.
     Returns the rows (also in OUT/bench.csv).
     """
+    cfg = replace(config or BenchConfig(), **settings)
+    synthetic, configs, seed = cfg.synthetic, cfg.configs, cfg.seed
+    new_tokens, memory_budget, prefill_batch = cfg.new_tokens, cfg.memory_budget, cfg.prefill_batch
     if (plan is None) == (synthetic is None):
         raise MoaSearchError("give exactly one of plan or synthetic")
     bad = [c for c in configs if c not in CONFIGS]
@@ -378,18 +393,16 @@ def bench(
         raise MoaSearchError(f"unknown config {bad[0]!r} (known: {', '.join(CONFIGS)})")
     if new_tokens < 1:
         raise MoaSearchError("new_tokens must be >= 1")
-    batches, contexts = _as_list(batch), _as_list(context)
-    dev = torch.device(device)
+    batches, contexts = _as_list(cfg.batch), _as_list(cfg.context)
+    dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MoaSearchError("device cuda requested but no GPU is visible")
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if dev.type == "cuda":
-        ensure_kernels()
 
     t0 = time.perf_counter()
-    net = build_model(model, dtype=dtype, device=dev, seed=seed)
+    net = build_model(model, dtype=cfg.dtype, device=dev, seed=seed)
     _log(f"model {model} built in {time.perf_counter() - t0:.1f}s")
     dtype_bytes = torch.finfo(net.dtype).bits // 8
 
@@ -439,9 +452,10 @@ def bench(
         "plan": str(plan) if plan is not None else None,
         "synthetic": synthetic,
         "argv": sys.argv,
+        "config": asdict(cfg),
     }
     if out_dir is not None:
-        (out_dir / "run.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        write_json(out_dir / "run.json", meta)
     _log(f"device {meta['device']}, weights {b.weights / GIB:.2f} GiB")
 
     for ctx in contexts:
@@ -462,12 +476,12 @@ def bench(
                         }
                     )
                     continue
-                ov = overhead_at is not None and (bs, ctx) == tuple(overhead_at)
+                ov = cfg.overhead_at is not None and (bs, ctx) == tuple(cfg.overhead_at)
                 b.emit(b.decode(config, bs, ctx, overhead=ov))
         if memory_budget is not None:
             budget = parse_bytes(memory_budget)
             for config in configs:
-                b.equal_memory(config, ctx, budget, max_tries)
+                b.equal_memory(config, ctx, budget, cfg.max_tries)
 
     if out_dir is not None:
         from moa_search.bench.report import write_report  # noqa: PLC0415
@@ -475,43 +489,3 @@ def bench(
         write_report(b.rows, out_dir, meta)
     _log(f"done in {time.perf_counter() - t0:.1f}s")
     return b.rows
-
-
-def _cli() -> None:  # python -m moa_search.bench.run (until the CLI command exists)
-    import argparse  # noqa: PLC0415
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="llama3-8b-shape")
-    ap.add_argument("--plan")
-    ap.add_argument("--synthetic")
-    ap.add_argument("--batch", default="1,8,32")
-    ap.add_argument("--context", default="4096,32768")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--memory-budget", default="60GiB")
-    ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--prefill-batch", type=int, default=1)
-    ap.add_argument("--overhead-at", default="8,32768")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16")
-    a = ap.parse_args()
-    ov = tuple(int(x) for x in a.overhead_at.split(",")) if a.overhead_at else None
-    bench(
-        a.model,
-        a.plan,
-        synthetic=a.synthetic,
-        batch=a.batch,
-        context=a.context,
-        new_tokens=a.new_tokens,
-        memory_budget=None if a.memory_budget in ("", "none") else a.memory_budget,
-        out=a.out,
-        configs=a.configs.split(","),
-        prefill_batch=a.prefill_batch or None,
-        overhead_at=ov,
-        device=a.device,
-        dtype=a.dtype,
-    )
-
-
-if __name__ == "__main__":
-    _cli()

@@ -2,19 +2,18 @@
 
 Why: every sparse profile is judged against the dense model, so the dense numbers
 (with their sample counts, device and dtype) are measured once and committed next
-to the profiles. Run ``python -m moa_search.data.baseline_card --help``.
+to the profiles. Run ``moa-search card --help``. Perplexity uses the same test-token
+stream (documents joined by EOS) and NLL as ``moa-search eval`` (``moa_search.nll``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import platform
-import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -27,38 +26,39 @@ from moa_search.data.retrieval import (
     make_passkey_sample,
     score_answer,
 )
-from moa_search.data.texts import CORPORA, load_texts
-from moa_search.models import DEFAULT_MODEL, load_model_and_tokenizer
+from moa_search.data.texts import CORPORA
+from moa_search.files import write_text
+from moa_search.models import DEFAULT_MODEL
+from moa_search.nll import token_stream, window_nll
 
 FIELDS = ["metric", "source", "length", "depth", "n", "value", "seconds"]
 
 
-def test_token_stream(tokenizer: Any, corpus: str, n_tokens: int, split: str = "test") -> list[int]:
-    """The first ``n_tokens`` of a corpus's split, documents joined by blank lines."""
-    ids: list[int] = []
-    for doc in load_texts(split, corpus):
-        ids.extend(tokenizer(doc.text + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ids) >= n_tokens:
-            break
-    return ids[:n_tokens]
+@dataclass(frozen=True)
+class CardConfig:
+    """What ``moa-search card`` measures (the defaults are its options' defaults)."""
 
-
-@torch.no_grad()
-def window_nll(model: Any, ids: list[int]) -> float:
-    """Mean next-token negative log-likelihood over one window (no BOS added)."""
-    x = torch.tensor([ids], device=model.device)
-    logits = model(input_ids=x).logits[0, :-1].float()
-    return torch.nn.functional.cross_entropy(logits, x[0, 1:]).item()
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    ppl_lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    ppl_windows: int = 1
+    ret_lengths: tuple[int, ...] = (1024, 2048, 4096)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    n: int = 5  # samples per retrieval cell
+    passkey_format: str = DEFAULT_PASSKEY_FORMAT
+    kv_format: str = DEFAULT_KV_FORMAT
 
 
 def perplexity_rows(model, tokenizer, lengths, n_windows, corpora=CORPORA, split="test"):
-    """Perplexity of non-overlapping windows at each length, averaged in log space."""
+    """Perplexity of non-overlapping windows from the start of each corpus's ``split``
+    stream, at each length, averaged in log space."""
     for corpus in corpora:
-        stream = test_token_stream(tokenizer, corpus, max(lengths) * n_windows, split)
+        stream = token_stream(tokenizer, split, corpus).tolist()
         for length in lengths:
             t = time.time()
             starts = [i * length for i in range(n_windows) if (i + 1) * length <= len(stream)]
-            nll = [window_nll(model, stream[a : a + length]) for a in starts]
+            nll = [window_nll(model, stream[a : a + length])[0] for a in starts]
             ppl = math.exp(sum(nll) / len(nll)) if nll else float("nan")
             yield {
                 "metric": "perplexity",
@@ -138,73 +138,49 @@ def render_markdown(rows: list[dict], header: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Measure the dense baseline card of a model.")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--ppl-lengths", default="512,1024,2048,4096,8192")
-    ap.add_argument("--ppl-windows", type=int, default=1)
-    ap.add_argument("--ret-lengths", default="1024,2048,4096")
-    ap.add_argument("--depths", default="0.1,0.5,0.9")
-    ap.add_argument("--n", type=int, default=5, help="samples per retrieval cell")
-    ap.add_argument("--passkey-format", default=DEFAULT_PASSKEY_FORMAT)
-    ap.add_argument("--kv-format", default=DEFAULT_KV_FORMAT)
-    ap.add_argument("--out", type=Path, default=Path("profiles") / DEFAULT_MODEL)
-    args = ap.parse_args(argv)
+def baseline_card(config: CardConfig, out: str | Path) -> Path:
+    """Measure the card; writes ``out``/baseline_card.csv and baseline_card.md (the markdown
+    after every row, so an interrupted run still leaves a card). Returns the markdown path."""
+    from moa_search.models import load_model_and_tokenizer  # noqa: PLC0415 - heavy import
 
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    c = config
+    model, tok = load_model_and_tokenizer(c.model, dtype=c.dtype, device=c.device)
     started = time.time()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    csv_path = args.out / "baseline_card.csv"
-    with open(csv_path, "w", newline="") as f:
+    gens = [
+        perplexity_rows(model, tok, c.ppl_lengths, c.ppl_windows),
+        retrieval_rows(model, tok, "passkey", c.ret_lengths, c.depths, c.n, c.passkey_format),
+        retrieval_rows(model, tok, "kv", c.ret_lengths, c.depths, c.n, c.kv_format),
+    ]
+    with open(out / "baseline_card.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        depths = [float(x) for x in args.depths.split(",")]
-        gens = [
-            perplexity_rows(model, tok, ints(args.ppl_lengths), args.ppl_windows),
-            retrieval_rows(
-                model, tok, "passkey", ints(args.ret_lengths), depths, args.n, args.passkey_format
-            ),
-            retrieval_rows(
-                model, tok, "kv", ints(args.ret_lengths), depths, args.n, args.kv_format
-            ),
-        ]
         for gen in gens:
             for row in gen:
                 rows.append(row)
                 writer.writerow(row)
                 f.flush()
                 print(row, flush=True)
-                _write_card(args, argv, rows, started)
-    return 0
+                write_text(out / "baseline_card.md", render_markdown(rows, _header(c, started)))
+    return out / "baseline_card.md"
 
 
-def _write_card(
-    args: argparse.Namespace, argv: list[str] | None, rows: list[dict], started: float
-) -> None:
-    """Rewrite the markdown after every row, so an interrupted run still leaves a card."""
-    device = args.device if args.device == "cpu" else torch.cuda.get_device_name()
-    if args.device == "cpu":
+def _header(c: CardConfig, started: float) -> dict[str, str]:
+    if c.device == "cpu":
         device = (
             f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         )
-    cmd = "python -m moa_search.data.baseline_card " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    header = {
-        "model": args.model,
+    else:
+        device = torch.cuda.get_device_name(torch.device(c.device))
+    settings = ", ".join(f"{k}={v}" for k, v in asdict(c).items() if k not in ("model", "dtype"))
+    return {
+        "model": c.model,
         "device": device,
-        "dtype": args.dtype,
+        "dtype": c.dtype,
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-        "command": f"`{cmd.strip()}`",
+        "settings": f"`{settings}`",
         "runtime": f"{time.time() - started:.0f} s",
         "greedy decoding": "12 new tokens; correct = answer appears as a whole word",
     }
-    (args.out / "baseline_card.md").write_text(render_markdown(rows, header))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,10 +6,17 @@ effective context, max drop), report (CSV, Markdown, PNG), run (``evaluate``).
 """
 
 from moa_search.evaluate.baselines import BASELINES, Method, build_methods, scale_plan
-from moa_search.evaluate.run import DEFAULT_DEPTHS, DEFAULT_LENGTHS, EvalResult, evaluate
+from moa_search.evaluate.run import (
+    DEFAULT_DEPTHS,
+    DEFAULT_LENGTHS,
+    EvalConfig,
+    EvalResult,
+    evaluate,
+)
 from moa_search.evaluate.tasks import TASKS
 
 __all__ = [
+    "EvalConfig",
     "BASELINES",
     "DEFAULT_DEPTHS",
     "DEFAULT_LENGTHS",

@@ -165,15 +165,7 @@ def build_methods(
 
 
 def _scaled(plan: Plan, factor: float, n: int) -> Plan:
-    def scale(p: Pattern) -> Pattern:
-        if isinstance(p, Window):
-            return dataclasses.replace(p, span=max(1, min(n, round(p.span * factor))))
-        if isinstance(p, Elastic):
-            beta = min(1.0, round(p.beta * factor, 4))
-            return dataclasses.replace(p, alpha=round(p.alpha * factor, 3), beta=beta)
-        return p
-
-    rows = [[scale(p) for p in row] for row in plan.heads]
+    rows = [[p.scaled(factor, n) for p in row] for row in plan.heads]
     return dataclasses.replace(plan, heads=rows, notes=f"{plan.notes} scaled x{factor:.4g}".strip())
 
 

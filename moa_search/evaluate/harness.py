@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,23 @@ from moa_search.evaluate.tasks import method_applied
 
 PREFIX = "lm-eval:"  # task names in trials/results: "lm-eval:<harness task>"
 SECTION = "lm-eval"
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """Which lm-evaluation-harness tasks ``moa-search eval --lm-eval`` runs, and how.
+    ``length``: the context cap where baselines match the plan's memory (None: eval's
+    longest length); ``limit``: documents per task (< 1: a fraction)."""
+
+    tasks: tuple[str, ...] = ()
+    include: str | os.PathLike[str] | None = None
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    length: int | None = None
+    batch_size: int = 1
+    chat_template: bool = False
+
+
 _SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
 
@@ -85,20 +103,15 @@ def run_harness(
     model: Any,
     tokenizer: Any,
     methods: Sequence[Method],
-    tasks: Sequence[str],
-    length: int,
+    harness: HarnessConfig,
     *,
-    include: str | os.PathLike[str] | None = None,
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 1,
-    chat_template: bool = False,
     backend: str = "auto",
     seed: int = 0,
     confidence: float = 0.95,
     quiet: bool = True,
 ) -> tuple[list[dict], list[dict]]:
-    """Run ``tasks`` once per method; return (trial rows, summary rows) for the report.
+    """Run ``harness.tasks`` once per method at ``harness.length``; return (trial rows,
+    summary rows) for the report.
 
     Trial rows: one per document of each task's first metric (``correct`` = that metric's
     per-document value). Summary rows: one per (method, task, metric) with the harness's
@@ -112,12 +125,13 @@ def run_harness(
     if quiet:
         for name in ("lm_eval", "lm-eval"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    tasks = check_harness_tasks(tasks)
-    tm = task_manager(tasks, include)
+    tasks = check_harness_tasks(harness.tasks)
+    tm = task_manager(tasks, harness.include)
+    length = harness.length
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,
-        batch_size=batch_size,
+        batch_size=harness.batch_size,
         max_length=length,
         device=str(model.device),
     )
@@ -130,10 +144,10 @@ def run_harness(
                 model=lm,
                 tasks=list(tasks),
                 task_manager=tm,
-                num_fewshot=num_fewshot,
-                limit=limit,
+                num_fewshot=harness.num_fewshot,
+                limit=harness.limit,
                 log_samples=True,
-                apply_chat_template=chat_template,
+                apply_chat_template=harness.chat_template,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,

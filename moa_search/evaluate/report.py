@@ -12,7 +12,6 @@ max drop, mean ratio), the budget sweep and the cost. Cells where dense itself s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pandas as pd
 from moa_search.data import ruler
 from moa_search.evaluate.aggregate import HARNESS_PREFIX, SIGNAL_THRESHOLD, pooled
 from moa_search.evaluate.tasks import DEPTH_TASKS, RULER_TASKS
+from moa_search.files import save_figure, write_json
 
 TITLES = {
     "ppl": "perplexity (lower is better)",
@@ -50,7 +50,7 @@ def write_all(
     trials.to_csv(files[0], index=False)
     summary.to_csv(files[1], index=False)
     derived.to_csv(files[2], index=False)
-    files[3].write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    write_json(files[3], meta)
     figures = []
     if plots and not summary.empty:
         figures = [
@@ -375,10 +375,7 @@ def plot_vs_length(summary: pd.DataFrame, path: Path) -> Path | None:
         if task != "ppl":
             ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
@@ -417,10 +414,7 @@ def plot_heatmap(summary: pd.DataFrame, path: Path) -> Path | None:
                 ax.set_xlabel("length")
             if c == 0:
                 ax.set_ylabel("needle depth")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_budget(summary: pd.DataFrame, path: Path, length: int | None) -> Path | None:
@@ -461,7 +455,4 @@ def plot_budget(summary: pd.DataFrame, path: Path, length: int | None) -> Path |
         if task != "ppl":
             ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,14 @@ from moa_search.evaluate.baselines import (
     dense_method,
     scale_plan,
 )
+from moa_search.evaluate.harness import HarnessConfig
 from moa_search.evaluate.tasks import (
     RULER_TASKS,
     Item,
     check_tasks,
     method_applied,
     ppl_items,
-    retrieval_items,
-    ruler_items,
+    prompt_items,
     run_item,
 )
 from moa_search.plan import Plan, load_plan, validate
@@ -184,74 +184,108 @@ def _sweep_points(
     return points
 
 
-def evaluate(
-    model: Any = "smollm2-135m",
-    plan: Plan | PathLike | None = None,
-    baselines: Sequence[str] = BASELINES,
-    tasks: Sequence[str] = ("ppl", "passkey", "kv-retrieval"),
-    lengths: Sequence[int] = DEFAULT_LENGTHS,
-    depths: Sequence[float] = DEFAULT_DEPTHS,
-    samples: int = 10,
-    out: PathLike = "eval",
-    device: str = "cpu",
-    dtype: str = "float32",
-    seed: int = 0,
-    budgets: Sequence[float] | None = None,
-    sweep_plans: Sequence[Plan | PathLike] | None = None,
-    sweep_length: int | None = None,
-    *,
-    tokenizer: Any = None,
-    backend: str = "auto",
-    sink: int = DEFAULT_SINK,
-    elastic_beta: float | None = None,
-    sparq_r: int | None = None,
-    ppl_corpus: str = "austen",
-    prompt_format: str | None = None,
-    max_new_tokens: int | None = None,
-    confidence: float = 0.95,
-    plots: bool = True,
-    progress: bool = True,
-    ruler_corpus: str = "austen",
-    lm_eval_tasks: Sequence[str] | None = None,
-    lm_eval_include: PathLike | None = None,
-    lm_eval_limit: int | float | None = None,
-    lm_eval_fewshot: int | None = None,
-    lm_eval_length: int | None = None,
-    lm_eval_batch_size: int = 1,
-    lm_eval_chat_template: bool = False,
-) -> EvalResult:
-    """Evaluate ``plan`` on ``model`` against dense and uniform baselines at equal budget.
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``evaluate`` measures: built by the CLI, stored in the report's run.json.
 
     ``samples`` is per cell: ppl windows per length, passkey prompts per (length, depth),
     kv prompts per length (depths cycled); RULER tasks (``ruler`` = all of them): per depth
     for the single-needle ones, else per length. A retrieval prompt plus its greedy answer
     (``max_new_tokens``, default per task: 10 passkey, 14 kv, RULER's own) fits in the eval
-    length. ``model`` is a name/path or a loaded model (then pass ``tokenizer``). Returns
-    the tables it wrote to ``out``; see the module doc for the sweep and lm-eval. Every bad
-    input is a one-line MoaSearchError.
+    length. ``budgets`` / ``sweep_plans`` / ``sweep_length``: the budget sweep (module
+    doc); ``lm_eval``: harness tasks (``harness.HarnessConfig``).
+    """
+
+    baselines: Sequence[str] = BASELINES
+    tasks: Sequence[str] = ("ppl", "passkey", "kv-retrieval")
+    lengths: Sequence[int] = DEFAULT_LENGTHS
+    depths: Sequence[float] = DEFAULT_DEPTHS
+    samples: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "auto"
+    budgets: Sequence[float] | None = None
+    sweep_plans: Sequence[Plan | PathLike] | None = None
+    sweep_length: int | None = None
+    sink: int = DEFAULT_SINK
+    elastic_beta: float | None = None
+    sparq_r: int | None = None
+    ppl_corpus: str = "austen"
+    ruler_corpus: str = "austen"
+    prompt_format: str | None = None
+    max_new_tokens: int | None = None
+    confidence: float = 0.95
+    plots: bool = True
+    lm_eval: HarnessConfig | None = None
+
+
+#: the keyword names evaluate() accepted before EvalConfig, for its lm_eval fields
+_HARNESS_KEYWORDS = {
+    "lm_eval_tasks": "tasks",
+    "lm_eval_include": "include",
+    "lm_eval_limit": "limit",
+    "lm_eval_fewshot": "num_fewshot",
+    "lm_eval_length": "length",
+    "lm_eval_batch_size": "batch_size",
+    "lm_eval_chat_template": "chat_template",
+}
+
+
+def _eval_config(config: EvalConfig | None, settings: dict[str, Any]) -> EvalConfig:
+    """``config`` with keyword overrides (``lm_eval_*`` ones go to its HarnessConfig)."""
+    cfg = config or EvalConfig()
+    harness = {
+        _HARNESS_KEYWORDS[k]: settings.pop(k) for k in list(settings) if k in _HARNESS_KEYWORDS
+    }
+    if harness.get("tasks"):
+        harness["tasks"] = tuple(harness["tasks"])
+        settings["lm_eval"] = replace(cfg.lm_eval or HarnessConfig(), **harness)
+    return replace(cfg, **settings)
+
+
+def evaluate(
+    model: Any = "smollm2-135m",
+    plan: Plan | PathLike | None = None,
+    config: EvalConfig | None = None,
+    *,
+    out: PathLike = "eval",
+    tokenizer: Any = None,
+    progress: bool = True,
+    **settings: Any,
+) -> EvalResult:
+    """Evaluate ``plan`` on ``model`` against dense and uniform baselines at equal budget.
+
+    ``config`` says what (:class:`EvalConfig`); any of its fields may also be given as a
+    keyword, over ``config`` (and ``lm_eval_tasks=`` etc. for its harness fields).
+    ``model`` is a name/path or a loaded model (then pass ``tokenizer``). Returns the tables
+    it wrote to ``out``; see the module doc for the sweep and lm-eval. Every bad input is a
+    one-line MoaSearchError.
     """
     t0 = time.perf_counter()
+    cfg = _eval_config(config, settings)
     if plan is None:
         raise MoaSearchError("evaluate: a plan is required (--plan PLAN.yaml)")
     harness_tasks: tuple[str, ...] = ()
-    if lm_eval_tasks:
+    if cfg.lm_eval is not None and cfg.lm_eval.tasks:
         from moa_search.evaluate import harness  # noqa: PLC0415 - optional dependency
 
         lm_eval_version = harness.require_lm_eval()
-        harness_tasks = harness.check_harness_tasks(lm_eval_tasks)
-    task_names = check_tasks(tasks, allow_empty=bool(harness_tasks))
-    base_names = check_baselines(baselines)
-    n_all = _check_numbers(lengths, depths, samples, budgets)
-    depths = tuple(float(d) for d in depths)
-    s_len = int(sweep_length or n_all[-1])
-    h_len = int(lm_eval_length or n_all[-1])
+        harness_tasks = harness.check_harness_tasks(cfg.lm_eval.tasks)
+    task_names = check_tasks(cfg.tasks, allow_empty=bool(harness_tasks))
+    base_names = check_baselines(cfg.baselines)
+    n_all = _check_numbers(cfg.lengths, cfg.depths, cfg.samples, cfg.budgets)
+    depths = tuple(float(d) for d in cfg.depths)
+    samples, seed = cfg.samples, cfg.seed
+    s_len = int(cfg.sweep_length or n_all[-1])
+    h_len = int((cfg.lm_eval.length if harness_tasks else None) or n_all[-1])
     if not isinstance(plan, Plan):
         load_plan(plan)  # a bad plan file fails in a second, before the model loads
-    net, tok, model_name = _load(model, tokenizer, device, dtype)
+    net, tok, model_name = _load(model, tokenizer, cfg.device, cfg.dtype)
     main_plan, source = _load_plan(plan, net)
     _check_lengths(net, tuple(sorted({*n_all, s_len, *((h_len,) if harness_tasks else ())})))
-    sweep = _sweep_points(main_plan, net, budgets, sweep_plans, s_len)
-    opts = dict(sink=sink, elastic_beta=elastic_beta, sparq_r=sparq_r)
+    sweep = _sweep_points(main_plan, net, cfg.budgets, cfg.sweep_plans, s_len)
+    opts = dict(sink=cfg.sink, elastic_beta=cfg.elastic_beta, sparq_r=cfg.sparq_r)
     work = _work(main_plan, source, n_all, base_names, sweep, s_len, opts)
     torch.manual_seed(seed)
 
@@ -260,14 +294,11 @@ def evaluate(
     def inputs(task: str, n: int) -> list[Item]:
         if (task, n) not in items:
             if task == "ppl":
-                items[task, n] = ppl_items(tok, n, samples, seed, ppl_corpus)
-            elif task in RULER_TASKS:
-                items[task, n] = ruler_items(
-                    tok, task, n, depths, samples, seed, max_new_tokens, ruler_corpus
-                )
+                items[task, n] = ppl_items(tok, n, samples, seed, cfg.ppl_corpus)
             else:
-                items[task, n] = retrieval_items(
-                    tok, task, n, depths, samples, seed, prompt_format, max_new_tokens
+                source = cfg.ruler_corpus if task in RULER_TASKS else cfg.prompt_format
+                items[task, n] = prompt_items(
+                    tok, task, n, depths, samples, seed, cfg.max_new_tokens, source
                 )
         return items[task, n]
 
@@ -287,7 +318,7 @@ def evaluate(
     done: dict[tuple[str, str, int], list[dict]] = {}  # dense results, reused by the sweep
     bar = tqdm(total=total, desc="evaluate", unit="trial", disable=not progress)
     for w, tasks_here in zip(work, todo, strict=True):
-        with method_applied(net, w.method, backend, w.length):
+        with method_applied(net, w.method, cfg.backend, w.length):
             for task in tasks_here:
                 key = (w.method.name, task, w.length)
                 if w.method.is_reference and key in done:
@@ -309,22 +340,16 @@ def evaluate(
     bar.close()
 
     trials = pd.DataFrame(rows)
-    summary = aggregate.summarize(trials, confidence, seed) if rows else pd.DataFrame()
+    summary = aggregate.summarize(trials, cfg.confidence, seed) if rows else pd.DataFrame()
     if harness_tasks:
         h_trials, h_summary = harness.run_harness(
             net,
             tok,
             build_methods(main_plan, h_len, base_names, source, **opts),
-            harness_tasks,
-            h_len,
-            include=lm_eval_include,
-            limit=lm_eval_limit,
-            num_fewshot=lm_eval_fewshot,
-            batch_size=lm_eval_batch_size,
-            chat_template=lm_eval_chat_template,
-            backend=backend,
+            replace(cfg.lm_eval, tasks=harness_tasks, length=h_len),
+            backend=cfg.backend,
             seed=seed,
-            confidence=confidence,
+            confidence=cfg.confidence,
         )
         trials = pd.concat([trials, pd.DataFrame(h_trials)], ignore_index=True)
         summary = pd.concat([summary, pd.DataFrame(h_summary)], ignore_index=True)
@@ -334,13 +359,14 @@ def evaluate(
     )
     derived = aggregate.derived(summary)
     seconds = time.perf_counter() - t0
+    lm = cfg.lm_eval
     meta = {
         "model": model_name,
         "plan": source or "(in memory)",
         "plan_profiled_lengths": list(main_plan.lengths),
         "device": str(net.device),
         "dtype": str(next(net.parameters()).dtype).replace("torch.", ""),
-        "backend": backend,
+        "backend": cfg.backend,
         "seed": seed,
         "samples_per_cell": int(samples),
         "lengths": list(n_all),
@@ -349,27 +375,28 @@ def evaluate(
         "baselines": list(base_names),
         "sweep_length": s_len if sweep else None,
         "sweep_points": [label for label, _ in sweep],
-        "ppl_corpus": ppl_corpus,
-        "ruler_corpus": ruler_corpus,
+        "ppl_corpus": cfg.ppl_corpus,
+        "ruler_corpus": cfg.ruler_corpus,
         "lm_eval": (
             {
                 "version": lm_eval_version,
                 "tasks": list(harness_tasks),
                 "length": h_len,
-                "limit": lm_eval_limit,
-                "num_fewshot": lm_eval_fewshot,
-                "chat_template": lm_eval_chat_template,
-                "include": Path(lm_eval_include).name if lm_eval_include else None,
+                "limit": lm.limit,
+                "num_fewshot": lm.num_fewshot,
+                "chat_template": lm.chat_template,
+                "include": Path(lm.include).name if lm.include else None,
             }
             if harness_tasks
             else None
         ),
-        "confidence": confidence,
+        "confidence": cfg.confidence,
         "notes": notes,
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "sweep_plans"},
     }
-    files = report.write_all(Path(out), trials, summary, derived, meta, plots=plots)
+    files = report.write_all(Path(out), trials, summary, derived, meta, plots=cfg.plots)
     partial.unlink(missing_ok=True)
     return EvalResult(Path(out), trials, summary, derived, files, seconds)
 

@@ -24,12 +24,10 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from moa_search.data import ruler
 from moa_search.data.retrieval import (
@@ -38,9 +36,9 @@ from moa_search.data.retrieval import (
     make_passkey_sample,
     score_answer,
 )
-from moa_search.data.texts import load_texts
 from moa_search.errors import MoaSearchError
 from moa_search.evaluate.baselines import Method
+from moa_search.nll import token_stream, window_nll
 from moa_search.runtime import apply_plan
 
 RULER_TASKS = tuple(ruler.TASKS)
@@ -57,7 +55,6 @@ DEFAULT_NEW_TOKENS = {
     "kv-retrieval": 14,
     **{name: t.new_tokens for name, t in ruler.TASKS.items()},
 }
-_LOGIT_CHUNK = 1024  # tokens per lm_head chunk: keeps (chunk x vocab) fp32 logits small
 
 
 @dataclass
@@ -107,23 +104,9 @@ def check_tasks(tasks: tuple[str, ...] | list[str], allow_empty: bool = False) -
 
 
 # --- inputs -------------------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _test_tokens(tokenizer: Any, corpus: str) -> np.ndarray:
-    docs = load_texts("test", corpus)
-    if not docs:
-        raise MoaSearchError(f"no {corpus!r} documents in the test split")
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for doc in docs:
-        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(int(eos))
-    return np.asarray(ids, dtype=np.int64)
-
-
 def ppl_items(tokenizer: Any, length: int, samples: int, seed: int, corpus: str) -> list[Item]:
     """``samples`` non-overlapping windows of ``length`` test tokens, picked by ``seed``."""
-    tokens = _test_tokens(tokenizer, corpus)
+    tokens = token_stream(tokenizer, "test", corpus)
     slots = len(tokens) // length
     if slots < samples:
         raise MoaSearchError(
@@ -136,36 +119,7 @@ def ppl_items(tokenizer: Any, length: int, samples: int, seed: int, corpus: str)
     return [Item("ppl", length, math.nan, i, seed, ids) for i, ids in enumerate(windows)]
 
 
-def retrieval_items(
-    tokenizer: Any,
-    task: str,
-    length: int,
-    depths: tuple[float, ...],
-    samples: int,
-    seed: int,
-    prompt_format: str | None = None,
-    new_tokens: int | None = None,
-) -> list[Item]:
-    """Passkey: ``samples`` prompts per depth. KV: ``samples`` prompts, depths cycled.
-
-    The prompt is ``length - new_tokens`` tokens, so prompt plus answer fit in ``length``
-    (and a model whose context is exactly ``length`` is never run past it).
-    """
-    if task not in RETRIEVAL_TASKS:
-        raise MoaSearchError(f"unknown retrieval task {task!r} (known: {RETRIEVAL_TASKS})")
-    new = new_tokens or DEFAULT_NEW_TOKENS[task]
-    fmt = {"prompt_format": prompt_format} if prompt_format else {}
-    items = []
-    for i, depth in _cells(task, depths, samples):
-        if task == "passkey":
-            s = make_passkey_sample(tokenizer, length - new, depth, seed + i, **fmt)
-        else:
-            s = make_kv_sample(tokenizer, length - new, depth, seed + i, **fmt)
-        items.append(Item(task, length, depth, i, seed + i, tuple(s.prompt_ids), s.answer, new))
-    return items
-
-
-def ruler_items(
+def prompt_items(
     tokenizer: Any,
     task: str,
     length: int,
@@ -173,22 +127,37 @@ def ruler_items(
     samples: int,
     seed: int,
     new_tokens: int | None = None,
-    corpus: str = "austen",
+    source: str | None = None,
 ) -> list[Item]:
-    """RULER prompts of ``length - new_tokens`` tokens from the test split.
+    """Retrieval or RULER prompts of ``length - new_tokens`` tokens, so prompt plus answer
+    fit in ``length`` (and a model whose context is exactly ``length`` is never run past it).
 
-    Single-needle tasks: ``samples`` prompts per depth (the heatmap); multi-needle tasks:
-    ``samples`` prompts with the queried needle's depth cycled; tasks without a depth
-    (vt, cwe, fwe): ``samples`` prompts, depth NaN.
+    Passkey and single-needle RULER tasks: ``samples`` prompts per depth (the heatmap); kv and
+    multi-needle tasks: ``samples`` prompts with the (queried) needle's depth cycled; RULER
+    tasks without a depth (vt, cwe, fwe): ``samples`` prompts, depth NaN. ``source``: the
+    passkey / kv prompt format, or the RULER filler corpus of the test split (default austen).
     """
-    spec = ruler.get_task(task)
-    new = new_tokens or spec.new_tokens
+    if task in ruler.TASKS:
+        spec = ruler.get_task(task)
+        new, keep_depth = new_tokens or spec.new_tokens, spec.uses_depth
+
+        def make(depth: float, s: int) -> Any:
+            return ruler.make_sample(
+                task, tokenizer, length - new, depth, s, split="test", corpus=source or "austen"
+            )
+    elif task in RETRIEVAL_TASKS:
+        new, keep_depth = new_tokens or DEFAULT_NEW_TOKENS[task], True
+        maker = make_passkey_sample if task == "passkey" else make_kv_sample
+        fmt = {"prompt_format": source} if source else {}
+
+        def make(depth: float, s: int) -> Any:
+            return maker(tokenizer, length - new, depth, s, **fmt)
+    else:
+        raise MoaSearchError(f"unknown prompt task {task!r} (known: {RETRIEVAL_TASKS} + RULER)")
     items = []
     for i, depth in _cells(task, depths, samples):
-        s = ruler.make_sample(
-            task, tokenizer, length - new, depth, seed + i, split="test", corpus=corpus
-        )
-        d = depth if spec.uses_depth else math.nan
+        s = make(depth, seed + i)
+        d = depth if keep_depth else math.nan
         items.append(Item(task, length, d, i, seed + i, tuple(s.prompt_ids), s.answer, new))
     return items
 
@@ -210,28 +179,6 @@ def method_applied(model: Any, method: Method, backend: str, max_len: int) -> It
         return
     with apply_plan(model, method.plan, backend=backend, max_cache_len=max_len):
         yield
-
-
-@torch.no_grad()
-def window_nll(model: Any, ids: list[int] | tuple[int, ...]) -> tuple[float, int]:
-    """Mean next-token NLL over one window (labels = inputs shifted) and the token count.
-
-    Runs the decoder once and the LM head in chunks, so an 8k window never materialises a
-    full (8k x vocab) fp32 logit matrix.
-    """
-    x = torch.tensor([list(ids)], device=model.device)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is None or head is None:
-        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
-        return float(F.cross_entropy(logits, x[0, 1:])), x.shape[1] - 1
-    hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[0]
-    total, count = 0.0, x.shape[1] - 1
-    for s in range(0, count, _LOGIT_CHUNK):
-        e = min(count, s + _LOGIT_CHUNK)
-        logits = head(hidden[s:e]).float()
-        total += float(F.cross_entropy(logits, x[0, s + 1 : e + 1], reduction="sum"))
-    return total / count, count
 
 
 def run_item(model: Any, tokenizer: Any, method: Method, item: Item) -> Trial:

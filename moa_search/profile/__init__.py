@@ -5,6 +5,6 @@ influence.py (tile-wise math), sparq_estimate.py, capture.py (hooks), validate.p
 store.py (atomic files, resume), table.py (tidy parquet), plots.py.
 """
 
-from moa_search.profile.run import METHOD_VERSION, ProfileResult, profile
+from moa_search.profile.run import METHOD_VERSION, ProfileConfig, ProfileResult, profile
 
-__all__ = ["METHOD_VERSION", "ProfileResult", "profile"]
+__all__ = ["METHOD_VERSION", "ProfileConfig", "ProfileResult", "profile"]

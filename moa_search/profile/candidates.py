@@ -8,43 +8,21 @@ by emulating their decode step at every position.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from moa_search.errors import MoaSearchError
-from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window, parse
-
-DEFAULT_SINK = 64
-WINDOW_FRACTIONS = (16, 8, 4, 2)  # spans of N/16 .. N/2 of every profiled length
-ELASTIC_ALPHAS = (0, 512, 1024, 2048, 4096, 8192, 16384)
-ELASTIC_BETAS = (0.0, 0.125, 0.25, 0.5)
-SPARQ_RS = (8, 16, 32)
-SPARQ_K_RATIOS = (1 / 16, 1 / 8, 1 / 4)
-SPARQ_LOCAL = 16
+from moa_search.patterns import PATTERNS, Dense, Pattern, SparQ, parse
 
 
 def default_candidates(lengths: Sequence[int], block_size: int, head_dim: int) -> list[Pattern]:
-    """Dense + windows at N/16..N/2 + elastic (alpha, beta) + SparQ (r, k_ratio) grid."""
-    out: list[Pattern] = [Dense()]
-    spans = sorted(
-        {
-            max(block_size, (n // f) // block_size * block_size)
-            for n in lengths
-            for f in WINDOW_FRACTIONS
-        }
-    )
-    out += [Window(sink=DEFAULT_SINK, span=s) for s in spans]
-    longest = max(lengths)
-    for alpha in ELASTIC_ALPHAS:
-        if alpha and alpha >= longest // 2:
-            continue
-        for beta in ELASTIC_BETAS:
-            if alpha == 0 and beta == 0:
-                continue  # sink + the token itself only
-            out.append(Elastic(sink=DEFAULT_SINK, alpha=float(alpha), beta=beta))
-    for r in SPARQ_RS:
-        if r <= head_dim:
-            out += [SparQ(r=r, k_ratio=kr, local=SPARQ_LOCAL) for kr in SPARQ_K_RATIOS]
-    return out
+    """The gradient method's grid: every registered family's ``candidates`` (dense, windows
+    at N/16..N/2, elastic (alpha, beta), SparQ (r, k_ratio) for the built-in ones)."""
+    return [
+        p
+        for family in PATTERNS.values()
+        for p in family.candidates(lengths, head_dim, "gradient", block_size)
+    ]
 
 
 def resolve_candidates(
@@ -69,24 +47,23 @@ def resolve_candidates(
 
 
 def split_static(cands: Sequence[Pattern]) -> tuple[list[Pattern], list[SparQ]]:
-    """Static (mask) candidates and SparQ candidates, each in the given order."""
-    static = [c for c in cands if c.static]
-    sparq = [c for c in cands if isinstance(c, SparQ)]
-    other = [c for c in cands if not c.static and not isinstance(c, SparQ)]
+    """Candidates priced by their mask and those priced as SparQ (``Pattern.pricing``), each
+    in the given order; a dynamic pattern with neither has no gradient estimate."""
+    static = [c for c in cands if c.static and c.pricing == "mask"]
+    sparq = [c for c in cands if c.pricing == "sparq"]
+    other = [c for c in cands if c not in static and c not in sparq]
     if other:
         raise MoaSearchError(f"candidates: no profiler estimate for pattern {other[0].spec()!r}")
     return static, sparq
 
 
+def param_columns() -> tuple[str, ...]:
+    """Parameter columns of the tidy table: the fields of every registered pattern, in order."""
+    return tuple(dict.fromkeys(f.name for c in PATTERNS.values() for f in dataclasses.fields(c)))
+
+
 def params(p: Pattern) -> dict[str, float | None]:
-    """Parameter columns of the tidy table (None where a family has no such parameter)."""
-    row: dict[str, float | None] = dict.fromkeys(
-        ("sink", "span", "alpha", "beta", "r", "k", "k_ratio", "local")
-    )
-    if isinstance(p, Window):
-        row.update(sink=p.sink, span=p.span)
-    elif isinstance(p, Elastic):
-        row.update(sink=p.sink, alpha=p.alpha, beta=p.beta)
-    elif isinstance(p, SparQ):
-        row.update(r=p.r, k=p.k, k_ratio=p.k_ratio, local=p.local)
+    """A candidate's parameter columns (None where its family has no such parameter)."""
+    row: dict[str, float | None] = dict.fromkeys(param_columns())
+    row.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})
     return row

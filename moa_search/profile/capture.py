@@ -15,15 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from moa_search.nll import chunked_nll
 from moa_search.patterns import Pattern, SparQ
 from moa_search.profile.influence import LayerInfluence, layer_influence
 
 ATTN_NAME = "moa_profile"
-LOSS_CHUNK = 1024  # tokens per lm_head + cross-entropy chunk (vocab-sized logits are large)
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
@@ -125,13 +124,6 @@ def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     return base, model.get_output_embeddings()
 
 
-def _chunk_loss(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    logits = head(hidden).float()
-    return (F.cross_entropy(logits, targets, reduction="none") * weight).sum()
-
-
 def sample_loss(
     model: torch.nn.Module, input_ids: torch.Tensor, loss_mask: torch.Tensor, need_grad: bool
 ) -> torch.Tensor:
@@ -152,21 +144,8 @@ def sample_loss(
     weight = loss_mask.to(device)[1:].float()
     count = weight.sum().clamp_min(1.0)
     hidden = hidden[:-1].to(head.weight.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for c0 in range(0, hidden.shape[0], LOSS_CHUNK):
-        sl = slice(c0, c0 + LOSS_CHUNK)
-        args = (
-            hidden[sl],
-            head,
-            targets[sl].to(head.weight.device),
-            weight[sl].to(head.weight.device),
-        )
-        part = (
-            checkpoint(_chunk_loss, *args, use_reentrant=False)
-            if need_grad
-            else (_chunk_loss(*args))
-        )
-        total = total + part.to(total.device)
+    dev = head.weight.device
+    total = chunked_nll(hidden, head, targets.to(dev), weight.to(dev), checkpointed=need_grad)
     return total / count.to(total.device)
 
 

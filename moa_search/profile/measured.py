@@ -24,7 +24,7 @@ import torch
 
 from moa_search.errors import MoaSearchError
 from moa_search.objective import DEFAULT_WEIGHTS, TASKS
-from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
+from moa_search.patterns import PATTERNS, Dense, Pattern
 from moa_search.profile import store
 from moa_search.profile.ablation import (
     DEFAULT_MAX_SCORED,
@@ -33,10 +33,9 @@ from moa_search.profile.ablation import (
     AblationEngine,
 )
 from moa_search.profile.calib import Sample
-from moa_search.profile.table import add_pattern_columns
+from moa_search.profile.table import SORT_COLUMNS, add_pattern_columns
 
 METHOD_VERSION = "moa-measured-1"
-MEASURED_SINK = 32
 #: the built-in calibration mix of the measured method: text and code score every token,
 #: retrieval and self-answer samples only their answers (the dense model's own, for self)
 MEASURED_MIX = {"text": 0.25, "code": 0.15, "passkey": 0.3, "multivalue": 0.1, "self_text": 0.2}
@@ -73,22 +72,10 @@ class MeasureConfig:
 
 
 def measured_candidates(lengths: Sequence[int], head_dim: int) -> list[Pattern]:
-    """Dense + windows from 32 up to the longest length (sink 32) + elastic spans + SparQ at
-    the paper's 1/8 and 1/4 transfer (r = d/8, k = N/16; r = d/4, k = N/8)."""
-    longest = max(lengths)
-    spans, s = [], 32
-    while s <= longest // 2:
-        spans.append(s)
-        s *= 2
-    out: list[Pattern] = [Dense()]
-    out += [Window(sink=MEASURED_SINK, span=s) for s in spans]
-    for alpha, beta in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25)):
-        if alpha < longest // 2:
-            out.append(Elastic(sink=MEASURED_SINK, alpha=float(alpha), beta=beta))
-    for ratio in (8, 4):
-        if head_dim // ratio >= 1:
-            out.append(SparQ(r=head_dim // ratio, k_ratio=1 / (2 * ratio), local=16))
-    return out
+    """The measured method's grid: every registered family's ``candidates`` (dense, windows
+    from 32 up to half the longest length, elastic spans and SparQ at the paper's 1/8 and 1/4
+    transfer for the built-in ones)."""
+    return [p for family in PATTERNS.values() for p in family.candidates(lengths, head_dim)]
 
 
 def measure_sample(
@@ -196,9 +183,7 @@ def build_table(
             add_pattern_columns(frame, p, length, s, head_dim)
             frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    return table.sort_values(
-        ["length", "layer", "kv_head", "family", "pattern"], kind="stable", ignore_index=True
-    )
+    return table.sort_values(SORT_COLUMNS, kind="stable", ignore_index=True)
 
 
 def task_counts(out: Path, lengths: Sequence[int], counts: Mapping[int, int]) -> dict:

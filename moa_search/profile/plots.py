@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moa_search.profile.store import atomic_write
+from moa_search.files import save_figure
 
 
 def _pyplot():
@@ -53,10 +53,7 @@ def sensitivity_heatmap(table: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
         fig.colorbar(img, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def measured_heatmap(table: pd.DataFrame, path: Path) -> Path:
@@ -84,10 +81,7 @@ def measured_heatmap(table: pd.DataFrame, path: Path) -> Path:
         ax.set_xticks(range(grid.shape[1]))
         fig.colorbar(img, ax=ax, shrink=0.8, label="log10 KL per token")
     fig.suptitle(f"one head at {pattern}, all others dense (N={length})", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def influence_distance(distance: torch.Tensor, block_size: int, path: Path) -> Path:
@@ -118,7 +112,4 @@ def influence_distance(distance: torch.Tensor, block_size: int, path: Path) -> P
     ax2.set_xlabel("query head")
     ax2.set_ylabel("layer")
     fig.colorbar(img, ax=ax2, shrink=0.8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,59 @@ DEFAULT_LENGTHS = (2048, 4096, 8192)
 DEFAULT_SPARQ_ROWS = 256
 
 
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``profile`` measures and where it runs: built by the CLI, stored in meta.json
+    (``config``); a rerun resumes only when the fields that shape results are unchanged.
+
+    ``method="measured"`` (default) applies every candidate to one KV head at a time and
+    measures the model's divergence from dense per task family (``measure`` sets its
+    fidelity and batch); ``"gradient"`` is MoA's first-order influence from one
+    forward + backward per sample (cheaper, blind where the model is confident).
+    ``devices="cuda:0,cuda:1"`` splits samples over devices; ``device="auto"`` shards one
+    model over all GPUs; ``storage`` (an RDB URL such as the plan study's): every worker
+    running the same profile against it claims (length, sample) units. ``validate=M``
+    (gradient) measures M single-head ablations and stores the Spearman correlation with
+    the prediction. SparQ candidates are priced at ``sparq_rows`` evenly spaced query rows
+    (0: every row; see ``influence.py``).
+    """
+
+    method: str = "measured"
+    lengths: Sequence[int] | str = DEFAULT_LENGTHS
+    samples: int = 8
+    candidates: Sequence[str | Pattern] | str | None = None
+    seed: int = 0
+    loss: str = "all"
+    dtype: str | torch.dtype | None = None
+    device: str | None = None
+    devices: str | Sequence[str] | None = None
+    storage: str | None = None
+    block_size: int = 64
+    sparq_rows: int = DEFAULT_SPARQ_ROWS
+    tile_rows: int | None = None
+    gradient_checkpointing: bool = True
+    validate: int = 0
+    measure: measured_mod.MeasureConfig = field(default_factory=measured_mod.MeasureConfig)
+    plots: bool = True
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that shape the profile's numbers (compared on resume, in meta.json);
+        call on a resolved config (lengths, dtype and candidates normalised)."""
+        out = {
+            "method": self.method,
+            "lengths": list(self.lengths),
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "loss": self.loss,
+            "dtype": self.dtype,
+            "candidates": list(self.candidates),
+            "sparq_rows": self.sparq_rows,
+        }
+        if self.method == "measured":
+            out["measure"] = self.measure.as_dict()
+        return out
+
+
 @dataclass
 class ProfileResult:
     """Where the profile went, its tidy table and its metadata."""
@@ -66,13 +119,9 @@ def _device_list(device: str | None, devices: str | Sequence[str] | None) -> lis
 def _dtype_name(dtype: str | torch.dtype | None, device: str) -> str:
     if dtype is None:
         return "bfloat16" if device.startswith(("cuda", "auto")) else "float32"
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    name = names.get(dtype, dtype)
-    if name not in ("float32", "bfloat16", "float16"):
-        raise MoaSearchError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    return name
+    from moa_search.devices import dtype_name  # noqa: PLC0415
+
+    return dtype_name(dtype)
 
 
 def _check_lengths(lengths: Sequence[int] | str, block_size: int) -> list[int]:
@@ -200,39 +249,35 @@ def _recorder(
 
 
 def _worker(
-    spec: dict[str, Any],
+    spec: tuple[str, ProfileConfig, int],
     device: str,
     jobs: list[tuple[int, int]],
     out: str,
     rank: int,
     threads: int,
 ) -> None:
-    """Process entry for data-parallel profiling: load, run its jobs, report errors."""
+    """Process entry for data-parallel profiling: load, run its jobs, report errors.
+    ``spec``: (model name, resolved config, head_dim)."""
     out_p = Path(out)
+    model_name, cfg, head_dim = spec
     try:
         torch.set_num_threads(max(1, threads))
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         from moa_search.patterns import parse  # noqa: PLC0415
 
-        model = load_for_profile(spec["model"], spec["dtype"], device)
-        cands = [parse(c, spec["head_dim"]) for c in spec["candidates"]]
+        model = load_for_profile(model_name, cfg.dtype, device)
+        cands = [parse(c, head_dim) for c in cfg.candidates]
         samples = calib_mod.from_tensors(store.read_tensors(out_p / store.CALIB))
-        if spec["method"] == "measured":
-            engine = AblationEngine(model, **spec["measure"])
+        if cfg.method == "measured":
+            engine = AblationEngine(model, **cfg.measure.as_dict())
             for length, i in jobs:
                 measured_mod.run_job(engine, samples[length][i], cands, length, i, out_p)
             return
-        recorder = _recorder(cands, spec["block_size"], spec["tile_rows"], spec["sparq_rows"])
+        recorder = _recorder(cands, cfg.block_size, cfg.tile_rows, cfg.sparq_rows)
         for length, i in jobs:
             run_job(
-                model,
-                samples[length][i],
-                length,
-                i,
-                recorder,
-                out_p,
-                spec["gradient_checkpointing"],
+                model, samples[length][i], length, i, recorder, out_p, cfg.gradient_checkpointing
             )
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         text = str(exc).strip().splitlines()
@@ -244,7 +289,11 @@ def _worker(
 
 
 def _run_parallel(
-    spec: dict[str, Any], devices: list[str], todo: list[tuple[int, int]], out: Path, bar: Any
+    spec: tuple[str, ProfileConfig, int],
+    devices: list[str],
+    todo: list[tuple[int, int]],
+    out: Path,
+    bar: Any,
 ) -> None:
     import torch.multiprocessing as mp  # noqa: PLC0415
 
@@ -303,96 +352,80 @@ def _run_shared(url: str, key: str, jobs, out: Path, bar: Any, run_one, poll_s: 
 # --- entry point --------------------------------------------------------------------
 def profile(
     model: str | torch.nn.Module = "smollm2-135m",
+    config: ProfileConfig | None = None,
+    *,
     calib: Any = None,
-    lengths: Sequence[int] | str = DEFAULT_LENGTHS,
     out: str | os.PathLike[str] | None = None,
-    device: str | None = None,
-    devices: str | Sequence[str] | None = None,
-    dtype: str | torch.dtype | None = None,
-    samples: int = 8,
-    block_size: int = 64,
-    seed: int = 0,
-    loss: str = "all",
-    gradient_checkpointing: bool = True,
-    validate: int = 0,
     overwrite: bool = False,
-    candidates: Sequence[str | Pattern] | str | None = None,
-    tile_rows: int | None = None,
-    sparq_rows: int = DEFAULT_SPARQ_ROWS,
     progress: bool = True,
-    plots: bool = True,
-    method: str = "measured",
-    measure: measured_mod.MeasureConfig | None = None,
-    storage: str | None = None,
+    **settings: Any,
 ) -> ProfileResult:
     """Profile per-head sensitivity of ``model`` to every candidate pattern; resumable.
 
-    ``method="measured"`` (default) applies every candidate to one KV head at a time and
-    measures the model's divergence from dense per task family (``measure`` sets its
-    fidelity and batch); ``"gradient"`` is MoA's first-order influence from one
-    forward + backward per sample (cheaper, blind where the model is confident).
-    ``storage`` (an RDB URL such as the plan study's): every worker running the same
-    profile against it claims (length, sample) units, and all merge into one table.
-
-    Writes ``out``/profile.parquet, influence.safetensors, meta.json, plots/*.png and
-    checkpoints; a rerun with the same arguments continues, other arguments are refused
-    unless ``overwrite``. ``devices="cuda:0,cuda:1"`` splits samples over devices;
-    ``device="auto"`` shards one model over all GPUs. ``validate=M`` measures M single-head
-    ablations and stores the Spearman correlation with the prediction. SparQ candidates are
-    priced at ``sparq_rows`` evenly spaced query rows (0: every row; see ``influence.py``).
+    ``config`` says what and how (:class:`ProfileConfig`); any of its fields may also be
+    given as a keyword (``profile(model, lengths=[1024], samples=4)``), over ``config``.
+    ``calib``: a .txt/.jsonl/.parquet file or folder, token tensors or samples (default:
+    the built-in calibration set). Writes ``out``/profile.parquet, influence.safetensors,
+    meta.json, plots/*.png and checkpoints; a rerun with the same config continues, another
+    is refused unless ``overwrite``.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     wall = time.perf_counter()
-    if method not in METHODS:
-        raise MoaSearchError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    measure = measure or measured_mod.MeasureConfig()
-    if method == "measured" and validate:
+    cfg = replace(config or ProfileConfig(), **settings)
+    if cfg.method not in METHODS:
+        raise MoaSearchError(f"method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.method == "measured" and cfg.validate:
         raise MoaSearchError(
             "validate: checks the gradient method's estimates against real ablations; the "
             "measured method's entries are those ablations (use plan --check for whole plans)"
         )
-    device_list = _device_list(device, devices)
-    dtype_name = _dtype_name(dtype, device_list[0])
+    device_list = _device_list(cfg.device, cfg.devices)
     # blocks tile N x N in the gradient method only; measured lengths may be any size
-    lengths = _check_lengths(lengths, block_size if method == "gradient" else 1)
-    if samples <= 0:
-        raise MoaSearchError(f"samples: expected a positive integer, got {samples}")
-    if sparq_rows < 0:
-        raise MoaSearchError(f"sparq_rows: expected 0 (all rows) or more, got {sparq_rows}")
-    if storage is not None and len(device_list) > 1:
+    lengths = _check_lengths(cfg.lengths, cfg.block_size if cfg.method == "gradient" else 1)
+    if cfg.samples <= 0:
+        raise MoaSearchError(f"samples: expected a positive integer, got {cfg.samples}")
+    if cfg.sparq_rows < 0:
+        raise MoaSearchError(f"sparq_rows: expected 0 (all rows) or more, got {cfg.sparq_rows}")
+    if cfg.storage is not None and len(device_list) > 1:
         raise MoaSearchError("storage: run one worker process per device, each with --device")
     if isinstance(model, torch.nn.Module) and len(device_list) > 1:
         raise MoaSearchError(
             "devices: several devices need a model name or path, not a model object"
         )
-    config = _config(model)
+    config_ = _config(model)
     from moa_search.models import check_supported  # noqa: PLC0415
 
-    check_supported(config)
+    check_supported(config_)
     name = model if isinstance(model, (str, os.PathLike)) else None
-    identity = ModelIdentity.from_config(config, str(name) if name else None)
-    if method == "measured" and candidates is None:
+    identity = ModelIdentity.from_config(config_, str(name) if name else None)
+    if cfg.method == "measured" and cfg.candidates is None:
         cands = measured_mod.measured_candidates(lengths, identity.head_dim)
     else:
-        cands = resolve_candidates(candidates, lengths, block_size, identity.head_dim)
+        cands = resolve_candidates(cfg.candidates, lengths, cfg.block_size, identity.head_dim)
     split_static(cands)
+    cfg = replace(
+        cfg,
+        lengths=tuple(lengths),
+        dtype=_dtype_name(cfg.dtype, device_list[0]),
+        candidates=tuple(c.spec() for c in cands),
+        # text and code samples score every token; answers only their answer
+        loss="answer" if cfg.method == "measured" else cfg.loss,
+    )
     out = Path(out) if out is not None else Path("profiles") / Path(identity.name_or_path).name
 
     loaded = model if isinstance(model, torch.nn.Module) else None
     given = isinstance(calib, (torch.Tensor, list, tuple))
-    mix = measured_mod.MEASURED_MIX if method == "measured" and calib is None else None
+    mix = measured_mod.MEASURED_MIX if cfg.method == "measured" and calib is None else None
     needs_model = mix is not None and any(k.startswith("self_") for k in mix)
     own_model = not isinstance(model, torch.nn.Module)
     if loaded is None and (len(device_list) == 1 or needs_model):
         # several devices: the parent loads the model on the first only to write the
         # self-answer samples, and frees it before the workers start
-        loaded = load_for_profile(model, dtype_name, device_list[0])
+        loaded = load_for_profile(model, cfg.dtype, device_list[0])
     tokenizer = None if given else _tokenizer(model)
-    if method == "measured":
-        loss = "answer"  # text and code samples score every token; answers only their answer
     sample_sets = {
-        n: calib_mod.load_samples(calib, tokenizer, n, samples, seed, loss, mix, loaded)
+        n: calib_mod.load_samples(calib, tokenizer, n, cfg.samples, cfg.seed, cfg.loss, mix, loaded)
         for n in lengths
     }
     if own_model and len(device_list) > 1 and loaded is not None:
@@ -401,23 +434,15 @@ def profile(
             torch.cuda.empty_cache()
     counts = {n: len(s) for n, s in sample_sets.items()}
     calib_hash = calib_mod.calibration_hash(sample_sets)
-    version = METHOD_VERSION if method == "gradient" else measured_mod.METHOD_VERSION
+    version = METHOD_VERSION if cfg.method == "gradient" else measured_mod.METHOD_VERSION
+    result_fields = cfg.result_fields()
     args = {
         "method_version": version,
-        "method": method,
         "model": dict(identity.__dict__),
         "calibration_hash": calib_hash,
-        "lengths": lengths,
-        "block_size": block_size,
         "samples": {str(n): c for n, c in counts.items()},
-        "seed": seed,
-        "loss": loss,
-        "dtype": dtype_name,
-        "candidates": [c.spec() for c in cands],
-        "sparq_rows": sparq_rows,
+        **result_fields,
     }
-    if method == "measured":
-        args["measure"] = measure.as_dict()
     resumed = store.prepare_folder(out, args, overwrite)
     if not (out / store.CALIB).is_file():
         store.write_tensors(out / store.CALIB, calib_mod.to_tensors(sample_sets))
@@ -430,34 +455,24 @@ def profile(
     )
     try:
         if todo and len(device_list) > 1:
-            spec = {
-                "model": str(model),
-                "method": method,
-                "measure": measure.as_dict(),
-                "head_dim": identity.head_dim,
-                "dtype": dtype_name,
-                "block_size": block_size,
-                "candidates": args["candidates"],
-                "tile_rows": tile_rows,
-                "sparq_rows": sparq_rows,
-                "gradient_checkpointing": gradient_checkpointing,
-            }
-            _run_parallel(spec, device_list, todo, out, bar)
-        elif todo or storage is not None:
-            if method == "measured":
-                engine = AblationEngine(loaded, **measure.as_dict())
+            _run_parallel((str(model), cfg, identity.head_dim), device_list, todo, out, bar)
+        elif todo or cfg.storage is not None:
+            if cfg.method == "measured":
+                engine = AblationEngine(loaded, **cfg.measure.as_dict())
 
                 def run_one(n: int, i: int) -> None:
                     measured_mod.run_job(engine, sample_sets[n][i], cands, n, i, out)
             else:
-                recorder = _recorder(cands, block_size, tile_rows, sparq_rows)
+                recorder = _recorder(cands, cfg.block_size, cfg.tile_rows, cfg.sparq_rows)
 
                 def run_one(n: int, i: int) -> None:
-                    run_job(loaded, sample_sets[n][i], n, i, recorder, out, gradient_checkpointing)
+                    run_job(
+                        loaded, sample_sets[n][i], n, i, recorder, out, cfg.gradient_checkpointing
+                    )
 
-            if storage is not None:
+            if cfg.storage is not None:
                 key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:32]
-                _run_shared(storage, key, jobs, out, bar, run_one)
+                _run_shared(cfg.storage, key, jobs, out, bar, run_one)
             else:
                 for n, i in todo:
                     bar.set_postfix(length=n, sample=i)
@@ -466,62 +481,44 @@ def profile(
     finally:
         bar.close()
 
-    if method == "measured":
+    blocks = None
+    if cfg.method == "measured":
         table = measured_mod.build_table(out, lengths, counts, cands, identity.head_dim)
-        blocks = None
     else:
         table = build_table(
             out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
         )
     store.atomic_write(out / "profile.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-    if method == "gradient":
+    validation = None
+    if cfg.method == "gradient":
         blocks = mean_blocks(out, lengths, counts)
         store.write_tensors(
             out / "influence.safetensors",
             blocks,
-            {"block_size": str(block_size), "lengths": ",".join(map(str, lengths))},
+            {"block_size": str(cfg.block_size), "lengths": ",".join(map(str, lengths))},
         )
-
-    validation = (
-        None
-        if method == "measured"
-        else _maybe_validate(
-            model,
-            loaded,
-            device_list[0],
-            dtype_name,
-            validate,
-            seed,
-            out,
-            table,
-            sample_sets,
-            lengths,
-            progress,
-        )
-    )
+        if cfg.validate > 0:
+            if loaded is None:
+                loaded = load_for_profile(model, cfg.dtype, device_list[0])
+            validation = _maybe_validate(loaded, cfg, out, table, sample_sets, progress)
+    measured = cfg.method == "measured"
     jobs_meta = [store.read_tensors_metadata(store.checkpoint_path(out, *j)) for j in jobs]
     meta = {
         "method_version": version,
-        "method": method,
         "model": dict(identity.__dict__),
         "calibration": {
             "source": "given tokens" if given else "built-in" if calib is None else str(calib),
             "hash": calib_hash,
-            "loss": loss,
+            "loss": cfg.loss,
             "n_samples": counts,
         },
-        "lengths": lengths,
-        "block_size": block_size,
-        "seed": seed,
-        "dtype": dtype_name,
-        "candidates": args["candidates"],
-        "sparq_rows": sparq_rows,
-        "primary_estimator": PRIMARY if method == "gradient" else "measured kl, weighted",
-        "measure": measure.as_dict() if method == "measured" else None,
-        "weights": measured_mod.DEFAULT_WEIGHTS if method == "measured" else None,
-        "tasks": measured_mod.task_counts(out, lengths, counts) if method == "measured" else None,
+        **result_fields,
+        "primary_estimator": "measured kl, weighted" if measured else PRIMARY,
+        "measure": result_fields.get("measure"),
+        "weights": measured_mod.DEFAULT_WEIGHTS if measured else None,
+        "tasks": measured_mod.task_counts(out, lengths, counts) if measured else None,
         "devices": _used_devices(loaded, device_list),
-        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "elapsed_s": round(sum(float(m.get("seconds", 0)) for m in jobs_meta), 3),
         "wall_s_last_run": round(time.perf_counter() - wall, 3),
         "resumed": resumed,
@@ -530,19 +527,18 @@ def profile(
         "validation": {k: v for k, v in validation.items() if k != "records"}
         if validation
         else None,
+        "config": _jsonable(cfg),
     }
     store.write_json(out / "meta.json", meta)
-    if plots:
+    if cfg.plots:
         from moa_search.profile import plots as plots_mod  # noqa: PLC0415
 
-        heatmap = (
-            plots_mod.sensitivity_heatmap if method == "gradient" else plots_mod.measured_heatmap
-        )
+        heatmap = plots_mod.measured_heatmap if measured else plots_mod.sensitivity_heatmap
         heatmap(table, out / "plots" / "sensitivity_heatmap.png")
         if blocks is not None:
             plots_mod.influence_distance(
                 blocks[f"distance.{lengths[-1]}"],
-                block_size,
+                cfg.block_size,
                 out / "plots" / "influence_distance.png",
             )
     if validation and progress:
@@ -554,38 +550,37 @@ def profile(
     return ProfileResult(out, table, meta)
 
 
+def _jsonable(cfg: ProfileConfig) -> dict[str, Any]:
+    """The config as meta.json stores it (sequences as lists, the rest as given)."""
+    data = asdict(cfg)
+    for key, value in data.items():
+        if isinstance(value, tuple):
+            data[key] = list(value)
+    return data
+
+
 def _maybe_validate(
-    model: Any,
-    loaded: torch.nn.Module | None,
-    device: str,
-    dtype: str,
-    m: int,
-    seed: int,
+    model: torch.nn.Module,
+    cfg: ProfileConfig,
     out: Path,
     table: pd.DataFrame,
     sample_sets: dict[int, list[calib_mod.Sample]],
-    lengths: list[int],
     progress: bool,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Run (or reuse from validation.json) the single-head ablation check."""
-    if m <= 0:
-        return None
+    m, seed = cfg.validate, cfg.seed
     path = out / "validation.json"
     if path.is_file():
-        import json  # noqa: PLC0415
-
         old = json.loads(path.read_text())
         if old.get("m") == m and old.get("seed") == seed:
             return old
     from moa_search.profile.validate import validate_profile  # noqa: PLC0415
 
-    if loaded is None:
-        loaded = load_for_profile(model, dtype, device)
-    length = lengths[0]
+    length = cfg.lengths[0]
     try:
-        result = validate_profile(loaded, sample_sets[length], table, length, m, seed, progress)
+        result = validate_profile(model, sample_sets[length], table, length, m, seed, progress)
     except torch.OutOfMemoryError:
-        raise MoaSearchError(_oom_message(device, length)) from None
+        raise MoaSearchError(_oom_message(model.device, length)) from None
     result.update(m=m, seed=seed)
     store.write_json(path, result)
     return result

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from moa_search.patterns import SparQ
+from moa_search.patterns import SparQ, sparq_query_components
 
 
 def running_v_mean(v: torch.Tensor) -> torch.Tensor:
@@ -56,19 +56,16 @@ def _select(
     ``top`` is sorted by score, so a row's k chosen keys are ``top[..., :k]`` (all causal,
     as causal keys score >= 0, the others -inf, and k <= n).
     """
-    dim, nk, t = qt.shape[-1], kt.shape[1], qt.shape[2]
+    nk, t = kt.shape[1], qt.shape[2]
     dev = qt.device
     # x + 0 = x and x + -inf = -inf: a masked_fill(~causal, -inf), faster on broadcast
     causal = torch.arange(nk, device=dev)[None, :] <= pos[:, None]  # (t, nk)
     bias = torch.zeros(t, nk, dtype=qt.dtype, device=dev).masked_fill_(~causal, float("-inf"))
     del causal
-    qa = qt.abs()
-    idx_r = qa.sum(1).topk(r, dim=-1).indices  # (Hkv, t, r) shared by the group
-    keep_r = torch.zeros_like(qa[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
-    q_r = qt * keep_r[:, None]
-    approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / qa.sum(-1).clamp_min(1e-30))
-    s_hat = torch.einsum("hgtd,hnd->hgtn", q_r, kt)
-    s_hat /= approx_scale.clamp_min(1e-30)[..., None]
+    idx_r, _, approx_scale = sparq_query_components(qt, r, group_dim=1)  # idx_r: (Hkv, t, r)
+    keep_r = torch.zeros_like(qt[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
+    s_hat = torch.einsum("hgtd,hnd->hgtn", qt * keep_r[:, None], kt)
+    s_hat /= approx_scale[..., None]
     s_hat += bias
     p_hat = torch.softmax(s_hat, dim=-1).nan_to_num_(0.0)
     del s_hat

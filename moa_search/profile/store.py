@@ -14,10 +14,7 @@ either the old file or the new one, never half of one; no pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import atomic_write, write_json
 
 ARGS = "args.json"
 CALIB = "calibration.safetensors"
 CHECKPOINTS = "checkpoints"
 RESULTS = ("profile.parquet", "influence.safetensors", "meta.json", "validation.json")
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``; the temp file never survives."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    text = json.dumps(data, indent=1, sort_keys=False, default=str) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_tensors(

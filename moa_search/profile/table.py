@@ -27,6 +27,10 @@ from moa_search.profile.store import checkpoint_path, read_tensors
 PRIMARY = "row"
 ESTIMATORS = ("moa", "row", "signed")
 DTYPE_BYTES = 2  # costs are reported for a bf16 KV cache
+#: The columns naming a row of every profile table, whichever method made it (``head`` is
+#: -1 on the KV-head aggregate rows, the only ones the measured method writes).
+KEY_COLUMNS = ("layer", "kv_head", "head", "family", "pattern")
+SORT_COLUMNS = ["length", *KEY_COLUMNS]
 
 
 def load_length(out: Path, length: int, n_samples: int) -> dict[str, torch.Tensor]:
@@ -107,12 +111,7 @@ def build_table(
     table = pd.concat(frames, ignore_index=True)
     table.insert(5, "delta_loss_mean", table[f"delta_{PRIMARY}_mean"])
     table.insert(6, "delta_loss_std", table[f"delta_{PRIMARY}_std"])
-    table = table.sort_values(
-        ["length", "layer", "kv_head", "head", "family", "pattern"],
-        kind="stable",
-        ignore_index=True,
-    )
-    return table
+    return table.sort_values(SORT_COLUMNS, kind="stable", ignore_index=True)
 
 
 def mean_blocks(

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moa_search.patterns import Pattern, SparQ, dense_causal
+from moa_search.patterns import Pattern, SparQ, dense_causal, sparq_query_components
 
 
 def attend_head(
@@ -65,11 +65,9 @@ def sparq_decode(
     newest = k_pos.max(1).values  # (B,)
 
     r = min(pattern.r, dim)
-    idx_r = qf.abs().sum(1).topk(r, dim=-1).indices  # (B, r)
-    q_r = qf.gather(2, idx_r[:, None, :].expand(batch, group, r))
+    idx_r, q_r, approx_scale = sparq_query_components(qf, r, group_dim=1)  # idx_r: (B, r)
     k_r = kf.gather(2, idx_r[:, None, :].expand(batch, k.shape[1], r))
-    approx_scale = torch.sqrt(dim * q_r.abs().sum(-1) / qf.abs().sum(-1).clamp_min(1e-30))
-    s_hat = torch.einsum("bgr,bmr->bgm", q_r, k_r) / approx_scale.clamp_min(1e-30)[..., None]
+    s_hat = torch.einsum("bgr,bmr->bgm", q_r, k_r) / approx_scale[..., None]
     s_hat = s_hat.masked_fill(~valid[:, None, :], float("-inf"))
     p_hat = torch.softmax(s_hat, dim=-1).nan_to_num(0.0)  # (B, G, M)
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from moa_search.errors import MoaSearchError
+from moa_search.errors import MoaSearchError, finite_float
 
 KINDS = ("memory", "bandwidth")
 _UNITS = {
@@ -119,13 +119,7 @@ def _parse_value(kind: str, raw: str, source: str) -> Budget:
 
 
 def _float(text: str, source: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise MoaSearchError(f"budget {source!r}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise MoaSearchError(f"budget {source!r}: {text!r} is not finite")
-    return value
+    return finite_float(text, f"budget {source!r}: value")
 
 
 def _fraction(kind: str, value: float, length: int | None, source: str) -> Budget:

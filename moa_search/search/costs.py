@@ -22,7 +22,6 @@ from moa_search.search.table import ProfileTable
 
 FAMILIES = tuple(PATTERNS)
 DTYPE_BYTES = 2  # bf16, as the profile contract states
-SINK_FAMILIES = ("window", "elastic")
 
 
 @dataclass
@@ -62,8 +61,8 @@ class Problem:
 
     @cached_property
     def sinks(self) -> np.ndarray:
-        """Sink size per candidate; -1 for patterns without sinks (dense, SparQ)."""
-        return np.array([p.sink if p.name in SINK_FAMILIES else -1 for p in self.patterns])
+        """Sink size per candidate; -1 for patterns without sinks (``Pattern.has_sink``)."""
+        return np.array([p.sink if p.has_sink else -1 for p in self.patterns])
 
     def bytes_per_head(self, kind: str, n: int) -> np.ndarray:
         """Bytes (stored for 'memory', read per decode step for 'bandwidth') per candidate."""

@@ -185,6 +185,18 @@ def _solve_distinct(
     return Solution(choice, objective, bound, time.perf_counter() - start)
 
 
+def _scaled_weights(
+    values: np.ndarray, capacities: list[Capacity]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights (K, G, C) and limits (K,) of every capacity, divided by its limit (1 where
+    the limit is 0), so that every capacity reads 1 at its cap."""
+    num_heads = values.shape[0]
+    scales = np.array([c.limit if c.limit > 0 else 1.0 for c in capacities])
+    per_head = np.array([c.per_head(num_heads) for c in capacities])
+    w = per_head.reshape(len(capacities), *values.shape) / scales[:, None, None]
+    return w, np.array([c.limit for c in capacities]) / scales
+
+
 def lagrangian_bound(
     values: np.ndarray, capacities: list[Capacity], tol: float = 1e-7, max_iter: int = 200
 ) -> tuple[float, np.ndarray]:
@@ -195,15 +207,7 @@ def lagrangian_bound(
     ~20 tiny LPs instead of one with 10k columns. ``reduced[g, c] = v + lam.w - min_c(...)``
     >= 0, and any assignment costs at least ``bound + sum_g reduced[g, choice[g]]``.
     """
-    num_heads = values.shape[0]
-    scales = np.array([c.limit if c.limit > 0 else 1.0 for c in capacities])
-    w = (
-        np.array([c.per_head(num_heads) for c in capacities]).reshape(
-            len(capacities), *values.shape
-        )
-        / scales[:, None, None]
-    )
-    b = np.array([c.limit for c in capacities]) / scales
+    w, b = _scaled_weights(values, capacities)
     m = len(capacities)
     finite_max = np.where(np.isfinite(values), values, -np.inf).max(axis=1)
     box = 10.0 * float(np.abs(finite_max[np.isfinite(finite_max)]).sum()) + 1.0
@@ -211,7 +215,7 @@ def lagrangian_bound(
     cuts_a: list[float] = []
     cuts_s: list[np.ndarray] = []
     best, best_lam = -np.inf, lam
-    rows = np.arange(num_heads)
+    rows = np.arange(values.shape[0])
     for _ in range(max_iter):
         priced = values + np.tensordot(lam, w, axes=1)
         choice = priced.argmin(axis=1)
@@ -248,15 +252,9 @@ def _greedy(
     Repair takes the move with the least loss added per unit of over-cap bytes removed;
     improvement takes the feasible move with the largest loss saved. None if repair fails.
     """
+    w, b = _scaled_weights(values, capacities)
+    b = b + 1e-12
     num_heads = values.shape[0]
-    scales = np.array([c.limit if c.limit > 0 else 1.0 for c in capacities])
-    w = (
-        np.array([c.per_head(num_heads) for c in capacities]).reshape(
-            len(capacities), *values.shape
-        )
-        / scales[:, None, None]
-    )
-    b = np.array([c.limit for c in capacities]) / scales + 1e-12
     rows = np.arange(num_heads)
     choice = choice.copy()
     load = w[:, rows, choice].sum(axis=1)

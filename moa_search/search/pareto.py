@@ -12,12 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from moa_search.patterns import PATTERNS
 from moa_search.plan import Plan
 from moa_search.search.costs import Problem
 from moa_search.search.study import UserCap
 
 OBJECTIVES = ("loss", "memory_density", "read_density")
-BASELINE_FAMILIES = ("window", "elastic", "sparq")
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ def uniform_baselines(
     li = problem.lengths.index(n)
     heads = problem.num_heads
     rows = []
-    for family in BASELINE_FAMILIES:
+    for family in (name for name, cls in PATTERNS.items() if cls.uniform_baseline):
         best = None
         for c in np.flatnonzero(problem.families == family):
             loss = problem.loss[:, c, li]

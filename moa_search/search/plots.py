@@ -6,8 +6,6 @@ same budgets; the map shows where the plan spends its bytes (which layers/heads 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,23 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from moa_search.files import save_figure  # noqa: E402
+from moa_search.patterns import PATTERNS  # noqa: E402
 from moa_search.plan import Plan  # noqa: E402
-
-_MARKERS = {"window": "s", "elastic": "^", "sparq": "D"}
-_LETTER = {"dense": "D", "window": "W", "elastic": "E", "sparq": "S"}
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     """Write the PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_pareto(
@@ -67,7 +56,7 @@ def plot_pareto(
                 b[col],
                 b["loss"],
                 s=60,
-                marker=_MARKERS.get(b["family"], "o"),
+                marker=PATTERNS[b["family"]].style.marker,
                 facecolors="none",
                 edgecolors="k",
                 label=f"uniform {b['family']}",
@@ -113,7 +102,7 @@ def plot_plan_map(plan: Plan, length: int, path: Path, title: str = "") -> Path:
                 ax.text(
                     j,
                     i,
-                    _LETTER.get(p.name, "?"),
+                    p.style.letter,
                     ha="center",
                     va="center",
                     fontsize=6,

@@ -30,6 +30,7 @@ from sqlalchemy import event
 from tqdm.auto import tqdm
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import atomic_write as _atomic
 from moa_search.objective import parse_weights
 from moa_search.plan import ModelIdentity, save_plan
 from moa_search.search.budget import parse_budgets
@@ -534,16 +535,6 @@ def _swap_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:

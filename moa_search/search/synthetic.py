@@ -9,20 +9,19 @@ very sensitive (only dense or SparQ serve them well).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from moa_search.files import atomic_folder, write_json
 from moa_search.patterns import Dense, Elastic, Pattern, SparQ, Window
 from moa_search.plan import ModelIdentity
+from moa_search.profile.candidates import param_columns
+from moa_search.profile.candidates import params as candidate_params
+from moa_search.profile.table import KEY_COLUMNS
 from moa_search.search.costs import DTYPE_BYTES
-
-PARAM_COLUMNS = ("sink", "span", "alpha", "beta", "r", "k", "k_ratio")
 
 
 def default_candidates() -> list[Pattern]:
@@ -91,9 +90,7 @@ def synthetic_rows(
     d = identity.head_dim
     records = []
     for ci, p in enumerate(candidates):
-        params = {c: getattr(p, c, None) for c in PARAM_COLUMNS}
-        if isinstance(p, Dense):
-            params = dict.fromkeys(PARAM_COLUMNS)
+        params = candidate_params(p)
         for n in lengths:
             stored = p.bytes_stored(n, d, DTYPE_BYTES)
             read = p.bytes_read(n, d, DTYPE_BYTES)
@@ -125,13 +122,10 @@ def synthetic_rows(
                             density,
                         )
                     )
+    param_cols = param_columns()
     columns = [
-        "layer",
-        "kv_head",
-        "head",
-        "family",
-        "pattern",
-        *PARAM_COLUMNS,
+        *KEY_COLUMNS,
+        *param_cols,
         "length",
         "delta_loss_mean",
         "delta_loss_std",
@@ -141,7 +135,7 @@ def synthetic_rows(
         "density",
     ]
     frame = pd.DataFrame.from_records(records, columns=columns)
-    for col in PARAM_COLUMNS:
+    for col in param_cols:
         frame[col] = pd.array(frame[col].to_numpy(dtype=float), dtype="Float64")
     for col in ("layer", "kv_head", "head", "length", "n_samples", "stored_bytes", "read_bytes"):
         frame[col] = frame[col].astype("int64")
@@ -171,16 +165,9 @@ def make_synthetic_profile(
         "method_version": "synthetic-1",
         "spearman": None,
     }
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         frame.to_parquet(tmp / "profile.parquet", index=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        write_json(tmp / "meta.json", meta)
+
+    return atomic_folder(out_dir, fill)

@@ -15,16 +15,9 @@ import pandas as pd
 
 from moa_search.errors import MoaSearchError
 from moa_search.plan import ModelIdentity
+from moa_search.profile.table import KEY_COLUMNS
 
-REQUIRED_COLUMNS = (
-    "layer",
-    "kv_head",
-    "head",
-    "family",
-    "pattern",
-    "length",
-    "delta_loss_mean",
-)
+REQUIRED_COLUMNS = (*KEY_COLUMNS, "length", "delta_loss_mean")
 
 
 @dataclass

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moa_search.errors import MoaSearchError
+from moa_search.files import write_json
+from moa_search.nll import token_stream, window_nll
 from moa_search.plan import Plan
 
 
@@ -29,22 +29,13 @@ def plan_hash(plan: Plan) -> str:
 
 def validation_windows(tokenizer: Any, length: int, samples: int) -> torch.Tensor:
     """``samples`` windows of ``length`` tokens from the built-in validation split."""
-    from moa_search.data.texts import load_texts  # noqa: PLC0415 - data is optional here
-
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for doc in load_texts("validation"):
-        ids += list(tokenizer.encode(doc.text, add_special_tokens=False))
-        if eos is not None:
-            ids.append(int(eos))
-        if len(ids) >= length * samples:
-            break
+    ids = token_stream(tokenizer, "validation")
     count = min(samples, len(ids) // length)
     if count == 0:
         raise MoaSearchError(
             f"validation text has {len(ids)} tokens, fewer than one window of {length}"
         )
-    return torch.tensor(ids[: count * length]).view(count, length)
+    return torch.from_numpy(ids[: count * length].copy()).view(count, length)
 
 
 class ValidationLoss:
@@ -64,22 +55,13 @@ class ValidationLoss:
             except (ValueError, KeyError, OSError):
                 pass  # a damaged cache entry is measured again
         loss = self.measure(plan)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"loss": loss, "windows": list(self.windows.shape)}, handle)
-        os.replace(tmp, path)
+        write_json(path, {"loss": loss, "windows": list(self.windows.shape)})
         return loss
 
     @torch.no_grad()
     def measure(self, plan: Plan) -> float:
         from moa_search.runtime import apply_plan  # noqa: PLC0415 - heavy import
 
-        device = next(self.model.parameters()).device
-        total = 0.0
         with apply_plan(self.model, plan, backend="reference"):
-            for row in self.windows:
-                ids = row[None].to(device)
-                out = self.model(input_ids=ids, labels=ids, use_cache=False)
-                total += float(out.loss)
+            total = sum(window_nll(self.model, row.tolist())[0] for row in self.windows)
         return total / len(self.windows)

@@ -7,6 +7,8 @@ the real-model run (see the slow test and the README command).
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -69,6 +71,9 @@ def test_full_pipeline_writes_tables_and_plots(model, tokenizer, tmp_path):
     }
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Wilson" in md and "sparq: perplexity not measured" in md and "| 512* |" in md
+    config = json.loads((tmp_path / "out" / "run.json").read_text())["config"]
+    assert config["tasks"] == ["ppl", "passkey"] and config["samples"] == 1
+    assert config["lengths"] == [384, 512] and config["lm_eval"] is None
 
 
 def test_budget_sweep_rebuilds_baselines_per_point(model, tokenizer, tmp_path):

@@ -1,14 +1,10 @@
-"""Kernel tests: CPU runs use Triton's interpreter; ``moa_search.kernels`` is loaded from the
-``kernels/`` folder when the package is not installed (no repo root on sys.path, so the
-top-level name ``kernels`` stays free for the PyPI package)."""
+"""Kernel tests: CPU runs use Triton's interpreter. The kernels are imported as the installed
+``moa_search.kernels`` (``pip install -e .``), like every other entry point."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,38 +59,6 @@ def _fix_interpreter_loop_bounds() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _fix_interpreter_loop_bounds()
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, folder: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def ensure_kernels_package() -> types.ModuleType:
-    """Import ``moa_search.kernels``, falling back to loading it from ``kernels/``."""
-    try:
-        import moa_search.kernels as mk  # noqa: PLC0415
-
-        return mk
-    except ImportError:
-        pass
-    try:
-        import moa_search as parent  # noqa: PLC0415
-    except ImportError:
-        parent = _load("moa_search", ROOT / "moa_search")
-    mk = _load("moa_search.kernels", ROOT / "kernels")
-    parent.kernels = mk
-    return mk
-
-
-ensure_kernels_package()
 
 
 @pytest.fixture(scope="session")

@@ -32,3 +32,18 @@ def test_kernels_folder_uses_relative_imports_only() -> None:
         assert "import kernels" not in text and "from kernels" not in text, path.name
     spec = importlib.util.find_spec("moa_search.kernels")
     assert spec is not None
+
+
+def test_every_entry_point_imports_the_installed_package() -> None:
+    """No hand loader (spec_from_file_location) or symlink stands in for the installed
+    ``moa_search.kernels``: benchmarks, scripts, tests and the library import it one way."""
+    root = KERNELS_DIR.parent
+    files = [root / "cli.py"]
+    for folder in ("benchmarks", "moa_search", "scripts", "tests"):
+        files += [p for p in (root / folder).rglob("*") if p.suffix in (".py", ".sh")]
+    for path in files:
+        if path == Path(__file__):
+            continue
+        text = path.read_text()
+        assert "spec_from_file_location" not in text, path
+        assert "../kernels" not in text, path

@@ -186,3 +186,20 @@ def test_two_cpu_workers_match_single_process(saved_model, tmp_path):
     )
     pd.testing.assert_frame_equal(one.table, two.table, rtol=1e-5)
     assert two.meta["devices"] == ["cpu", "cpu"]
+
+
+def test_config_is_stored_and_resume_ignores_run_only_fields(model, tmp_path):
+    from moa_search.profile import ProfileConfig
+
+    kw = {k: v for k, v in KW.items() if k != "progress"}
+    config = ProfileConfig(**kw)
+    first = profile(model, config, calib=random_tokens(3, 128), out=tmp_path / "p", progress=False)
+    stored = json.loads((tmp_path / "p" / "meta.json").read_text())["config"]
+    assert stored["lengths"] == [64, 128] and stored["dtype"] == "float32"
+    assert stored["candidates"] == first.meta["candidates"] and stored["method"] == "gradient"
+    again = profile(
+        model, config, calib=random_tokens(3, 128), out=tmp_path / "p", progress=False, plots=True
+    )
+    assert again.meta["resumed"]
+    with pytest.raises(MoaSearchError, match=r"sparq_rows \(--sparq-rows\): was 256, now 8"):
+        profile(model, config, calib=random_tokens(3, 128), out=tmp_path / "p", sparq_rows=8)

@@ -18,8 +18,8 @@ class CharTokenizer:
 
     eos_token_id = 0
 
-    def encode(self, text, add_special_tokens=False):
-        return [1 + b % 63 for b in text[:4000].encode()]
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + b % 63 for b in text[:4000].encode()]}
 
 
 @pytest.fixture(scope="module")
