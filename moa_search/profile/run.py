@@ -405,7 +405,7 @@ def profile(
     args = {
         "method_version": version,
         "method": method,
-        "model": dict(identity.__dict__),
+        "model": identity.to_dict(),
         "calibration_hash": calib_hash,
         "lengths": lengths,
         "block_size": block_size,
@@ -503,7 +503,7 @@ def profile(
     meta = {
         "method_version": version,
         "method": method,
-        "model": dict(identity.__dict__),
+        "model": identity.to_dict(),
         "calibration": {
             "source": "given tokens" if given else "built-in" if calib is None else str(calib),
             "hash": calib_hash,

@@ -203,8 +203,8 @@ class TrialRunner:
         return TrialOutcome(
             choice=sol.choice,
             predicted=float(p.loss[rows, sol.choice, li].sum()),
-            memory=float(self.cost[("memory", n)][sol.choice].sum() / dense),
-            read=float(self.cost[("bandwidth", n)][sol.choice].sum() / dense),
+            memory=p.choice_bytes("memory", n, sol.choice) / dense,
+            read=p.choice_bytes("bandwidth", n, sol.choice) / dense,
             gap=sol.gap,
             seconds=sol.seconds,
         )
