@@ -82,17 +82,19 @@ TINY: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def tiny_config(model_type: str) -> PretrainedConfig:
+def tiny_config(model_type: str, **over) -> PretrainedConfig:
     config = TINY[model_type]()
+    for key, value in over.items():
+        setattr(config, key, value)
     config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     return config
 
 
-def tiny_family_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_family_model(model_type: str, seed: int = 0, **over) -> torch.nn.Module:
     """Random weights, eager attention (the model's own reference, soft-cap included), with
-    sharper attention than the init gives (q/k weights scaled up)."""
+    sharper attention than the init gives (q/k weights scaled up). ``over``: config fields."""
     torch.manual_seed(seed)
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **over)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
