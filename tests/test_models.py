@@ -176,3 +176,38 @@ def test_real_gguf_loads_and_runs_a_plan():
         ref = model(ids).logits
         with apply_plan(model, uniform_plan(model, "dense")):
             assert (model(ids).logits - ref).abs().max() <= 1e-4
+
+
+def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
+    """Gemma 3 4b+ ship as image-text models: load_model keeps their causal LM (same
+    modules, same logits as the full model on text) and plans are made for its config."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from moa_search import apply_plan, uniform_plan, validate
+
+    text = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    tokens = dict(image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **tokens)
+    torch.manual_seed(0)
+    full = Gemma3ForConditionalGeneration(config).eval()
+    full.save_pretrained(tmp_path)
+    model = models.load_model(str(tmp_path))
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.model_type == "gemma3_text"
+    cfg = models.load_config(str(tmp_path))
+    assert cfg.model_type == "gemma3_text" and cfg.architectures == ["Gemma3ForCausalLM"]
+    ids = torch.randint(3, 290, (1, 20))
+    with torch.no_grad():
+        want = full(input_ids=ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+        plan = validate(uniform_plan(cfg, "dense"), model)
+        assert plan.model.native_windows == (8, None)
+        with apply_plan(model, plan):
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=0)

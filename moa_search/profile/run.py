@@ -102,15 +102,9 @@ def _check_lengths(lengths: Sequence[int] | str, block_size: int) -> list[int]:
 def _config(model: Any) -> Any:
     if isinstance(model, torch.nn.Module):
         return model.config
-    from transformers import AutoConfig  # noqa: PLC0415
+    from moa_search.models import load_config  # noqa: PLC0415
 
-    from moa_search.models import resolve_model_path  # noqa: PLC0415
-
-    try:
-        return AutoConfig.from_pretrained(resolve_model_path(model))
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MoaSearchError(f"cannot load model {model!r}: {first}") from None
+    return load_config(model)
 
 
 def load_for_profile(model: Any, dtype: str, device: str) -> torch.nn.Module:

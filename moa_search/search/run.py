@@ -182,11 +182,9 @@ def _target_model(
             model = load_model(name, dtype=placement[1], device=placement[0])
             tokenizer = tokenizer or load_tokenizer(name)
         else:
-            from transformers import AutoConfig  # noqa: PLC0415
+            from moa_search.models import load_config  # noqa: PLC0415
 
-            from moa_search.models import resolve_model_path  # noqa: PLC0415
-
-            model = AutoConfig.from_pretrained(resolve_model_path(name))
+            model = load_config(name)
     other = model if isinstance(model, ModelIdentity) else ModelIdentity.from_config(model)
     mine = table.identity
     if other.fingerprint != mine.fingerprint:
