@@ -77,3 +77,31 @@ def test_gradient_profile_sees_the_model_and_its_windows(model_type):
             assert far_keys <= 1e-5 * short, f"layer {i} never sees those keys"
         else:
             assert far_keys > 1e-3 * short, f"layer {i} is global"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
+@torch.no_grad()
+def test_measured_profile_skips_what_a_sliding_layer_already_drops(model_type):
+    from moa_search.profile.calib import Sample
+    from moa_search.profile.measured import measure_sample, same_as_dense
+
+    model = tiny_family_model(model_type, seed=5)
+    ids, mask = _sample(2)
+    wide, short = parse(f"window:sink=2,span={WINDOW}"), parse("window:sink=0,span=3")
+    engine = AblationEngine(model, fidelity="exact")
+    seen: list = []
+    effects = engine.effects
+    engine.effects = lambda run, rows: seen.extend(rows) or effects(run, rows)
+    out, _ = measure_sample(engine, Sample(ids, mask, "text"), [parse("dense"), wide, short])
+    windows = layer_windows(model.config)
+    for i, w in enumerate(windows):
+        measured = {(a.kv_head, a.pattern.spec()) for a in seen if a.layer == i}
+        assert (0, short.spec()) in measured
+        assert ((0, wide.spec()) in measured) == (w is None)
+        assert same_as_dense(wide, N, w) == (w is not None)
+        if w is not None:  # not measured, and truly nothing to measure
+            assert (out["kl"][i, :, 1] == 0).all()
+            run = engine.prepare(ids, mask)
+            assert float(effects(run, [Ablation(i, 0, wide)]).kl[0]) <= 1e-7
+        else:
+            assert (out["kl"][i, :, 1] > 0).all()
