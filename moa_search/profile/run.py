@@ -31,7 +31,7 @@ from moa_search.profile import store
 from moa_search.profile.ablation import AblationEngine
 from moa_search.profile.candidates import resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
-from moa_search.profile.table import PRIMARY, build_table, mean_blocks
+from moa_search.profile.table import PRIMARY, build_table, count_against_windows, mean_blocks
 
 METHOD_VERSION = "moa-influence-2"  # 2: SparQ priced on sampled rows (sparq_rows)
 METHODS = ("measured", "gradient")
@@ -467,6 +467,7 @@ def profile(
         table = build_table(
             out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
         )
+    table = count_against_windows(table, identity.native_windows, identity.head_dim)
     store.atomic_write(out / "profile.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     if method == "gradient":
         blocks = mean_blocks(out, lengths, counts)
