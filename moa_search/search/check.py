@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from moa_search.errors import MoaSearchError
-from moa_search.evaluate.baselines import DEFAULT_SINK, uniform_window
+from moa_search.evaluate.baselines import DEFAULT_SINK, baseline_method
 from moa_search.objective import TASKS
 from moa_search.patterns import Dense, Pattern
 from moa_search.plan import Plan
@@ -370,7 +370,10 @@ class PlanChecker:
         planned length (where a window's fraction is largest), measured like the plans."""
         p = self.problem
         n = min(p.lengths)
-        pattern = uniform_window(n, fraction, DEFAULT_SINK)
+        # fitted to the fraction of what the model's own cache holds (sliding layers clip)
+        pattern = baseline_method("window", p.identity, n, fraction, 1.0, DEFAULT_SINK).plan.heads[
+            0
+        ][0]
         heads = [[pattern] * p.identity.num_key_value_heads for _ in range(p.identity.num_layers)]
         m = self.measure_heads(heads)
         return {
