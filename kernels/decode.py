@@ -4,7 +4,10 @@ Layout (shared with ``moa_search.runtime.cache``): per layer one packed K and on
 buffer of shape (B, C_total, D). KV head h owns slots [off_h, off_h + sink_h + ring_h);
 position p lives at slot off_h + p if p < sink_h else off_h + sink_h + (p - sink_h) % ring_h.
 With n = seq_len[b] tokens, the query of head h attends to positions
-[0, min(sink_h, n)) and [max(sink_h, n - span[b, h]), n).
+[0, min(sink_h, n)) and [max(sink_h, n - span[b, h]), n). With the model layer's own sliding
+window W (Mistral, Gemma 2/3 sliding layers) a key is seen only when it is fewer than W
+positions back: the sink part starts at max(0, n - W) and the span is clamped to W. With
+Gemma 2's logit soft-capping every logit s becomes cap * tanh(s / cap) before the softmax.
 
 Algorithm (flash-decoding): the valid positions of every (b, h) are enumerated as a
 logical list (sink part, then window part); the list is cut into chunks of ``chunk``
@@ -49,15 +52,30 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _attend_block(
-    q, k_ptrs, v_ptrs, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, IEEE: tl.constexpr
+    q,
+    k_ptrs,
+    v_ptrs,
+    valid,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    cap_log2,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step over a tile of key rows.
 
     q: (G_PAD, D) query block; k_ptrs/v_ptrs: (BLOCK_N, D) pointers; valid: (BLOCK_N,);
     m_i, l_i: (G_PAD,) running max (log2 units) and sum; acc: (G_PAD, D) fp32.
+    SOFTCAP: logits are cap * tanh(scale * q.k / cap); qk_scale is then scale / cap and
+    cap_log2 = cap * log2(e); otherwise qk_scale = scale * log2(e).
     """
     k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
     s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+    if SOFTCAP:
+        s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * cap_log2  # tanh, in log2 units
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
@@ -98,6 +116,8 @@ def _mixed_decode_kernel(
     chunk,
     num_splits,
     qk_scale,
+    cap_log2,
+    window,
     G: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
@@ -106,6 +126,8 @@ def _mixed_decode_kernel(
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * n_list + i
     sid = tl.program_id(1)  # chunk index
@@ -117,9 +139,14 @@ def _mixed_decode_kernel(
     sink = tl.load(Sink + h)
     ring = tl.load(Ring + h)
     span = tl.load(Span + b * stride_span + h)
-    s0 = tl.minimum(sink, n)  # sink positions [0, s0)
+    s_lo = 0
+    if WINDOW:  # the model's own window: keys at least `window` back are never seen
+        span = tl.minimum(span, window)
+        s_lo = tl.maximum(n - window, 0)
+    s0 = tl.minimum(sink, n)  # sink positions [s_lo, s0)
+    ns = tl.maximum(s0 - s_lo, 0)
     w0 = tl.minimum(tl.maximum(sink, n - span), n)  # window positions [w0, n)
-    total = s0 + (n - w0)
+    total = ns + (n - w0)
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, total)
     r0 = (w0 - sink) % ring  # ring index of position w0
@@ -143,9 +170,9 @@ def _mixed_decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # logical index into the valid list
         valid = j < hi
-        ridx = r0 + (j - s0)  # < 2 * ring because the window is no longer than the ring
+        ridx = r0 + (j - ns)  # < 2 * ring because the window is no longer than the ring
         ridx = tl.where(ridx >= ring, ridx - ring, ridx)
-        slot = tl.where(j < s0, j, sink + ridx)
+        slot = tl.where(j < ns, s_lo + j, sink + ridx)
         slot = tl.where(valid, slot, 0)
         m_i, l_i, acc = _attend_block(
             q,
@@ -156,8 +183,10 @@ def _mixed_decode_kernel(
             l_i,
             acc,
             qk_scale,
+            cap_log2,
             UPCAST,
             IEEE,
+            SOFTCAP,
         )
 
     if SPLIT:
@@ -302,6 +331,8 @@ def mixed_decode(
     *,
     max_len: int | None = None,
     chunk: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token for dense / window / elastic KV heads, one launch.
 
@@ -319,6 +350,8 @@ def mixed_decode(
         max_len: optional Python-int upper bound of seq_len (sizes the split-K grid without
             a host sync); defaults to C_total, always safe but launches more programs.
         chunk: override the positions per split-K program (tuning).
+        window: the model layer's own sliding window (keys >= window back are not seen).
+        softcap: the model's attention logit cap (Gemma 2), applied before the softmax.
 
     Requires ring_h >= min(span, n - sink_h) (what the cache keeps). Accumulates in fp32.
     Returns ``out``.
@@ -327,6 +360,10 @@ def mixed_decode(
     hkv = head_offset.shape[0]
     if hq % hkv:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive integer or None, got {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     group = hq // hkv
     if out is None:
         out = torch.empty_like(q)
@@ -380,7 +417,9 @@ def mixed_decode(
         n_list,
         chunk,
         splits,
-        scale * LOG2E,
+        scale / softcap if softcap else scale * LOG2E,
+        softcap * LOG2E if softcap else 0.0,
+        window or 0,
         G=group,
         G_PAD=g_pad,
         D=dim,
@@ -389,6 +428,8 @@ def mixed_decode(
         SPLIT=split,
         UPCAST=upcast,
         IEEE=k_cache.dtype == torch.float32,
+        SOFTCAP=bool(softcap),
+        WINDOW=window is not None,
         num_warps=TUNING["num_warps"],
         num_stages=TUNING["num_stages"],
     )

@@ -6,14 +6,16 @@ from __future__ import annotations
 import torch
 
 
-def head_positions(n: int, sink: int, span: int) -> torch.Tensor:
+def head_positions(n: int, sink: int, span: int, window: int | None = None) -> torch.Tensor:
     """Positions the newest query of a head attends.
 
-    [0, min(sink, n)) u [max(sink, n - span), n).
+    [0, min(sink, n)) u [max(sink, n - span), n), then only those fewer than ``window``
+    positions back (the model's own sliding window).
     """
     s0 = min(sink, n)
     w0 = min(max(sink, n - span), n)
-    return torch.cat([torch.arange(s0), torch.arange(w0, n)])
+    pos = torch.cat([torch.arange(s0), torch.arange(w0, n)])
+    return pos if window is None else pos[n - 1 - pos < window]
 
 
 def slot_of(pos: torch.Tensor, offset: int, sink: int, ring: int) -> torch.Tensor:
@@ -34,6 +36,8 @@ def mixed_decode_ref(
     scale: float,
     head_ids: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`moa_search.kernels.mixed_decode` (q: (B, Hq, D), caches
     (B, C_total, D), metadata int32); heads not in ``head_ids`` are left as in ``out``."""
@@ -46,7 +50,7 @@ def mixed_decode_ref(
     for b in range(batch):
         n = int(seq_len[b])
         for h in heads:
-            pos = head_positions(n, sinks[h], int(span[b, h]))
+            pos = head_positions(n, sinks[h], int(span[b, h]), window)
             sl = slice(h * group, (h + 1) * group)
             if pos.numel() == 0:
                 out[b, sl] = 0
@@ -55,6 +59,8 @@ def mixed_decode_ref(
             k = k_cache[b, slots].double()  # (L, D)
             v = v_cache[b, slots].double()
             s = (q[b, sl].double() @ k.T) * scale  # (G, L)
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
             out[b, sl] = (torch.softmax(s, -1) @ v).to(out.dtype)
     return out
 

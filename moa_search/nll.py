@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moa_search.errors import MoaSearchError
+from moa_search.families import lm_head
 
 LOGIT_CHUNK = 1024  # tokens per lm_head + cross-entropy chunk
 
@@ -77,4 +78,4 @@ def window_nll(model: Any, ids: list[int] | tuple[int, ...]) -> tuple[float, int
         logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
         return float(F.cross_entropy(logits, x[0, 1:])), count
     hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
-    return float(chunked_nll(hidden, head, x[0, 1:])) / count, count
+    return float(chunked_nll(hidden, lm_head(model, head), x[0, 1:])) / count, count

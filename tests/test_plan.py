@@ -123,3 +123,47 @@ def test_fuzzed_plans_fail_cleanly(mixed_plan):
             failures += 1
             assert str(exc).startswith("fuzz.yaml: ") and "\n" not in str(exc)
     assert failures > 100, "the fuzzer should mostly produce invalid plans"
+
+
+def _gemma_plan():
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model("gemma3_text")
+    return model, uniform_plan(model, "window:sink=4,span=16")
+
+
+def test_native_windows_are_recorded_only_for_sliding_models(model):
+    _, plan = _gemma_plan()
+    assert plan.model.native_windows == (8, None, 8)
+    assert plan.model.to_dict()["native_windows"] == [8, None, 8]
+    assert "native_windows" not in uniform_plan(model, "dense").to_dict()["model"]
+
+
+@pytest.mark.parametrize(
+    ("windows", "field"),
+    [
+        ([8, None], "model.native_windows:"),
+        ([8, None, 0], "model.native_windows[2]"),
+        ([8, "x", 8], "model.native_windows[1]"),
+        ("8", "model.native_windows:"),
+    ],
+)
+def test_bad_native_windows_are_one_line_errors(windows, field):
+    _, plan = _gemma_plan()
+    data = plan.to_dict()
+    data["model"]["native_windows"] = windows
+    with pytest.raises(MoaSearchError, match=field.replace("[", r"\[").replace("]", r"\]")) as err:
+        plan_from_dict(data, "p.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_plan_for_other_windows_is_refused():
+    from tests.families import tiny_family_model
+
+    model, plan = _gemma_plan()
+    plan = plan_from_dict(plan.to_dict())
+    validate(plan, model)
+    other = tiny_family_model("gemma3_text")
+    other.config.sliding_window = 16
+    with pytest.raises(MoaSearchError, match="native_windows"):
+        validate(plan, other)

@@ -192,18 +192,10 @@ def parse_synthetic(text: str) -> dict[str, Any]:
 
 def make_synthetic_plan_file(model: str, text: str, out: str | os.PathLike[str] | None) -> Path:
     """``moa-search plan MODEL --synthetic density=0.25``: config-only shapes need no weights."""
-    from transformers import AutoConfig
-
     from moa_search.bench.models import SHAPES, shape_config
-    from moa_search.models import resolve_model_path
+    from moa_search.models import load_config
 
-    if model in SHAPES:
-        config = shape_config(model)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(resolve_model_path(model))
-        except (OSError, ValueError) as exc:
-            raise MoaSearchError(f"cannot load the config of {model!r}: {exc}") from None
+    config = shape_config(model) if model in SHAPES else load_config(model)
     options = parse_synthetic(text)
     plan = synthetic_plan(config, name_or_path=model, **options)
     target = Path(out) if out is not None else Path(f"plan_synthetic_{options['density']}.yaml")

@@ -130,19 +130,51 @@ def baseline_method(
     if name == "dense":
         return dense_method()
     if name == "window":
-        pattern: Pattern = uniform_window(n, memory, sink)
-        why = f"same KV memory as target at n={n}"
+        make = lambda x: uniform_window(n, x, sink)  # noqa: E731
+        target, why = memory, f"same KV memory as target at n={n}"
     elif name == "elastic":
-        pattern = uniform_elastic(n, memory, sink, elastic_beta)
-        why = f"same KV memory as target at n={n}"
+        make = lambda x: uniform_elastic(n, x, sink, elastic_beta)  # noqa: E731
+        target, why = memory, f"same KV memory as target at n={n}"
     elif name == "sparq":
-        pattern = uniform_sparq(n, read, identity.head_dim, sparq_r)
+        make = lambda x: uniform_sparq(n, x, identity.head_dim, sparq_r)  # noqa: E731
+        target = read
         why = f"same bytes read per decode step as target at n={n}; stores the full cache"
     else:
         raise MoaSearchError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+    pattern: Pattern = make(target)
+    if identity.native_windows:  # sliding layers clip a uniform pattern: fit the real density
+        kind = "read" if name == "sparq" else "memory"
+        pattern = _fit_density(identity, make, target, n, kind)
     plan = _uniform(identity, pattern)
     desc = f"uniform {pattern.spec()} ({why})"
     return Method(name, plan, desc, plan.memory_density(n), plan.read_density(n))
+
+
+def _fit_density(
+    identity: ModelIdentity, make, target: float, n: int, kind: str, steps: int = 40
+) -> Pattern:
+    """The uniform pattern ``make(x)`` whose density at ``n`` (memory or read, counted
+    against the model's own cache) is closest to ``target``; densities grow with x, and on
+    a model with sliding layers a fraction of n is not a fraction of what it holds."""
+
+    def density(x: float) -> float:
+        return _density_of(identity, make(x), n, kind)
+
+    lo, hi = 1.0 / n, 1.0
+    if density(hi) <= target:
+        return make(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if density(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return min((make(lo), make(hi)), key=lambda p: abs(_density_of(identity, p, n, kind) - target))
+
+
+def _density_of(identity: ModelIdentity, pattern: Pattern, n: int, kind: str) -> float:
+    plan = _uniform(identity, pattern)
+    return plan.memory_density(n) if kind == "memory" else plan.read_density(n)
 
 
 def build_methods(

@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from moa_search import families
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Dense, Pattern, SparQ
 from moa_search.profile.capture import _no_mask, _set_attn_impl, attention_modules
-from moa_search.profile.sparq_estimate import sparq_prefill
+from moa_search.profile.sparq_estimate import sparq_prefill, visible
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
+from moa_search.runtime.scores import cap_logits
 
 ATTN_NAME = "moa_measure"
 FIDELITIES = ("exact", "scored")
@@ -112,67 +114,91 @@ class _LayerState:
     capture: dict[str, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class _Native:
+    """What the model's own attention adds at this layer: its sliding window, logit cap."""
+
+    window: int | None = None
+    softcap: float | None = None
+
+
 def _group(h: int, group: int) -> slice:
     return slice(h * group, (h + 1) * group)
 
 
 def _full(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, patterns: Sequence[Pattern], scale
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    patterns: Sequence[Pattern],
+    scale,
+    native: _Native = _Native(),
 ) -> torch.Tensor:
-    """(B, Hq, N, D) attention of an unpadded prompt, each KV head under its pattern."""
-    out = fresh_prefill(query, key, value, list(patterns), scale)
+    """(B, Hq, N, D) attention of an unpadded prompt, each KV head under its pattern (inside
+    the model's own window, with its logit cap, as the runtime runs it)."""
+    w, cap = native.window, native.softcap
+    out = fresh_prefill(query, key, value, list(patterns), scale, window=w, softcap=cap)
     group = query.shape[1] // key.shape[1]
     for h, p in enumerate(patterns):
         if isinstance(p, SparQ):  # every batch row at once: one row each is launch-bound
             sl = _group(h, group)
-            out[:, sl] = sparq_prefill(query[:, sl], key[:, h], value[:, h], p, scale).to(out.dtype)
+            y = sparq_prefill(query[:, sl], key[:, h], value[:, h], p, scale, window=w, softcap=cap)
+            out[:, sl] = y.to(out.dtype)
     return out
 
 
-def _one_head_full(query, key, value, h: int, pattern: Pattern, scale) -> torch.Tensor:
+def _one_head_full(
+    query, key, value, h: int, pattern: Pattern, scale, native: _Native = _Native()
+) -> torch.Tensor:
     """(1, G, N, D): one KV group of batch row 0 under ``pattern``."""
     group = query.shape[1] // key.shape[1]
     sl = _group(h, group)
-    return _full(query[:1, sl], key[:1, h : h + 1], value[:1, h : h + 1], [pattern], scale)
+    return _full(query[:1, sl], key[:1, h : h + 1], value[:1, h : h + 1], [pattern], scale, native)
 
 
-def _scored_sparq(q, k, v, positions: torch.Tensor, pattern: SparQ, scale) -> torch.Tensor:
+def _scored_sparq(
+    q, k, v, positions: torch.Tensor, pattern: SparQ, scale, native: _Native = _Native()
+) -> torch.Tensor:
     """q: (R, G, S, D) at ``positions``; k, v: (R, N, D) full. Returns (R, G, S, D)."""
     rows, _, s, _ = q.shape
     n = k.shape[1]
     k_pos = torch.arange(n, device=q.device)
     out = torch.empty_like(q)
     for i in range(s):  # SparQ decodes each scored position over the keys seen so far
-        seen = torch.where(k_pos <= positions[i], k_pos, torch.full_like(k_pos, -1))
+        ok = visible(positions[i : i + 1], n, native.window)[0]
+        seen = torch.where(ok, k_pos, torch.full_like(k_pos, -1))
         out[:, :, i : i + 1] = attend_head(
             q[:, :, i : i + 1], k, v, positions[i : i + 1][None].expand(rows, 1),
-            seen[None].expand(rows, n), pattern, scale,
+            seen[None].expand(rows, n), pattern, scale, softcap=native.softcap,
         )  # fmt: skip
     return out
 
 
 def _scored_masks(
-    pattern: Pattern, positions: torch.Tensor, n: int
+    pattern: Pattern, positions: torch.Tensor, n: int, window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive masks of scored queries over (base keys, the scored positions' own keys):
     a base key at a scored position is replaced by that position's recomputed key."""
     dev = positions.device
     k_pos = torch.arange(n, device=dev)
-    base_ok = pattern.allowed(positions, k_pos)
+    base_ok = pattern.allowed(positions, k_pos) & visible(positions, n, window)
     base_ok[:, positions] = False
     own_ok = pattern.allowed(positions, positions)
+    if window is not None:
+        own_ok &= (positions[:, None] - positions[None, :]) < window
     zero = torch.zeros((), device=dev)
     neg = torch.full((), float("-inf"), device=dev)
     return torch.where(base_ok, zero, neg), torch.where(own_ok, zero, neg)
 
 
-def _scored_static(q, k_base, v_base, k_new, v_new, masks, scale) -> torch.Tensor:
+def _scored_static(q, k_base, v_base, k_new, v_new, masks, scale, softcap=None) -> torch.Tensor:
     """q: (R, G, S, D); k_base, v_base: (N, D) shared by every row; k_new, v_new: (R, S, D)
     the rows' own keys at the scored positions. Softmax over both key sets, no copies."""
     base_mask, own_mask = masks
     qf = q.float()
-    s_base = torch.einsum("rgsd,nd->rgsn", qf, k_base.float()) * scale + base_mask
-    s_own = torch.einsum("rgsd,rtd->rgst", qf, k_new.float()) * scale + own_mask
+    s_base = cap_logits(torch.einsum("rgsd,nd->rgsn", qf, k_base.float()) * scale, softcap)
+    s_own = cap_logits(torch.einsum("rgsd,rtd->rgst", qf, k_new.float()) * scale, softcap)
+    s_base, s_own = s_base + base_mask, s_own + own_mask
     top = torch.maximum(s_base.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
     p_base, p_own = (s_base - top).exp(), (s_own - top).exp()
     norm = p_base.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
@@ -193,6 +219,7 @@ def _measure_attention(
     """query: (R, Hq, L, D); key/value: (R, Hkv, L, D). Returns ((R, L, Hq, D), None)."""
     st: _LayerState = module._moa_measure
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    native = _Native(kwargs.get("sliding_window"), kwargs.get("softcap"))
     rows, q_heads = query.shape[:2]
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -200,9 +227,9 @@ def _measure_attention(
         st.capture["k"], st.capture["v"] = key[:1], value[:1]
     if st.frozen is None:
         if st.rows is None:
-            out = _full(query, key, value, st.patterns, scale)
+            out = _full(query, key, value, st.patterns, scale, native)
         else:  # every row has the same inputs here: attend once per distinct change
-            base = _full(query[:1], key[:1], value[:1], st.patterns, scale)
+            base = _full(query[:1], key[:1], value[:1], st.patterns, scale, native)
             out = base.expand(rows, -1, -1, -1).clone()
             done: dict[tuple[int, str], torch.Tensor] = {}
             for r, change in enumerate(st.rows):
@@ -210,7 +237,7 @@ def _measure_attention(
                     continue
                 h, p = change
                 if (h, p.spec()) not in done:
-                    done[(h, p.spec())] = _one_head_full(query, key, value, h, p, scale)[0]
+                    done[(h, p.spec())] = _one_head_full(query, key, value, h, p, scale, native)[0]
                 out[r, _group(h, group)] = done[(h, p.spec())]
     else:
         k_base, v_base, positions, masks = st.frozen
@@ -233,22 +260,26 @@ def _measure_attention(
                     v_all = v_base[0, h].expand(q.shape[0], -1, -1).clone()
                     k_all[:, positions] = k_new.to(k_all.dtype)
                     v_all[:, positions] = v_new.to(v_all.dtype)
-                    y = _scored_sparq(q, k_all, v_all, positions, pat, scale)
+                    y = _scored_sparq(q, k_all, v_all, positions, pat, scale, native)
                 else:
-                    mask = masks.get(spec)
+                    key_ = (spec, native.window)
+                    mask = masks.get(key_)
                     if mask is None:
-                        mask = masks[spec] = _scored_masks(pat, positions, k_base.shape[2])
-                    y = _scored_static(q, k_base[0, h], v_base[0, h], k_new, v_new, mask, scale)
+                        mask = masks[key_] = _scored_masks(
+                            pat, positions, k_base.shape[2], native.window
+                        )
+                    y = _scored_static(
+                        q, k_base[0, h], v_base[0, h], k_new, v_new, mask, scale, native.softcap
+                    )
                 out[sel, sl] = y.to(out.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decoder(model: torch.nn.Module) -> tuple[Any, Any, Any, Any]:
-    """(embeddings, decoder layers, final norm, rotary) of a Llama-family model."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or not hasattr(base, "layers"):
-        base = model.model
-    return base.embed_tokens, base.layers, base.norm, base.rotary_emb
+def _decoder(model: torch.nn.Module) -> tuple[Any, Any, Any]:
+    """(embeddings, decoder layers, final norm) of a supported model; RoPE per layer comes
+    from :func:`moa_search.families.rotary` (Gemma 3 has local and global RoPE)."""
+    base = families.decoder(model)
+    return base.embed_tokens, base.layers, base.norm
 
 
 @contextmanager
@@ -313,7 +344,7 @@ class AblationEngine:
         self.fidelity = fidelity
         self.row_batch = row_batch
         self.max_scored = max_scored
-        self.embed, self.layers, self.norm, self.rotary = _decoder(model)
+        self.embed, self.layers, self.norm = _decoder(model)
         self.head = model.get_output_embeddings()
         cfg = model.config
         self.num_kv = int(cfg.num_key_value_heads)
@@ -323,22 +354,20 @@ class AblationEngine:
                          if e is not None]  # fmt: skip
 
     # --- layer stepping -----------------------------------------------------------
-    def _rotary(self, h: torch.Tensor, positions: torch.Tensor):
-        return self.rotary(h, positions[None].to(h.device))
-
     def _layer(self, modules, i: int, h: torch.Tensor, positions: torch.Tensor, st: _LayerState):
         modules[i]._moa_measure = st
         try:
             return self.layers[i](
                 h, attention_mask=None, position_ids=positions[None],
-                position_embeddings=self._rotary(h, positions), use_cache=False,
+                position_embeddings=families.rotary(self.model, h, positions, i), use_cache=False,
             )  # fmt: skip
         finally:
             modules[i].__dict__.pop("_moa_measure", None)
 
     def _logp(self, h: torch.Tensor) -> torch.Tensor:
         """(R, S, D) final hidden at scored positions -> (R, S, V) float32 log-probs."""
-        return F.log_softmax(self.head(self.norm(h)).float(), dim=-1)
+        logits = families.final_logits(self.model, self.head(self.norm(h)).float())
+        return F.log_softmax(logits, dim=-1)
 
     # --- base run -----------------------------------------------------------------
     @torch.no_grad()

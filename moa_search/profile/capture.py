@@ -18,36 +18,51 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from moa_search import families
+from moa_search.errors import MoaSearchError
 from moa_search.nll import chunked_nll
 from moa_search.patterns import Pattern, SparQ
 from moa_search.profile.influence import LayerInfluence, layer_influence
+from moa_search.profile.sparq_estimate import visible
+from moa_search.runtime.scores import sdpa
 
 ATTN_NAME = "moa_profile"
 
-LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+#: hook(layer, q, k, v, dO, scale, window, softcap)
+LayerHook = Callable[..., None]
+
+
+def _dense(q, k, v, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """The model's own causal attention: its sliding window and logit soft-cap, if any."""
+    if window is None and softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    band = visible(torch.arange(q.shape[-2], device=q.device), k.shape[-2], window)
+    return sdpa(q, k, v, scale=scale, mask=band, softcap=softcap, enable_gqa=True)
 
 
 class _ProfiledAttention(torch.autograd.Function):
-    """Causal SDPA whose backward also calls ``hook(layer, q, k, v, dO, scale)``."""
+    """The model's causal attention whose backward also calls the layer hook."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, layer: int, hook: LayerHook):  # type: ignore[override]
+    def forward(ctx, q, k, v, scale: float, layer: int, hook: LayerHook, window, softcap):  # type: ignore[override]
         ctx.save_for_backward(q, k, v)
         ctx.scale, ctx.layer, ctx.hook = scale, layer, hook
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        ctx.window, ctx.softcap = window, softcap
+        return _dense(q, k, v, scale, window, softcap)
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]
         q, k, v = ctx.saved_tensors
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            out = F.scaled_dot_product_attention(
-                *leaves, is_causal=True, scale=ctx.scale, enable_gqa=True
-            )
+            out = _dense(*leaves, ctx.scale, ctx.window, ctx.softcap)
             grads = torch.autograd.grad(out, leaves, d_out)
         with torch.no_grad():
-            ctx.hook(ctx.layer, q.detach(), k.detach(), v.detach(), d_out.detach(), ctx.scale)
-        return (*grads, None, None, None)
+            ctx.hook(
+                ctx.layer, q.detach(), k.detach(), v.detach(), d_out.detach(), ctx.scale,
+                ctx.window, ctx.softcap,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None)
 
 
 def _profile_attention(
@@ -63,7 +78,10 @@ def _profile_attention(
     """query: (1, Hq, N, D); key/value: (1, Hkv, N, D). Returns ((1, N, Hq, D), None)."""
     hook: LayerHook = module._moa_profile_hook
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = _ProfiledAttention.apply(query, key, value, scale, module.layer_idx, hook)
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    out = _ProfiledAttention.apply(
+        query, key, value, scale, module.layer_idx, hook, window, softcap
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -80,8 +98,8 @@ def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Self-attention modules in layer order (Llama-family layout)."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    """Self-attention modules in layer order (every supported family)."""
+    return families.attention_modules(model)
 
 
 @contextmanager
@@ -102,7 +120,8 @@ def profiling(
         p.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
-        model.train()  # transformers only checkpoints in train mode; Llama has no dropout
+        model.train()  # transformers only checkpoints in train mode
+        _check_no_dropout(model)
     _set_attn_impl(model, ATTN_NAME)
     try:
         yield
@@ -117,11 +136,19 @@ def profiling(
         model.train(saved_train)
 
 
+def _check_no_dropout(model: torch.nn.Module) -> None:
+    """Checkpointing needs train mode, where dropout would be live: refuse it (all
+    supported checkpoints ship with zero dropout)."""
+    for key in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
+        if getattr(model.config, key, 0.0):
+            raise MoaSearchError(
+                f"config.{key}={getattr(model.config, key)}: the gradient profiler runs in "
+                "train mode and needs zero dropout; set it to 0"
+            )
+
+
 def _base_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or not hasattr(base, "layers"):
-        base = model.model
-    return base, model.get_output_embeddings()
+    return families.decoder(model), model.get_output_embeddings()
 
 
 def sample_loss(
@@ -145,7 +172,13 @@ def sample_loss(
     count = weight.sum().clamp_min(1.0)
     hidden = hidden[:-1].to(head.weight.device)
     dev = head.weight.device
-    total = chunked_nll(hidden, head, targets.to(dev), weight.to(dev), checkpointed=need_grad)
+    total = chunked_nll(
+        hidden,
+        families.lm_head(model, head),
+        targets.to(dev),
+        weight.to(dev),
+        checkpointed=need_grad,
+    )
     return total / count.to(total.device)
 
 
@@ -174,6 +207,8 @@ class InfluenceRecorder:
         v: torch.Tensor,
         do: torch.Tensor,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         res = layer_influence(
             q[0],
@@ -187,6 +222,8 @@ class InfluenceRecorder:
             self.tile_rows,
             self.sparq_rows,
             self.backend,
+            window,
+            softcap,
         )
         self.layers[layer] = LayerInfluence(
             **{

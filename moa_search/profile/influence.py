@@ -120,6 +120,8 @@ def layer_influence(
     tile_rows: int | None = None,
     sparq_rows: int = 0,
     backend: str = "auto",
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> LayerInfluence:
     """Influence of every static and SparQ candidate for one layer of one sample.
 
@@ -128,9 +130,17 @@ def layer_influence(
     every row; SparQ candidates at ``sparq_rows`` evenly spaced rows (0: every row; the
     sums are scaled to all rows). ``backend``: "triton" (fused kernel, GPU), "torch"
     (float32 loop, any device) or "auto" (the kernel on CUDA when the block size allows it).
+    ``window`` / ``softcap``: the layer's own sliding window and logit cap (the model's
+    attention probabilities are formed with them); the fused kernel knows neither, so such
+    layers take the PyTorch loop.
     """
     heads = q.shape[0]
     ranges = None
+    native = window is not None or softcap is not None
+    if native and backend == "triton":
+        raise ValueError("the fused influence kernel has no sliding window or soft-cap")
+    if native:
+        backend = "torch"
     if backend in ("auto", "triton") and q.is_cuda and block_size in KERNEL_BLOCKS:
         ranges = _kernel_ranges(tuple(static), q.shape[1], block_size, str(q.device))
     if backend == "auto":  # the kernel needs ranges moving <= 1 key per row (all built-ins)
@@ -144,12 +154,15 @@ def layer_influence(
         hi, lo, events = ranges
         found = static_influence(q, k, v, do, scale, hi, lo, block_size, events=events)
     elif backend == "torch":
-        found = static_influence_torch(q, k, v, do, scale, static, block_size, tile_rows)
+        found = static_influence_torch(
+            q, k, v, do, scale, static, block_size, tile_rows, window, softcap
+        )
     else:
         raise ValueError(f"backend: expected auto, triton or torch, got {backend!r}")
     sq_row, sq_signed = sparq_influence(
-        q, k, v, do, scale, sparq, sparq_stride_for(q.shape[1], sparq_rows), tile_rows
-    )
+        q, k, v, do, scale, sparq, sparq_stride_for(q.shape[1], sparq_rows), tile_rows,
+        window, softcap,
+    )  # fmt: skip
     return LayerInfluence(
         moa=found["moa"].view(heads, len(static)),
         row=found["row"].view(heads, len(static)),
@@ -184,6 +197,8 @@ def static_influence_torch(
     static: Sequence[Pattern],
     block_size: int = 64,
     tile_rows: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The static sums of :func:`layer_influence` in plain PyTorch, one query tile at a time.
 
@@ -211,7 +226,7 @@ def static_influence_torch(
         qt = q[:, q0:q1].float().view(kv_heads, group, t, dim)
         dot = do[:, q0:q1].float().view(kv_heads, group, t, dim)
         kt, vt = kf[:, :nk], vf[:, :nk]
-        a = causal_softmax(qt, kt, pos, scale)
+        a = causal_softmax(qt, kt, pos, scale, window, softcap)
         ag = torch.einsum("hgtd,hnd->hgtn", dot, vt).mul_(a)  # A_j G_j
         # D_i = dO . o as the row sum of A G: for a one-hot row D - G_j is then exactly 0
         delta = ag.sum(-1, keepdim=True)  # (Hkv, G, t, 1)
@@ -265,6 +280,8 @@ def sparq_influence(
     sparq: Sequence[SparQ],
     stride: int = 1,
     tile_rows: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over rows of |<dO, o_SparQ - o>| and of the signed value, per (head, candidate).
 
@@ -283,17 +300,17 @@ def sparq_influence(
     rows = sampled_rows(length, stride, q.device)
     tile = tile_rows or default_tile_rows(heads, length, 1, q.device.type == "cpu")
     kf, vf = k.float(), v.float()
-    vmean = running_v_mean(v)[:, rows]  # (Hkv, R, D)
+    vmean = running_v_mean(v, window)[:, rows]  # (Hkv, R, D)
     for r0 in range(0, rows.numel(), tile):
         pos = rows[r0 : r0 + tile]
         nk = int(pos[-1]) + 1
         qt = q[:, pos].float().view(kv_heads, group, -1, dim)
         dot = do[:, pos].float().view(kv_heads, group, -1, dim)
         kt, vt = kf[:, :nk], vf[:, :nk]
-        a = causal_softmax(qt, kt, pos, scale)
+        a = causal_softmax(qt, kt, pos, scale, window, softcap)
         g = torch.einsum("hgtd,hnd->hgtn", dot, vt)
         dvm = (dot * vmean[:, None, r0 : r0 + tile]).sum(-1)
-        for i, diff in sparq_tile_deltas(qt, kt, a, g, dvm, pos, sparq):
+        for i, diff in sparq_tile_deltas(qt, kt, a, g, dvm, pos, sparq, window):
             row[..., i] += diff.abs().sum(-1)
             signed[..., i] += diff.sum(-1)
         del a, g

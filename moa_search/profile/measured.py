@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from moa_search.errors import MoaSearchError
+from moa_search.families import layer_windows
 from moa_search.objective import DEFAULT_WEIGHTS, TASKS
 from moa_search.patterns import PATTERNS, Dense, Pattern
 from moa_search.profile import store
@@ -78,6 +79,16 @@ def measured_candidates(lengths: Sequence[int], head_dim: int) -> list[Pattern]:
     return [p for family in PATTERNS.values() for p in family.candidates(lengths, head_dim)]
 
 
+def same_as_dense(p: Pattern, length: int, window: int | None) -> bool:
+    """True when, inside the model's own ``window``, ``p`` keeps every key dense keeps at
+    every query of a ``length``-token prompt (span >= min(n, window) for all n): on a
+    sliding layer a window at least as wide as the model's changes nothing."""
+    if window is None or not p.static:
+        return False
+    n = torch.arange(1, length + 1, dtype=torch.long)
+    return bool((torch.as_tensor(p.span_at(n)) >= n.clamp(max=window)).all())
+
+
 def measure_sample(
     engine: AblationEngine, sample: Sample, cands: Sequence[Pattern]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -85,12 +96,20 @@ def measure_sample(
     start = time.perf_counter()
     run = engine.prepare(sample.input_ids, sample.loss_mask)
     n_layers, n_kv = len(engine.layers), engine.num_kv
+    windows = layer_windows(engine.model.config)
+    length = int(sample.input_ids.shape[-1])
+    same = {  # (layer, candidate) pairs that attend exactly like dense: nothing to measure
+        (layer, c)
+        for layer in range(n_layers)
+        for c, p in enumerate(cands)
+        if isinstance(p, Dense) or same_as_dense(p, length, windows[layer])
+    }
     ablations = [
         Ablation(layer, h, p)
         for layer in range(n_layers)
         for h in range(n_kv)
-        for p in cands
-        if not isinstance(p, Dense)
+        for c, p in enumerate(cands)
+        if (layer, c) not in same
     ]
     eff = engine.effects(run, ablations)
     shape = (n_layers, n_kv, len(cands))
@@ -99,8 +118,8 @@ def measure_sample(
     j = 0
     for layer in range(n_layers):
         for h in range(n_kv):
-            for c, p in enumerate(cands):
-                if isinstance(p, Dense):
+            for c in range(len(cands)):
+                if (layer, c) in same:
                     continue
                 out["kl"][layer, h, c] = eff.kl[j]
                 out["dnll"][layer, h, c] = eff.dnll[j]

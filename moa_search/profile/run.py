@@ -31,7 +31,7 @@ from moa_search.profile import store
 from moa_search.profile.ablation import AblationEngine
 from moa_search.profile.candidates import resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
-from moa_search.profile.table import PRIMARY, build_table, mean_blocks
+from moa_search.profile.table import PRIMARY, build_table, count_against_windows, mean_blocks
 
 METHOD_VERSION = "moa-influence-2"  # 2: SparQ priced on sampled rows (sparq_rows)
 METHODS = ("measured", "gradient")
@@ -151,15 +151,9 @@ def _check_lengths(lengths: Sequence[int] | str, block_size: int) -> list[int]:
 def _config(model: Any) -> Any:
     if isinstance(model, torch.nn.Module):
         return model.config
-    from transformers import AutoConfig  # noqa: PLC0415
+    from moa_search.models import load_config  # noqa: PLC0415
 
-    from moa_search.models import resolve_model_path  # noqa: PLC0415
-
-    try:
-        return AutoConfig.from_pretrained(resolve_model_path(model))
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise MoaSearchError(f"cannot load model {model!r}: {first}") from None
+    return load_config(model)
 
 
 def load_for_profile(model: Any, dtype: str, device: str) -> torch.nn.Module:
@@ -438,7 +432,7 @@ def profile(
     result_fields = cfg.result_fields()
     args = {
         "method_version": version,
-        "model": dict(identity.__dict__),
+        "model": identity.to_dict(),
         "calibration_hash": calib_hash,
         "samples": {str(n): c for n, c in counts.items()},
         **result_fields,
@@ -488,6 +482,7 @@ def profile(
         table = build_table(
             out, lengths, counts, cands, identity.num_key_value_heads, identity.head_dim
         )
+    table = count_against_windows(table, identity.native_windows, identity.head_dim)
     store.atomic_write(out / "profile.parquet", lambda tmp: table.to_parquet(tmp, index=False))
     validation = None
     if cfg.method == "gradient":
@@ -505,7 +500,7 @@ def profile(
     jobs_meta = [store.read_tensors_metadata(store.checkpoint_path(out, *j)) for j in jobs]
     meta = {
         "method_version": version,
-        "model": dict(identity.__dict__),
+        "model": identity.to_dict(),
         "calibration": {
             "source": "given tokens" if given else "built-in" if calib is None else str(calib),
             "hash": calib_hash,

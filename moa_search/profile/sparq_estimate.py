@@ -20,21 +20,39 @@ import torch
 from moa_search.patterns import SparQ, sparq_query_components
 
 
-def running_v_mean(v: torch.Tensor) -> torch.Tensor:
-    """Mean of V over positions 0..p for every p. v: (Hkv, N, D) -> (Hkv, N, D) float32."""
+def running_v_mean(v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Mean of V over positions 0..p for every p (over the last ``window`` of them under a
+    model's own sliding window). v: (Hkv, N, D) -> (Hkv, N, D) float32."""
     count = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=torch.float32)
     # scan along the innermost axis: CUDA's outer-axis scan took 1.5 ms for (3, 8192, 64)
     total = v.float().transpose(1, 2).cumsum(-1).transpose(1, 2)
+    if window is not None and window < v.shape[1]:
+        total[:, window:] -= total[:, :-window].clone()
+        count = count.clamp(max=window)
     return total / count[None, :, None]
 
 
+def visible(pos: torch.Tensor, nk: int, window: int | None = None) -> torch.Tensor:
+    """(t, nk) bool: key j is causal for the row at ``pos`` and inside the model's window."""
+    j = torch.arange(nk, device=pos.device)[None, :]
+    ok = j <= pos[:, None]
+    return ok if window is None else ok & (pos[:, None] - j < window)
+
+
 def causal_softmax(
-    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, scale: float
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Dense attention probabilities of rows at ``pos``: (Hkv, G, t, D) x (Hkv, nk, D)."""
+    """Dense attention probabilities of rows at ``pos``: (Hkv, G, t, D) x (Hkv, nk, D), as
+    the model computes them (its own sliding window and logit soft-cap, if any)."""
     s = torch.einsum("hgtd,hnd->hgtn", qt, kt).mul_(scale)
-    causal = torch.arange(kt.shape[1], device=qt.device)[None, :] <= pos[:, None]
-    s.masked_fill_(~causal, float("-inf"))
+    if softcap is not None:
+        s = torch.tanh(s / softcap).mul_(softcap)
+    s.masked_fill_(~visible(pos, kt.shape[1], window), float("-inf"))
     return torch.softmax(s, dim=-1)
 
 
@@ -47,7 +65,13 @@ def _selection_groups(patterns: Sequence[SparQ], dim: int) -> dict[tuple[int, in
 
 
 def _select(
-    qt: torch.Tensor, kt: torch.Tensor, pos: torch.Tensor, r: int, local: int, kmax: int
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    pos: torch.Tensor,
+    r: int,
+    local: int,
+    kmax: int,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparQ's key choice for every row: (p_hat (Hkv, G, t, nk), top (Hkv, t, kmax)).
 
@@ -59,7 +83,7 @@ def _select(
     nk, t = kt.shape[1], qt.shape[2]
     dev = qt.device
     # x + 0 = x and x + -inf = -inf: a masked_fill(~causal, -inf), faster on broadcast
-    causal = torch.arange(nk, device=dev)[None, :] <= pos[:, None]  # (t, nk)
+    causal = visible(pos, nk, window)  # (t, nk)
     bias = torch.zeros(t, nk, dtype=qt.dtype, device=dev).masked_fill_(~causal, float("-inf"))
     del causal
     idx_r, _, approx_scale = sparq_query_components(qt, r, group_dim=1)  # idx_r: (Hkv, t, r)
@@ -71,7 +95,9 @@ def _select(
     del s_hat
     select = p_hat.sum(1)  # (Hkv, t, nk)
     if local > 0:
-        newest = (pos[:, None] - torch.arange(local, device=dev)).clamp_min_(0)
+        newest = pos[:, None] - torch.arange(local, device=dev)
+        first = pos[:, None] - (window - 1) if window is not None else 0
+        newest = torch.maximum(newest, torch.as_tensor(first, device=dev)).clamp_min_(0)
         select.scatter_(-1, newest.expand(qt.shape[0], -1, -1), float("inf"))
     select += bias
     return p_hat, select.topk(kmax, dim=-1).indices
@@ -85,19 +111,21 @@ def sparq_tile_outputs(
     pos: torch.Tensor,
     vmean_t: torch.Tensor,
     patterns: Sequence[SparQ],
+    window: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (candidate index, decode-style output) for each SparQ candidate.
 
     qt: (Hkv, G, t, D) queries; kt, vt: (Hkv, nk, D) keys/values; a: (Hkv, G, t, nk) dense
-    causal softmax; pos: (t,) query positions; vmean_t: (Hkv, t, D) running mean of V.
+    causal softmax; pos: (t,) query positions; vmean_t: (Hkv, t, D) running mean of V;
+    window: the model's own sliding window (SparQ then works over the keys inside it).
     Output: (Hkv, G, t, D) float32.
     """
     nk = kt.shape[1]
-    n = pos + 1
+    n = pos + 1 if window is None else (pos + 1).clamp(max=window)
     for (r, local), members in _selection_groups(patterns, qt.shape[-1]).items():
         k_rows = {i: patterns[i].k_at(n) for i in members}
         kmax = int(max(int(k.max()) for k in k_rows.values()))
-        p_hat, top = _select(qt, kt, pos, r, local, kmax)
+        p_hat, top = _select(qt, kt, pos, r, local, kmax, window)
         rank = torch.full(top.shape[:2] + (nk,), nk, dtype=torch.int32, device=qt.device)
         ranks = torch.arange(kmax, dtype=torch.int32, device=qt.device).expand_as(top)
         rank.scatter_(-1, top, ranks.contiguous())
@@ -121,6 +149,7 @@ def sparq_tile_deltas(
     dvm: torch.Tensor,
     pos: torch.Tensor,
     patterns: Sequence[SparQ],
+    window: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (candidate index, diff) with diff = <dO, o_p - o> of shape (Hkv, G, t).
 
@@ -140,12 +169,12 @@ def sparq_tile_deltas(
     increasing subset with nk > max(pos). Output in the dtype of ``a`` (float32 in use).
     """
     hkv, group, t = a.shape[:3]
-    n = pos + 1
+    n = pos + 1 if window is None else (pos + 1).clamp(max=window)
     dense = torch.einsum("hgtn,hgtn->hgt", a, g)  # <dO, o>
     for (r, local), members in _selection_groups(patterns, qt.shape[-1]).items():
         k_rows = {i: patterns[i].k_at(n) for i in members}
         kmax = int(max(int(k.max()) for k in k_rows.values()))
-        p_hat, top = _select(qt, kt, pos, r, local, kmax)
+        p_hat, top = _select(qt, kt, pos, r, local, kmax, window)
         idx = top[:, None].expand(-1, group, -1, -1)  # (Hkv, G, t, kmax)
         del top
         # p_hat, a and a*g summed over the first 1..kmax chosen keys of each row
@@ -170,12 +199,15 @@ def sparq_prefill(
     pattern: SparQ,
     scale: float,
     tile_rows: int = 256,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Every position of one GQA group decoded with SparQ (teacher forcing), exactly.
 
     q: (G, N, D); k, v: (N, D), or with a leading batch dim (B, G, N, D) / (B, N, D), each
     row independent. Returns float32 of q's shape: what the runtime's token-by-token SparQ
-    decode would output at each position, without running N decode steps.
+    decode would output at each position, without running N decode steps. ``window`` /
+    ``softcap``: the model's own sliding window and logit cap, as the runtime applies them.
     """
     batched = q.dim() == 4
     if not batched:
@@ -184,14 +216,14 @@ def sparq_prefill(
     tile_rows = max(16, tile_rows // rows)  # bound the (B, G, tile, N) scores
     out = torch.empty(rows, group, length, dim, dtype=torch.float32, device=q.device)
     kf, vf = k.float(), v.float()
-    vmean = running_v_mean(vf)
+    vmean = running_v_mean(vf, window)
     for q0 in range(0, length, tile_rows):
         q1 = min(length, q0 + tile_rows)
         pos = torch.arange(q0, q1, device=q.device)
         qt = q[:, :, q0:q1].float()
-        a = causal_softmax(qt, kf[:, :q1], pos, scale)
+        a = causal_softmax(qt, kf[:, :q1], pos, scale, window, softcap)
         for _, o_p in sparq_tile_outputs(
-            qt, kf[:, :q1], vf[:, :q1], a, pos, vmean[:, q0:q1], [pattern]
+            qt, kf[:, :q1], vf[:, :q1], a, pos, vmean[:, q0:q1], [pattern], window
         ):
             out[:, :, q0:q1] = o_p
     return out if batched else out[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moa_search.patterns import Dense, Pattern
+from moa_search.patterns import Dense, Pattern, parse
 from moa_search.profile.candidates import params, split_static
 from moa_search.profile.store import checkpoint_path, read_tensors
 
@@ -73,6 +73,27 @@ def add_pattern_columns(
     frame["read_bytes"] = p.bytes_read(length, head_dim, DTYPE_BYTES)
     frame["density"] = frame["stored_bytes"] / dense
     frame["read_density"] = frame["read_bytes"] / dense
+
+
+def count_against_windows(
+    table: pd.DataFrame, windows: Sequence[int | None], head_dim: int
+) -> pd.DataFrame:
+    """Bytes columns of rows on a layer the model itself makes sliding, counted inside that
+    window: what the model's own cache holds there (its "dense" is the window)."""
+    if not windows or all(w is None for w in windows):
+        return table
+    table = table.copy()
+    window = table["layer"].map(dict(enumerate(windows)))
+    rows = window.notna()
+    groups = table[rows].groupby(["pattern", window[rows], "length"]).groups
+    for (spec, w, n), idx in groups.items():
+        p, w, n = parse(spec, head_dim), int(w), int(n)
+        dense = Dense().bytes_stored(n, head_dim, DTYPE_BYTES, w)
+        table.loc[idx, "stored_bytes"] = p.bytes_stored(n, head_dim, DTYPE_BYTES, w)
+        table.loc[idx, "read_bytes"] = p.bytes_read(n, head_dim, DTYPE_BYTES, w)
+        table.loc[idx, "density"] = table.loc[idx, "stored_bytes"] / dense
+        table.loc[idx, "read_density"] = table.loc[idx, "read_bytes"] / dense
+    return table
 
 
 def build_table(

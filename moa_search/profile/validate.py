@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -27,7 +26,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from moa_search.patterns import Pattern, SparQ, parse
 from moa_search.plan import dense_plan
 from moa_search.profile.calib import Sample
-from moa_search.profile.capture import _no_mask, _set_attn_impl, attention_modules, sample_loss
+from moa_search.profile.capture import (
+    _dense,
+    _no_mask,
+    _set_attn_impl,
+    attention_modules,
+    sample_loss,
+)
 from moa_search.profile.sparq_estimate import sparq_prefill
 from moa_search.runtime import apply_plan
 
@@ -43,11 +48,10 @@ def _sparq_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Dense causal SDPA, except one KV group decoded with SparQ at every position."""
+    """The model's own attention, except one KV group decoded with SparQ at every position."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scale, enable_gqa=True
-    )
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    out = _dense(query, key, value, scale, window, softcap)
     target = getattr(module, "_moa_sparq_target", None)
     if target is not None:
         kv, pattern = target
@@ -55,9 +59,11 @@ def _sparq_attention(
         sl = slice(kv * group, (kv + 1) * group)
         out = out.clone()
         for b in range(query.shape[0]):
-            out[b, sl] = sparq_prefill(query[b, sl], key[b, kv], value[b, kv], pattern, scale).to(
-                out.dtype
-            )
+            y = sparq_prefill(
+                query[b, sl], key[b, kv], value[b, kv], pattern, scale,
+                window=window, softcap=softcap,
+            )  # fmt: skip
+            out[b, sl] = y.to(out.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -9,12 +9,13 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import DynamicCache
 
+from moa_search import families
 from moa_search.errors import MoaSearchError
 from moa_search.plan import Plan, validate
 from moa_search.runtime import attention
 from moa_search.runtime.cache import MoACache, MoALayerCache
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = families.SUPPORTED_MODEL_TYPES
 Backend = Literal["auto", "reference", "triton"]
 _MISSING = object()
 _ALREADY_APPLIED = (
@@ -46,7 +47,7 @@ class PlanRuntime:
         self._modules = _attention_modules(model, plan)
         #: per layer, the model's own sliding window (None: full causal attention); every
         #: head's pattern is clamped to it, so a plan never attends further than the model
-        self.windows: list[int | None] = [_native_window(m) for m in self._modules]
+        self.windows: list[int | None] = list(families.layer_windows(model.config))
         self._base = _base_model(model)
         self._signature = inspect.signature(self._base.forward)
         self._hook = None
@@ -180,8 +181,20 @@ class PlanRuntime:
         return args, kwargs
 
     # --- decode dispatch ------------------------------------------------------------
-    def use_kernels(self, query: torch.Tensor, q_len: int) -> bool:
+    def use_kernels(
+        self,
+        query: torch.Tensor,
+        q_len: int,
+        layer: MoALayerCache | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> bool:
+        """Decode this step with the Triton kernels? The mixed kernel knows the model's
+        window and logit cap; the SparQ pipeline knows neither, so a layer with SparQ heads
+        and a window or cap decodes with the reference."""
         if q_len != 1 or self.backend == "reference" or not query.is_cuda:
+            return False
+        if layer is not None and layer.sparq_heads and (window is not None or softcap):
             return False
         if self._kernels is None:
             try:
@@ -197,12 +210,18 @@ class PlanRuntime:
         return bool(self._kernels)
 
     def kernel_decode(
-        self, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor, scale: float
+        self,
+        layer: MoALayerCache,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         """Decode one token for all heads of ``layer`` with the Triton kernels."""
         from moa_search.runtime.kernel_dispatch import decode_layer  # noqa: PLC0415
 
-        decode_layer(self._kernels, layer, query, out, scale)
+        decode_layer(self._kernels, layer, query, out, scale, window, softcap)
 
 
 def apply_plan(
@@ -218,12 +237,7 @@ def apply_plan(
     automatically, so window/elastic heads really store fewer entries. A model runs one plan
     at a time: applying another while one is applied is refused (remove it first).
     """
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MoaSearchError(
-            f"model type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    families.check_supported(model.config)
     if backend not in ("auto", "reference", "triton"):
         raise MoaSearchError(f"backend must be auto, reference or triton, got {backend!r}")
     if getattr(model, "_moa_runtime", None) is not None:
@@ -240,7 +254,7 @@ def remove_plan(model: torch.nn.Module) -> None:
 
 
 def _attention_modules(model: torch.nn.Module, plan: Plan) -> list[torch.nn.Module]:
-    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    found = families.attention_modules(model)
     if len(found) != plan.model.num_layers:
         raise MoaSearchError(
             f"found {len(found)} attention modules, plan has {plan.model.num_layers} layers"
@@ -270,22 +284,3 @@ def _configs(model: torch.nn.Module) -> list[Any]:
 def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
     for config in _configs(model):
         config._attn_implementation_internal = name
-
-
-def _native_window(module: torch.nn.Module) -> int | None:
-    """The sliding window the model itself applies in this attention layer, if any.
-
-    Qwen2/Qwen3 set ``module.sliding_window`` per layer (None on full-attention layers);
-    Mistral reads ``config.sliding_window`` for every layer; Llama has none."""
-    if "sliding_window" in vars(module):
-        window = module.sliding_window
-    else:
-        window = getattr(getattr(module, "config", None), "sliding_window", None)
-    if window is None:
-        return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise MoaSearchError(
-            f"layer {module.layer_idx}: sliding_window: expected a positive integer or None, "
-            f"got {window!r}"
-        )
-    return window

@@ -1,9 +1,11 @@
 """The attention function registered with transformers as ``"moa"``.
 
-transformers' Llama-family attention calls ``ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v,
-mask, scaling=...)``. apply_plan switches the model to ``"moa"`` and tags every attention
-module with its layer's patterns; this function then attends per KV head and, when a
-:class:`MoACache` is active, stores only what each head's pattern needs.
+Every supported family's attention module calls ``ALL_ATTENTION_FUNCTIONS[impl](module, q, k,
+v, mask, scaling=..., sliding_window=..., softcap=...)`` after its own projections, norms and
+RoPE. apply_plan switches the model to ``"moa"`` and tags every attention module with its
+layer's patterns; this function then attends per KV head with the model's ``scaling`` and
+``softcap``, inside the model's own window, and, when a :class:`MoACache` is active, stores
+only what each head's pattern needs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import MoACache, MoALayerCache
 from moa_search.runtime.prefill import fresh_prefill
@@ -83,6 +86,12 @@ def moa_attention(
     scale = scaling if scaling is not None else dim**-0.5
     mask2d = runtime.padding_mask
     window = runtime.windows[layer_idx]
+    softcap = kwargs.get("softcap")
+    if "sliding_window" in kwargs and kwargs["sliding_window"] != window:
+        raise MoaSearchError(
+            f"layer {layer_idx}: the model attends with sliding_window="
+            f"{kwargs['sliding_window']!r}, its config says {window!r}"
+        )
 
     cache = runtime.active_cache
     layer: MoALayerCache | None = None
@@ -97,11 +106,13 @@ def moa_attention(
             real = _real_mask(mask2d, batch, q_len, query.device)
             q_pos = _positions(real, layer.lengths)
         # The Triton kernels know sinks and recent spans, not the model's own window.
-        if window is None and runtime.use_kernels(query, q_len):
+        if runtime.use_kernels(query, q_len, layer, window, softcap):
             layer.append(key, value, q_pos)
-            runtime.kernel_decode(layer, query, out, scale)
+            runtime.kernel_decode(layer, query, out, scale, window, softcap)
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
-            fresh_prefill(query, key, value, patterns, scale, out=out, window=window)
+            fresh_prefill(
+                query, key, value, patterns, scale, out=out, window=window, softcap=softcap
+            )
             layer.append(key, value, q_pos)
         else:
             for h, pattern in enumerate(patterns):
@@ -124,7 +135,7 @@ def moa_attention(
                     n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
                     v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
                 out[:, sl] = attend_head(
-                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, scale, v_mean
+                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, scale, v_mean, softcap
                 )
             layer.append(key, value, q_pos)
     else:
@@ -138,8 +149,9 @@ def moa_attention(
             sl = slice(h * group, (h + 1) * group)
             head_pattern, head_k_pos, _ = _clamp(pattern, window, q_pos, k_pos)
             out[:, sl] = attend_head(
-                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, scale
-            )
+                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, scale,
+                softcap=softcap,
+            )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

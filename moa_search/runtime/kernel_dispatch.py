@@ -39,9 +39,18 @@ def _sparq_groups(layer: MoALayerCache) -> list[tuple[SparQ, torch.Tensor, torch
 
 
 def decode_layer(
-    kernels: ModuleType, layer: MoALayerCache, query: torch.Tensor, out: torch.Tensor, scale: float
+    kernels: ModuleType,
+    layer: MoALayerCache,
+    query: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """query / out: (B, Hq, 1, D). The new token must already be appended to ``layer``."""
+    """query / out: (B, Hq, 1, D). The new token must already be appended to ``layer``.
+
+    ``window`` / ``softcap``: the model layer's own sliding window and logit cap (the
+    runtime routes SparQ layers with either to the reference)."""
     q = query[:, :, 0].contiguous()
     o = torch.empty_like(q)
     meta = layer.decode_metadata()
@@ -51,7 +60,7 @@ def decode_layer(
         kernels.mixed_decode(
             q, layer.keys, layer.values, meta["head_offset"], meta["head_sink"],
             meta["head_ring"], meta["span"], meta["seq_len"], scale,
-            head_ids=static_ids, out=o, max_len=max_len,
+            head_ids=static_ids, out=o, max_len=max_len, window=window, softcap=softcap,
         )  # fmt: skip
     for pattern, head_ids, rows in _sparq_groups(layer):
         if pattern.k is not None:

@@ -17,15 +17,17 @@ With ``window`` (the model layer's own sliding window) no query sees a key ``win
 more positions back, whatever its pattern: every head is then clamped to it (a dense head
 becomes a band of ``window`` keys, a sink only counts while it is inside the window).
 
+``softcap`` (Gemma 2's attention logit cap) is applied to every logit before the mask.
+
 Exact: same keys and softmax as the reference, up to floating-point summation order.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moa_search.patterns import Dense, Pattern
+from moa_search.runtime.scores import sdpa
 
 DEFAULT_CHUNK = 2048
 
@@ -49,11 +51,13 @@ def fresh_prefill(
     out: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
 
     query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head;
-    window: the model layer's own sliding window, if any. Returns ``out`` (B, Hq, L, D),
+    window: the model layer's own sliding window, if any; softcap: its logit cap, if any.
+    Returns ``out`` (B, Hq, L, D),
     same dtype as query.
     """
     batch, q_heads, length, dim = query.shape
@@ -75,16 +79,17 @@ def fresh_prefill(
         q = query if everything else query[:, qi]
         k = key if everything else key[:, full]
         v = value if everything else value[:, full]
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale, enable_gqa=group > 1
-        )
+        y = sdpa(
+            q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
+            enable_gqa=group > 1, softcap=softcap,
+        )  # fmt: skip
         if everything:
             out.copy_(y)
         else:
             out[:, qi] = y
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, group, scale, out, chunk, window)
+        _banded(query, key, value, pattern, heads, group, scale, out, chunk, window, softcap)
     return out
 
 
@@ -92,18 +97,20 @@ def _q_heads(kv_heads: list[int], group: int) -> list[int]:
     return [h * group + g for h in kv_heads for g in range(group)]
 
 
-def _sdpa_masked(q, k, v, mask, scale):
+def _sdpa_masked(q, k, v, mask, scale, softcap=None):
     """Masked SDPA off the cuDNN backend: cuDNN builds a plan per new shape (milliseconds
     each), and the memory-efficient kernel handles masks well."""
-    if q.is_cuda:
+    if q.is_cuda and softcap is None:
         from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
 
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return sdpa(q, k, v, mask=mask, scale=scale)
+    return sdpa(q, k, v, mask=mask, scale=scale, softcap=softcap)
 
 
-def _banded(query, key, value, pattern, heads, group, scale, out, chunk, window=None) -> None:
+def _banded(
+    query, key, value, pattern, heads, group, scale, out, chunk, window=None, softcap=None
+) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
     Every chunk reads a band of the same width (positions before the sink or before 0 are
@@ -147,4 +154,4 @@ def _banded(query, key, value, pattern, heads, group, scale, out, chunk, window=
         if group > 1:
             k = k[:, :, None].expand(batch, n_h, group, m, dim).reshape(batch, n_h * group, m, dim)
             v = v[:, :, None].expand(batch, n_h, group, m, dim).reshape(batch, n_h * group, m, dim)
-        out[:, qi, c0:c1] = _sdpa_masked(q_g[:, :, c0:c1], k, v, mask[None, None], scale)
+        out[:, qi, c0:c1] = _sdpa_masked(q_g[:, :, c0:c1], k, v, mask[None, None], scale, softcap)

@@ -31,9 +31,10 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from moa_search.errors import MoaSearchError
-from moa_search.evaluate.baselines import DEFAULT_SINK, uniform_window
+from moa_search.evaluate.baselines import DEFAULT_SINK, baseline_method
 from moa_search.objective import TASKS
 from moa_search.patterns import Dense, Pattern
+from moa_search.plan import Plan
 from moa_search.profile.ablation import Ablation, AblationEngine, BaseRun
 from moa_search.profile.calib import Sample
 from moa_search.search.costs import Problem
@@ -223,7 +224,7 @@ class PlanChecker:
         next cheaper and next costlier ones by KV memory (a local search step)."""
         p = self.problem
         ok = [c for c in range(len(p.patterns)) if np.isfinite(p.loss[g, c]).all()]
-        cost = p.bytes_per_head("memory", min(p.lengths))
+        cost = p.head_costs("memory", min(p.lengths))[g]
         order = sorted(ok, key=lambda c: (cost[c], c))
         i = order.index(current) if current in order else 0
         near = order[max(0, i - width) : i + width + 1]
@@ -415,8 +416,7 @@ class PlanChecker:
             "measured": m.objective,
             "measured_by_task": m.by_task,
             "memory_density": {
-                str(x): float(p.bytes_per_head("memory", x)[choice].sum() / p.dense_bytes(x))
-                for x in p.lengths
+                str(x): p.choice_bytes("memory", x, choice) / p.dense_bytes(x) for x in p.lengths
             },
         }
 
@@ -453,7 +453,10 @@ class PlanChecker:
         planned length (where a window's fraction is largest), measured like the plans."""
         p = self.problem
         n = min(p.lengths)
-        pattern = uniform_window(n, fraction, DEFAULT_SINK)
+        # fitted to the fraction of what the model's own cache holds (sliding layers clip)
+        pattern = baseline_method("window", p.identity, n, fraction, 1.0, DEFAULT_SINK).plan.heads[
+            0
+        ][0]
         heads = [[pattern] * p.identity.num_key_value_heads for _ in range(p.identity.num_layers)]
         m = self.measure_heads(heads)
         return {
@@ -461,9 +464,7 @@ class PlanChecker:
             "pattern": pattern.spec(),
             "budget": fraction,
             "memory_density": {
-                str(x): pattern.bytes_stored(x, p.identity.head_dim)
-                / Dense().bytes_stored(x, p.identity.head_dim)
-                for x in p.lengths
+                str(x): Plan(p.identity, heads).memory_density(x) for x in p.lengths
             },
             "measured": m.objective,
             "measured_by_task": m.by_task,

@@ -65,17 +65,46 @@ class Problem:
         return np.array([p.sink if p.has_sink else -1 for p in self.patterns])
 
     def bytes_per_head(self, kind: str, n: int) -> np.ndarray:
-        """Bytes (stored for 'memory', read per decode step for 'bandwidth') per candidate."""
+        """Bytes (stored for 'memory', read per decode step for 'bandwidth') per candidate:
+        (C,) when no layer of the model slides, else (G, C), each head's costs counted
+        inside its layer's own window (what the model's cache would really hold)."""
+        ident = self.identity
+        if not ident.native_windows:
+            return self._costs(kind, n, None)
+        rows = {w: self._costs(kind, n, w) for w in set(ident.native_windows)}
+        per_layer = [rows[ident.window(i)] for i in range(ident.num_layers)]
+        return np.repeat(np.stack(per_layer), ident.num_key_value_heads, axis=0)
+
+    def _costs(self, kind: str, n: int, window: int | None) -> np.ndarray:
         d = self.identity.head_dim
         if kind == "memory":
-            return np.array([p.bytes_stored(n, d, DTYPE_BYTES) for p in self.patterns], float)
-        if kind == "bandwidth":
-            return np.array([p.bytes_read(n, d, DTYPE_BYTES) for p in self.patterns], float)
-        raise ValueError(kind)
+            cost = [p.bytes_stored(n, d, DTYPE_BYTES, window) for p in self.patterns]
+        elif kind == "bandwidth":
+            cost = [p.bytes_read(n, d, DTYPE_BYTES, window) for p in self.patterns]
+        else:
+            raise ValueError(kind)
+        return np.array(cost, float)
+
+    def head_costs(self, kind: str, n: int) -> np.ndarray:
+        """(G, C) bytes of every candidate on every head (``bytes_per_head`` broadcast)."""
+        cost = self.bytes_per_head(kind, n)
+        return np.broadcast_to(cost, (self.num_heads, len(self.patterns)))
+
+    def choice_bytes(self, kind: str, n: int, choice: np.ndarray) -> float:
+        """Bytes of the plan that picks candidate ``choice[g]`` on head ``g``."""
+        cost = self.head_costs(kind, n)
+        return float(cost[np.arange(self.num_heads), np.asarray(choice, int)].sum())
+
+    def uniform_bytes(self, kind: str, n: int, c: int) -> float:
+        """Bytes of the plan that gives every head candidate ``c``."""
+        return float(self.head_costs(kind, n)[:, c].sum())
 
     def dense_bytes(self, n: int) -> float:
-        """Dense bytes for all KV heads of one sequence at length ``n`` (same for both kinds)."""
-        return float(self.num_heads * 2 * n * self.identity.head_dim * DTYPE_BYTES)
+        """Bytes the model's own cache holds for one sequence at length ``n`` (same for both
+        kinds): every token on full layers, the window on sliding ones."""
+        ident = self.identity
+        per_layer = sum(min(n, ident.window(i) or n) for i in range(ident.num_layers))
+        return float(per_layer * ident.num_key_value_heads * 2 * ident.head_dim * DTYPE_BYTES)
 
     def layer_of(self) -> np.ndarray:
         return np.arange(self.num_heads) // self.identity.num_key_value_heads
@@ -171,7 +200,30 @@ def build_problem(
     # a candidate must be profiled at every planned length to be comparable
     incomplete = ~np.isfinite(loss).all(axis=2, keepdims=True)
     loss = np.where(incomplete, np.inf, loss)
-    return Problem(ident, lengths, patterns, loss, task_loss, used)
+    problem = Problem(ident, lengths, patterns, loss, task_loss, used)
+    _clip_to_native_windows(problem)
+    return problem
+
+
+def _clip_to_native_windows(problem: Problem) -> None:
+    """On a layer the model itself makes sliding, a candidate that keeps at least the whole
+    window at every planned length only clips to the window (what dense is there): it is
+    not offered, so the budget goes where patterns really differ."""
+    ident = problem.identity
+    if not ident.native_windows or not any(isinstance(p, Dense) for p in problem.patterns):
+        return
+    for c, p in enumerate(problem.patterns):
+        if isinstance(p, Dense) or not p.static:
+            continue
+        for layer in ident.sliding_layers:
+            w = ident.window(layer)
+            if all(min(n, w) <= p.stored_entries(n) for n in problem.lengths):
+                rows = slice(
+                    layer * ident.num_key_value_heads, (layer + 1) * ident.num_key_value_heads
+                )
+                problem.loss[rows, c, :] = np.inf
+                for values in problem.task_loss.values():
+                    values[rows, c, :] = np.inf
 
 
 def check_families(families: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:

@@ -37,17 +37,9 @@ def model_identity(model: Any) -> ModelIdentity:
     if isinstance(model, ModelIdentity):
         return model
     if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoConfig  # noqa: PLC0415
+        from moa_search.models import load_config  # noqa: PLC0415
 
-        from moa_search.models import resolve_model_path  # noqa: PLC0415
-
-        try:
-            config = AutoConfig.from_pretrained(resolve_model_path(str(model)))
-        except (OSError, ValueError) as exc:
-            raise MoaSearchError(
-                f"cannot read model config {str(model)!r}: "
-                f"{str(exc).splitlines()[0] if str(exc) else exc}"
-            ) from None
+        config = load_config(str(model))
         return ModelIdentity.from_config(config, str(model))
     return ModelIdentity.from_config(model)
 

@@ -58,8 +58,7 @@ def uniform_baselines(
             if not np.isfinite(loss).all():
                 continue
             fits = all(
-                problem.bytes_per_head(u.kind, u.length)[c] * heads <= u.limit * (1 + 1e-9)
-                for u in caps
+                problem.uniform_bytes(u.kind, u.length, c) <= u.limit * (1 + 1e-9) for u in caps
             )
             if fits and (best is None or loss.sum() < best[1]):
                 best = (c, float(loss.sum()))
@@ -76,8 +75,8 @@ def uniform_baselines(
                 "predicted_loss": predicted,
                 "measured_loss": measured,
                 "loss": measured if measured is not None else predicted,
-                "memory_density": problem.bytes_per_head("memory", n)[c] * heads / dense,
-                "read_density": problem.bytes_per_head("bandwidth", n)[c] * heads / dense,
+                "memory_density": problem.uniform_bytes("memory", n, c) / dense,
+                "read_density": problem.uniform_bytes("bandwidth", n, c) / dense,
             }
         )
     return rows

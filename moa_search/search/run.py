@@ -183,11 +183,9 @@ def _target_model(
             model = load_model(name, dtype=placement[1], device=placement[0])
             tokenizer = tokenizer or load_tokenizer(name)
         else:
-            from transformers import AutoConfig  # noqa: PLC0415
+            from moa_search.models import load_config  # noqa: PLC0415
 
-            from moa_search.models import resolve_model_path  # noqa: PLC0415
-
-            model = AutoConfig.from_pretrained(resolve_model_path(name))
+            model = load_config(name)
     other = model if isinstance(model, ModelIdentity) else ModelIdentity.from_config(model)
     mine = table.identity
     if other.fingerprint != mine.fingerprint:
@@ -453,17 +451,16 @@ def _binding_length(problem: Problem, caps: list[UserCap]) -> int:
 def _costs_at(problem: Problem, frame: pd.DataFrame, baselines: list[dict], n: int):
     """Trials and baselines with memory / read densities recomputed at length ``n``."""
     dense = problem.dense_bytes(n)
-    mem, read = problem.bytes_per_head("memory", n), problem.bytes_per_head("bandwidth", n)
     shown = frame.copy()
-    for col, cost in (("memory_density", mem), ("read_density", read)):
+    for col, kind in (("memory_density", "memory"), ("read_density", "bandwidth")):
         shown[col] = [
-            float(cost[[int(c) for c in ch.split(",")]].sum() / dense) if ch else np.nan
+            problem.choice_bytes(kind, n, [int(c) for c in ch.split(",")]) / dense if ch else np.nan
             for ch in frame["choice"].fillna("")
         ]
     index = {s: i for i, s in enumerate(problem.specs)}
     shown_base = [
-        {**b, "memory_density": float(mem[index[b["pattern"]]] * problem.num_heads / dense),
-         "read_density": float(read[index[b["pattern"]]] * problem.num_heads / dense)}
+        {**b, "memory_density": problem.uniform_bytes("memory", n, index[b["pattern"]]) / dense,
+         "read_density": problem.uniform_bytes("bandwidth", n, index[b["pattern"]]) / dense}
         for b in baselines
     ]  # fmt: skip
     return shown, shown_base
@@ -479,9 +476,8 @@ def _write_checked(problem: Problem, report, budget: dict, study: str, out: Path
         "measured_objective": final["measured"],
         "measured_by_task": final["measured_by_task"],
         "memory_density": final["memory_density"][str(n)],
-        "read_density": float(
-            problem.bytes_per_head("bandwidth", n)[report.choice].sum() / problem.dense_bytes(n)
-        ),
+        "read_density": problem.choice_bytes("bandwidth", n, report.choice)
+        / problem.dense_bytes(n),
         "report_length": n,
         "weights": problem.weights,
         "refinement_rounds": sum("round" in h for h in report.history),

@@ -203,8 +203,8 @@ class TrialRunner:
         return TrialOutcome(
             choice=sol.choice,
             predicted=float(p.loss[rows, sol.choice, li].sum()),
-            memory=float(self.cost[("memory", n)][sol.choice].sum() / dense),
-            read=float(self.cost[("bandwidth", n)][sol.choice].sum() / dense),
+            memory=p.choice_bytes("memory", n, sol.choice) / dense,
+            read=p.choice_bytes("bandwidth", n, sol.choice) / dense,
             gap=sol.gap,
             seconds=sol.seconds,
         )
@@ -212,7 +212,8 @@ class TrialRunner:
     def within_budget(self, choice: np.ndarray) -> bool:
         """Whether a plan meets every user cap (recomputed, not assumed)."""
         return all(
-            self.cost[(c.kind, c.length)][choice].sum() <= c.limit * (1 + 1e-9) for c in self.caps
+            self.problem.choice_bytes(c.kind, c.length, choice) <= c.limit * (1 + 1e-9)
+            for c in self.caps
         )
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:

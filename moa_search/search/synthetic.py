@@ -157,7 +157,7 @@ def make_synthetic_profile(
     lengths = sorted(int(n) for n in lengths)
     frame = synthetic_rows(identity, lengths, candidates, seed, retrieval_fraction, per_query_rows)
     meta = {
-        "model": dict(identity.__dict__),
+        "model": identity.to_dict(),
         "lengths": lengths,
         "block_size": 64,
         "candidates": [p.spec() for p in candidates],

@@ -87,6 +87,9 @@ def _identity(meta: dict[str, Any], path: Path) -> ModelIdentity:
         raise MoaSearchError(f"{path}: model: expected an object with the model identity")
     kwargs = {}
     for f in fields(ModelIdentity):
+        if f.name == "native_windows":  # absent in profiles of models without sliding layers
+            kwargs[f.name] = tuple(model.get(f.name) or ())
+            continue
         if f.name not in model:
             raise MoaSearchError(f"{path}: model.{f.name}: missing")
         kwargs[f.name] = model[f.name]

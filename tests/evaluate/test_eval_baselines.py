@@ -59,3 +59,18 @@ def test_scale_plan_hits_target_and_keeps_dense_heads(plan):
     assert scaled.heads[0][0].spec() == "dense"
     with pytest.raises(MoaSearchError, match="dense/SparQ heads alone"):
         scale_plan(plan, n, 0.1)  # one of four heads is dense: floor is 25%
+
+
+@pytest.mark.parametrize("name", ["window", "elastic", "sparq"])
+def test_baselines_match_density_on_a_model_with_sliding_layers(name):
+    """Gemma-like: 2 of 3 layers slide (window 8): a uniform pattern at a fraction of n
+    is clipped there, so the baseline is fitted to the density the runtime really has."""
+    from moa_search.evaluate.baselines import baseline_method
+    from moa_search.plan import ModelIdentity
+    from tests.families import tiny_config
+
+    identity = ModelIdentity.from_config(tiny_config("gemma3_text"))
+    assert identity.native_windows == (8, None, 8)
+    m = baseline_method(name, identity, 64, memory=0.5, read=0.6)
+    got = m.read_density if name == "sparq" else m.memory_density
+    assert abs(got - (0.6 if name == "sparq" else 0.5)) < 0.03

@@ -37,15 +37,21 @@ def run_mixed(
     max_len: int | None = None,
     chunk: int | None = None,
     seed: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> float:
     """Run kernel and reference on one case; return max abs error (asserts untouched rows)."""
     lay = build_layer(heads, lens, group, dim, dtype, device, seed)
     lay.pop("v_sum")
     ids = None if head_ids is None else torch.tensor(head_ids, dtype=torch.int32, device=device)
-    scale = dim**-0.5
+    scale = scale if scale is not None else dim**-0.5
+    native = dict(window=window, softcap=softcap)
     out = torch.full_like(lay["q"], SENTINEL)
-    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk)
-    ref = mixed_decode_ref(**lay, scale=scale, head_ids=ids, out=torch.full_like(out, SENTINEL))
+    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk, **native)
+    ref = mixed_decode_ref(
+        **lay, scale=scale, head_ids=ids, out=torch.full_like(out, SENTINEL), **native
+    )
     if head_ids is not None:
         keep = torch.ones(len(heads), dtype=torch.bool)
         keep[head_ids] = False
@@ -138,6 +144,52 @@ MIXED_CASES = {
         {"max_len": 150},
     ),
 }
+
+
+#: the model's own attention: sliding window W, Gemma 2's logit cap, Gemma's head_dim 256 and
+#: a query_pre_attn_scalar scale that is not head_dim ** -0.5
+NATIVE_CASES = {
+    # name: (heads, lens, group, dim, kwargs)
+    "window_sinks_fall_out": (
+        [HeadGeom.window(4, 40, N), HeadGeom.dense(N), HeadGeom.elastic(3, 4.0, 0.3, N)],
+        [150, 45, 9],
+        2,
+        64,
+        {"chunk": 64, "window": 24},
+    ),
+    "softcap_split_d256": (
+        [HeadGeom.dense(N), HeadGeom.window(2, 33, N)],
+        [150, 70],
+        2,
+        256,
+        {"chunk": 64, "softcap": 5.0, "scale": 0.3},
+    ),
+    "window_softcap_d256_ids": (
+        [HeadGeom.window(4, 40, N), HeadGeom.dense(N), HeadGeom.window(0, 7, N)],
+        [150, 31],
+        4,
+        256,
+        {"window": 32, "softcap": 2.0, "head_ids": [0, 1]},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(NATIVE_CASES))
+def test_mixed_native_window_softcap_d256(name: str, dtype: torch.dtype, device) -> None:
+    heads, lens, group, dim, kw = NATIVE_CASES[name]
+    err = run_mixed(heads, lens, group, dim, dtype, device, **kw)
+    assert err <= TOL[dtype], f"{name}: max abs err {err:.3g}"
+
+
+def test_reference_window_and_cap_change_the_output(device: torch.device) -> None:
+    """The reference the kernel is held to really applies both (so the test can fail)."""
+    heads = [HeadGeom.window(4, 40, N), HeadGeom.dense(N)]
+    lay = build_layer(heads, [150], 2, 64, torch.float32, device, 0)
+    lay.pop("v_sum")
+    plain = mixed_decode_ref(**lay, scale=0.125)
+    for kw in ({"window": 24}, {"softcap": 1.0}):
+        assert (mixed_decode_ref(**lay, scale=0.125, **kw) - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

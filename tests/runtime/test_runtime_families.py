@@ -1,0 +1,159 @@
+"""Every supported family (tests/families.py), through the same checks:
+
+- an all-dense plan reproduces the model's own logits (prefill, cache, token-by-token
+  decode) and its ``generate`` output, native sliding layers and soft-caps included;
+- a mixed plan equals a brute-force reference built element by element from the pattern
+  rule AND the model's own window (read from the ``sliding_window`` the model hands its
+  attention function), with the model's ``scaling`` and ``softcap``, in prefill and decode;
+- batched left-padded ``generate`` equals each sequence alone;
+- the cache holds exactly the bytes the plan predicts, counted against the model's windows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from moa_search import apply_plan, load_plan, uniform_plan
+from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported, layer_windows
+from moa_search.patterns import parse
+from moa_search.plan import save_plan
+from tests.families import TINY, VOCAB, WINDOW, tiny_config, tiny_family_model
+from tests.runtime.test_apply import _rule
+
+FAMILY = pytest.mark.parametrize("model_type", list(TINY))
+#: layer 2 asks for more than a sliding layer's window (span 12 > 8) and for sinks that
+#: fall out of it; layer 0 is sliding too on the alternating families
+MIXED = [
+    ["window:sink=2,span=5", "elastic:sink=1,alpha=2,beta=0.5"],
+    ["dense", "window:sink=0,span=3"],
+    ["window:sink=3,span=12", "dense"],
+]
+N = 30
+
+
+def _plan(model, rows):
+    plan = uniform_plan(model, "dense")
+    plan.heads = [[parse(s) for s in row] for row in rows]
+    return plan
+
+
+def _bruteforce_logits(model, ids, rows):
+    """Eager softmax, masks element by element: rule AND i - j < the model's own window."""
+
+    def attn(module, q, k, v, mask, scaling=None, sliding_window=None, softcap=None, **kw):
+        lq, g = q.shape[2], q.shape[1] // k.shape[1]
+        window = sliding_window or 10**9
+        out = torch.empty_like(q)
+        for h in range(q.shape[1]):
+            spec = rows[module.layer_idx][h // g]
+            m = torch.tensor(
+                [[_rule(spec, i, j) and i - j < window for j in range(lq)] for i in range(lq)]
+            )
+            s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("bruteforce_family_test", attn)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation_internal = "bruteforce_family_test"
+    try:
+        return model(ids, use_cache=False).logits
+    finally:
+        model.config._attn_implementation_internal = saved
+
+
+def _stepwise(model, runtime, ids, first=9):
+    cache = runtime.new_cache()
+    pieces = [model(ids[:, :first], past_key_values=cache).logits]
+    pieces.append(model(ids[:, first : first + 4], past_key_values=cache).logits)
+    for t in range(first + 4, ids.shape[1]):
+        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    return torch.cat(pieces, 1)
+
+
+def test_registry_covers_every_supported_family():
+    assert set(TINY) == set(SUPPORTED_MODEL_TYPES)
+    for model_type in TINY:
+        config = tiny_config(model_type)
+        check_supported(config)
+        windows = layer_windows(config)
+        if model_type in ("llama", "qwen3"):
+            assert windows == (None, None, None)
+        elif model_type in ("mistral", "phi3"):
+            assert windows == (WINDOW,) * 3
+        elif model_type == "qwen2":
+            assert windows == (None, WINDOW, WINDOW)
+        else:
+            assert windows == (WINDOW, None, WINDOW)
+
+
+@FAMILY
+@torch.no_grad()
+def test_dense_plan_reproduces_logits_and_generate(model_type):
+    model = tiny_family_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, N))
+    native = model(ids, use_cache=False).logits
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    native_gen = model.generate(ids, **kw)
+    with apply_plan(model, uniform_plan(model, "dense")) as runtime:
+        assert (model(ids, use_cache=False).logits - native).abs().max() <= 1e-4
+        assert (model(ids, use_cache=True).logits - native).abs().max() <= 1e-4
+        assert (_stepwise(model, runtime, ids) - native).abs().max() <= 1e-4
+        assert torch.equal(model.generate(ids, **kw), native_gen)
+    assert model.config._attn_implementation == "eager", "remove restores the model"
+
+
+@FAMILY
+@torch.no_grad()
+def test_mixed_plan_matches_bruteforce_in_prefill_and_decode(model_type):
+    model = tiny_family_model(model_type, seed=1)
+    ids = torch.randint(3, VOCAB, (2, N))
+    expected = _bruteforce_logits(model, ids, MIXED)
+    assert (expected - model(ids).logits).abs().max() > 1e-3, "the plan changes the model"
+    with apply_plan(model, _plan(model, MIXED)) as runtime:
+        assert (model(ids, use_cache=False).logits - expected).abs().max() <= 1e-4
+        assert (model(ids, use_cache=True).logits - expected).abs().max() <= 1e-4
+        assert (_stepwise(model, runtime, ids) - expected).abs().max() <= 1e-4
+    with apply_plan(model, _plan(model, MIXED), backend="reference"):
+        assert (model(ids, use_cache=True).logits - expected).abs().max() <= 1e-4
+
+
+@FAMILY
+@torch.no_grad()
+def test_left_padded_generate_equals_each_sequence_alone(model_type):
+    model = tiny_family_model(model_type, seed=2)
+    a = torch.randint(3, VOCAB, (1, 24))
+    b = torch.randint(3, VOCAB, (1, 15))
+    batch = torch.zeros(2, 24, dtype=torch.long)
+    mask = torch.zeros(2, 24, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, 9:], mask[1, 9:] = b[0], 1
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with apply_plan(model, _plan(model, MIXED)):
+        both = model.generate(batch, attention_mask=mask, **kw)
+        alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw) for x in (a, b)]
+    assert torch.equal(both[0, 24:], alone[0][0, 24:])
+    assert torch.equal(both[1, 24:], alone[1][0, 15:])
+
+
+@FAMILY
+@torch.no_grad()
+def test_cache_bytes_equal_plan_prediction(model_type, tmp_path):
+    model = tiny_family_model(model_type)
+    plan = _plan(model, MIXED)
+    plan = load_plan(save_plan(plan, tmp_path / "plan.yaml"))  # windows survive the file
+    assert list(plan.model.native_windows or [None] * 3) == list(layer_windows(model.config))
+    ids = torch.randint(3, VOCAB, (3, N))
+    for p in (plan, uniform_plan(model, "dense")):
+        with apply_plan(model, p, max_cache_len=N) as runtime:
+            cache = runtime.new_cache()
+            model(ids, past_key_values=cache)
+        assert cache.nbytes() == p.kv_bytes(N, batch=3, dtype_bytes=4)
+    # the model's own cache: N entries on a full layer, the window on a sliding one
+    per_layer = [N if w is None else WINDOW for w in layer_windows(model.config)]
+    dense = uniform_plan(model, "dense").dense_kv_bytes(N, batch=3, dtype_bytes=4)
+    assert dense == sum(per_layer) * 2 * 16 * 4 * 2 * 3  # x KV heads x d x fp32 x (K, V) x B
