@@ -19,6 +19,8 @@ after the built-in tasks, for the plan and the same baselines solved to its KV m
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -50,6 +52,7 @@ from moa_search.evaluate.tasks import (
     prompt_items,
     run_item,
 )
+from moa_search.files import atomic_write, write_text
 from moa_search.plan import Plan, load_plan, validate
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
@@ -312,9 +315,10 @@ def evaluate(
         }
     )
     total = sum(len(inputs(t, w.length)) for w, ts in zip(work, todo, strict=True) for t in ts)
+    partial = Path(out) / "trials.partial.csv"  # kept per finished cell: a rerun resumes
+    run_key = _run_key(model_name, main_plan, cfg, net)
+    finished = _resume(partial, run_key)
     rows: list[dict] = []
-    partial = Path(out) / "trials.partial.csv"  # crash safety for long runs: kept per cell
-    partial.parent.mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, str, int], list[dict]] = {}  # dense results, reused by the sweep
     bar = tqdm(total=total, desc="evaluate", unit="trial", disable=not progress)
     for w, tasks_here in zip(work, todo, strict=True):
@@ -324,6 +328,12 @@ def evaluate(
                 if w.method.is_reference and key in done:
                     rows.extend({**r, "section": w.section, "point": w.point} for r in done[key])
                     bar.update(len(done[key]))
+                    continue
+                if cell := finished.get((w.section, w.point, *key)):
+                    rows.extend(cell)  # finished by an interrupted run with the same settings
+                    if w.method.is_reference:
+                        done.setdefault(key, cell)
+                    bar.update(len(cell))
                     continue
                 bar.set_postfix_str(f"{w.point}/{w.method.name} {task} n={w.length}")
                 cell = []
@@ -336,7 +346,7 @@ def evaluate(
                 if w.method.is_reference:
                     done[key] = cell
                 rows.extend(cell)
-                pd.DataFrame(rows).to_csv(partial, index=False)
+                _save_partial(partial, run_key, rows)
     bar.close()
 
     trials = pd.DataFrame(rows)
@@ -398,7 +408,42 @@ def evaluate(
     }
     files = report.write_all(Path(out), trials, summary, derived, meta, plots=cfg.plots)
     partial.unlink(missing_ok=True)
+    partial.with_suffix(".key").unlink(missing_ok=True)
     return EvalResult(Path(out), trials, summary, derived, files, seconds)
+
+
+def _run_key(model_name: str, plan: Plan, cfg: EvalConfig, net: Any) -> str:
+    """What makes two eval runs' trials interchangeable: model, plan, settings, device
+    kind and dtype (the output-only settings aside)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("plots",)}
+    settings["device"] = net.device.type
+    settings["dtype"] = str(next(net.parameters()).dtype)
+    blob = json.dumps([model_name, plan.to_dict(), settings], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_partial(partial: Path, run_key: str, rows: list[dict]) -> None:
+    """The finished cells so far, and the key of the run that made them (both atomic)."""
+    write_text(partial.with_suffix(".key"), run_key + "\n")
+    atomic_write(partial, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+
+
+def _resume(partial: Path, run_key: str) -> dict[tuple, list[dict]]:
+    """Cells an interrupted run with the same key finished, by (section, point, method,
+    task, length); a partial file of other settings is ignored (and later overwritten)."""
+    key_file = partial.with_suffix(".key")
+    if not (partial.is_file() and key_file.is_file()):
+        return {}
+    if key_file.read_text().strip() != run_key:
+        return {}
+    text = {c: str for c in ("output", "answer", "description")}
+    frame = pd.read_csv(partial, dtype=text)
+    frame[list(text)] = frame[list(text)].fillna("")  # an empty string reads back as NaN
+    cells: dict[tuple, list[dict]] = {}
+    for row in frame.to_dict("records"):
+        where = (row["section"], row["point"], row["method"], row["task"], int(row["length"]))
+        cells.setdefault(where, []).append(row)
+    return cells
 
 
 def _method_cols(w: _Work) -> dict:

@@ -204,3 +204,40 @@ def test_default_model_smoke(tmp_path):
     )
     dense = res.summary.query("method == 'dense' and task == 'passkey' and depth != depth")
     assert dense.value.iloc[0] > 0
+
+
+def test_an_interrupted_run_resumes_its_finished_cells(model, tokenizer, tmp_path, monkeypatch):
+    import moa_search.evaluate.run as run_module
+
+    kw = dict(
+        tokenizer=tokenizer, baselines=("window",), tasks=("ppl", "passkey"), lengths=(400,),
+        plots=False, **SMALL,
+    )  # fmt: skip
+    whole = evaluate(model, _plan(model), out=tmp_path / "whole", **kw).trials
+    real, calls = run_module.run_item, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == len(whole) - 1:
+            raise KeyboardInterrupt  # cut off inside the last cells
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_item", counted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, _plan(model), out=tmp_path / "cut", **kw)
+    finished = len(pd.read_csv(tmp_path / "cut" / "trials.partial.csv"))
+    assert 0 < finished < len(whole)
+    calls.clear()
+    resumed = evaluate(model, _plan(model), out=tmp_path / "cut", **kw).trials
+    assert len(calls) == len(whole) - finished  # only the unfinished cells ran again
+    cols = ["method", "task", "seed", "nll", "correct", "output"]
+    pd.testing.assert_frame_equal(resumed[cols], whole[cols], check_dtype=False)
+    assert not (tmp_path / "cut" / "trials.partial.csv").exists()
+    # a partial run of other settings is never reused
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, _plan(model), out=tmp_path / "other", **kw)
+    monkeypatch.setattr(run_module, "run_item", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls.clear()
+    evaluate(model, _plan(model), out=tmp_path / "other", **{**kw, "seed": 1})
+    assert len(calls) == len(whole)
