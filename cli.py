@@ -283,6 +283,12 @@ def plan(
     check_balance: Annotated[
         int, typer.Option(help="check: re-weighting steps against the uniform window (0: off).")
     ] = 4,
+    check_time: Annotated[
+        float | None,
+        typer.Option(
+            help="check: seconds after which refine/balance/fidelity keep what they have."
+        ),
+    ] = None,
     check_plans: Annotated[
         int, typer.Option(help="check: random plans for the predicted-vs-measured Spearman.")
     ] = 20,
@@ -304,6 +310,7 @@ def plan(
             samples=check_samples,
             rounds=check_rounds,
             balance=check_balance,
+            time_limit=check_time,
             random_plans=check_plans,
             device=device,
             dtype=dtype,

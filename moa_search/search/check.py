@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class CheckConfig:
     row_batch: int = 64
     max_scored: int = 128
     balance: int = 4  # re-weighting steps against the uniform window (0: off)
+    time_limit: float | None = None  # seconds: refine / balance / fidelity stop when spent
     device: str = "cpu"  # where a model given by name is loaded
     dtype: str = "float32"
 
@@ -65,6 +67,8 @@ class CheckConfig:
         for name in ("samples", "row_batch"):
             if int(getattr(self, name)) < 1:
                 raise MoaSearchError(f"check.{name}: expected a positive integer")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise MoaSearchError("check.time_limit: expected a positive number of seconds")
         for name in ("rounds", "heads", "front", "random_plans", "max_scored", "balance"):
             if int(getattr(self, name)) < 0:
                 raise MoaSearchError(f"check.{name}: expected 0 or more")
@@ -92,6 +96,8 @@ class CheckReport:
     front: list[dict[str, Any]] = field(default_factory=list)
     baselines: list[dict[str, Any]] = field(default_factory=list)
     fidelity: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    stopped: list[str] = field(default_factory=list)  # stages cut short by the time limit
 
     def verdict(self) -> list[dict[str, Any]]:
         """The checked plan against each uniform baseline at the same budget, measured."""
@@ -129,6 +135,8 @@ class CheckReport:
             "front": self.front,
             "baselines": self.baselines,
             "fidelity": self.fidelity,
+            "seconds": self.seconds,
+            "stopped_by_time_limit": self.stopped,
         }
 
 
@@ -164,6 +172,12 @@ class PlanChecker:
         self._dense: dict[tuple[int, int], BaseRun] = {}
         self._cache: dict[str, Measured] = {}
         self._refined: dict[str, np.ndarray] | None = None  # per-task values after refine
+        limit = config.time_limit
+        self._deadline = time.monotonic() + limit if limit else math.inf
+
+    def out_of_time(self) -> bool:
+        """Whether the check's time limit is spent (the stages then keep what they have)."""
+        return time.monotonic() > self._deadline
 
     # --- measuring ----------------------------------------------------------------
     def _heads(self, choice: np.ndarray) -> list[list[Pattern]]:
@@ -245,7 +259,12 @@ class PlanChecker:
                 where.append((gi, c))
         dense_rows = [Ablation(g // n_kv, g % n_kv, Dense()) for g in heads]
         per: dict[tuple[int, int, int, str], list[float]] = {}
-        for n, s, run in self._runs(self._heads(choice)):
+        total = sum(len(v) for v in self.samples.values())
+        runs = tqdm(
+            self._runs(self._heads(choice)), total=total, desc=f"re-measure {len(rows)} rows",
+            leave=False, disable=not self.progress,
+        )  # fmt: skip
+        for n, s, run in runs:
             kl = self.engine.effects(run, rows + dense_rows).kl.numpy()
             base = kl[len(rows) :]
             for (gi, c), row_kl in zip(where, kl[: len(rows)], strict=True):
@@ -313,6 +332,9 @@ class PlanChecker:
         seen: set[int] = set()
         bar = tqdm(range(self.config.rounds), desc="refine", disable=not self.progress)
         for r in bar:
+            if self.out_of_time():
+                report.stopped.append("refine")
+                break
             heads = self._pick(self._weighted(values, self.weights) @ length_weights, best, seen)
             if not heads:
                 break
@@ -381,6 +403,9 @@ class PlanChecker:
         for step in range(self.config.balance):
             if not lost:
                 break
+            if self.out_of_time():
+                report.stopped.append("balance")
+                break
             for t in lost:
                 weights[t] *= 2.0
             try:
@@ -431,8 +456,11 @@ class PlanChecker:
         p = self.problem
         rng = np.random.default_rng(seed)
         values = p.loss @ length_weights
-        records = []
+        records, stopped = [], False
         for _ in tqdm(range(n_plans), desc="plan fidelity", disable=not self.progress):
+            if self.out_of_time():
+                stopped = True
+                break
             noisy = np.where(np.isfinite(values), rng.random(values.shape), np.inf)
             mix = rng.random()  # from random plans to nearly optimal ones
             trial = np.where(np.isfinite(values), mix * noisy + (1 - mix) * values, np.inf)
@@ -443,9 +471,14 @@ class PlanChecker:
             predicted = float(values[np.arange(p.num_heads), choice].sum())
             records.append({"predicted": predicted, "measured": self.measure(choice).objective})
         if len(records) < 3:
-            return {"plans": len(records)}
+            return {"plans": len(records), "stopped": stopped}
         rho = spearmanr([r["predicted"] for r in records], [r["measured"] for r in records])
-        return {"plans": len(records), "spearman": float(rho.statistic), "records": records}
+        return {
+            "plans": len(records),
+            "spearman": float(rho.statistic),
+            "records": records,
+            "stopped": stopped,
+        }
 
     # --- baselines ----------------------------------------------------------------
     def uniform_window(self, fraction: float) -> dict[str, Any]:
@@ -471,6 +504,19 @@ class PlanChecker:
         }
 
 
+class _Laps:
+    """Wall seconds per stage, for check.json (where a slow check spends its time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 2)
+        self._last = now
+
+
 def check_plans(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -490,7 +536,9 @@ def check_plans(
     within = trials[trials["pareto"] & trials["within_budget"]].sort_values("predicted_loss")
     if within.empty:
         raise MoaSearchError("check: no trial within budget to check (run more --trials)")
+    lap = _Laps()
     samples = held_out_samples(model, tokenizer, problem.lengths, config.samples, MEASURED_MIX)
+    lap("held_out_samples")
     checker = PlanChecker(model, problem, samples, config, progress)
     front, choices = [], []
     for _, row in within.head(max(1, config.front)).iterrows():
@@ -499,15 +547,23 @@ def check_plans(
         front.append(
             {"trial": int(row["number"]), **checker.describe(choice, checker.measure(choice))}
         )
+    lap("front")
     start = min(range(len(front)), key=lambda i: front[i]["measured"])
     w = np.full(len(problem.lengths), 1 / len(problem.lengths))
     report = checker.refine(choices[start], caps, w)
+    lap("refine")
     report.start["trial"] = front[start]["trial"]
     report.front = front
     fractions = sorted(
         {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
     )
     report.baselines = [checker.uniform_window(f) for f in fractions]
+    lap("baselines")
     checker.balance(report, caps, w, report.baselines)
+    lap("balance")
     report.fidelity = checker.fidelity(caps, w)
+    lap("fidelity")
+    if report.fidelity.pop("stopped", False):
+        report.stopped.append("fidelity")
+    report.seconds = lap.seconds
     return report

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from moa_search.errors import MoaSearchError
 from moa_search.plan import dense_plan
 from moa_search.profile import profile
 from moa_search.profile.calib import Sample
@@ -137,6 +138,21 @@ def test_balance_trades_towards_the_task_the_plan_loses_on(setup):
         assert used <= cap.limit * (1 + 1e-9)
 
 
+def test_a_spent_time_limit_keeps_the_start_plan_and_says_so(setup):
+    model, problem, caps, checker = setup
+    cfg = CheckConfig(samples=3, rounds=2, heads=2, random_plans=5, time_limit=1e-9)
+    hurried = PlanChecker(model, problem, checker.samples, cfg, progress=False)
+    w = np.ones(1)
+    start = hurried._solve(problem.loss @ w, caps)
+    report = hurried.refine(start, caps, w)
+    assert report.stopped == ["refine"] and not report.history
+    assert (report.choice == start).all()
+    fid = hurried.fidelity(caps, w)
+    assert fid["stopped"] and fid["plans"] == 0
+    with pytest.raises(MoaSearchError, match="time_limit"):
+        CheckConfig(time_limit=0)
+
+
 def test_fidelity_is_a_spearman_over_random_plans(setup):
     _, _, caps, checker = setup
     fid = checker.fidelity(caps, np.ones(1))
@@ -184,6 +200,7 @@ def test_plan_search_with_check_writes_the_checked_plan(tmp_path):
     assert verdict["objective"] == [report["final"]["measured"], report["baselines"][0]["measured"]]
     assert verdict["plan_lower_divergence"] == (verdict["objective"][0] < verdict["objective"][1])
     assert (tmp_path / "plans" / "pareto_measured.png").is_file()
+    assert set(report["seconds"]) >= {"front", "refine", "balance", "fidelity"}
     assert json.loads((tmp_path / "plans" / "summary.json").read_text())["best_rule"].startswith(
         "lowest measured"
     )
