@@ -283,6 +283,10 @@ def plan(
     check_balance: Annotated[
         int, typer.Option(help="check: re-weighting steps against the uniform window (0: off).")
     ] = 4,
+    check_fidelity: Annotated[
+        str,
+        typer.Option(help="check: re-measure fidelity, scored (fast) or exact; plans run exactly."),
+    ] = "scored",
     check_time: Annotated[
         float | None,
         typer.Option(
@@ -311,6 +315,7 @@ def plan(
             rounds=check_rounds,
             balance=check_balance,
             time_limit=check_time,
+            fidelity=check_fidelity,
             random_plans=check_plans,
             device=device,
             dtype=dtype,

@@ -36,7 +36,7 @@ from moa_search.evaluate.baselines import DEFAULT_SINK, baseline_method
 from moa_search.objective import TASKS
 from moa_search.patterns import Dense, Pattern
 from moa_search.plan import Plan
-from moa_search.profile.ablation import Ablation, AblationEngine, BaseRun
+from moa_search.profile.ablation import FIDELITIES, Ablation, AblationEngine, BaseRun
 from moa_search.profile.calib import Sample
 from moa_search.search.costs import Problem
 from moa_search.search.knapsack import Capacity, Infeasible, solve
@@ -55,7 +55,7 @@ class CheckConfig:
     heads: int = 12
     front: int = 5
     random_plans: int = 20
-    fidelity: str = "exact"
+    fidelity: str = "scored"  # of the re-measure only; whole plans are always run exactly
     row_batch: int = 64
     max_scored: int = 128
     balance: int = 4  # re-weighting steps against the uniform window (0: off)
@@ -67,6 +67,10 @@ class CheckConfig:
         for name in ("samples", "row_batch"):
             if int(getattr(self, name)) < 1:
                 raise MoaSearchError(f"check.{name}: expected a positive integer")
+        if self.fidelity not in FIDELITIES:
+            raise MoaSearchError(
+                f"check.fidelity: expected one of {', '.join(FIDELITIES)}, got {self.fidelity!r}"
+            )
         if self.time_limit is not None and not self.time_limit > 0:
             raise MoaSearchError("check.time_limit: expected a positive number of seconds")
         for name in ("rounds", "heads", "front", "random_plans", "max_scored", "balance"):

@@ -61,7 +61,7 @@ def setup(tmp_path_factory):
     )  # fmt: skip
     problem = build_problem(load_profile(out), None, ("dense", "window", "elastic"))
     caps = user_caps(problem, parse_budgets(["memory=0.5"]))
-    cfg = CheckConfig(samples=3, rounds=2, heads=2, random_plans=5, max_scored=0)
+    cfg = CheckConfig(samples=3, rounds=2, heads=2, random_plans=5, max_scored=0, fidelity="exact")
     checker = PlanChecker(model, problem, {N: _samples(1)}, cfg, progress=False)
     return model, problem, caps, checker
 
@@ -151,6 +151,8 @@ def test_a_spent_time_limit_keeps_the_start_plan_and_says_so(setup):
     assert fid["stopped"] and fid["plans"] == 0
     with pytest.raises(MoaSearchError, match="time_limit"):
         CheckConfig(time_limit=0)
+    with pytest.raises(MoaSearchError, match="check.fidelity"):
+        CheckConfig(fidelity="fast")
 
 
 def test_fidelity_is_a_spearman_over_random_plans(setup):
