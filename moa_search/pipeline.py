@@ -67,7 +67,7 @@ def quickstart(
 
     measure, device = profile_config.measure, profile_config.device or "cpu"
     check = check or CheckConfig(
-        samples=2, rounds=1, heads=6, front=2, random_plans=0, fidelity=measure.fidelity,
+        samples=2, rounds=1, heads=6, front=2, random_plans=0, balance=2, fidelity=measure.fidelity,
         max_scored=measure.max_scored, device=device, dtype=profile_config.dtype or "float32",
     )  # fmt: skip
 
