@@ -404,9 +404,10 @@ class PlanChecker:
         best_m = self.measure(best)
         lost = self._losses(best_m, baselines)
         solved_with = dict(self.weights)
+        weighted = {t for t, w in self.weights.items() if w > 0}
         for step in range(self.config.balance):
-            if not lost:
-                break
+            if not lost or weighted <= set(lost):
+                break  # nothing to win back, or losing everywhere: re-weighting changes nothing
             if self.out_of_time():
                 report.stopped.append("balance")
                 break
