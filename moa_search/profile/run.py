@@ -329,16 +329,19 @@ def _run_shared(url: str, key: str, jobs, out: Path, bar: Any, run_one, poll_s: 
     units.add(jobs)
     units.pull(out)
     me = worker_name()
-    while (job := units.claim(me)) is not None:
-        if not store.checkpoint_path(out, *job).is_file():
-            bar.set_postfix(length=job[0], sample=job[1])
-            run_one(*job)
-        units.finish(out, *job)
-        bar.update(len(store.done_jobs(out, jobs)) - bar.n)
-    while True:  # units other workers are still running
+    while True:
+        while (job := units.claim(me)) is not None:
+            if not store.checkpoint_path(out, *job).is_file():
+                bar.set_postfix(length=job[0], sample=job[1])
+                run_one(*job)
+            units.finish(out, *job)
+            bar.update(len(store.done_jobs(out, jobs)) - bar.n)
+        # Others still run units: count first, then pull, so a unit finished in between
+        # is pulled before returning; a unit whose worker died comes back as claimable.
+        finished = units.counts().get("done", 0) >= len(jobs)
         units.pull(out)
         bar.update(len(store.done_jobs(out, jobs)) - bar.n)
-        if units.counts().get("done", 0) >= len(jobs):
+        if finished:
             return
         time.sleep(poll_s)
 

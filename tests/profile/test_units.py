@@ -69,3 +69,52 @@ def _key(out) -> str:
 
     args = json.loads((out / "args.json").read_text())
     return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def test_a_unit_finished_by_another_worker_while_waiting_is_pulled(tmp_path, monkeypatch):
+    """The last unit may finish between a waiting worker's pull and its count: it must
+    still land in that worker's folder before the worker builds its table."""
+    import moa_search.profile.units as units_module
+    from moa_search.profile import run as run_module
+    from moa_search.profile import store
+
+    jobs = [(32, 0), (32, 1)]
+    state = {"done": [(32, 0)]}
+
+    class OtherWorkerFinishing:  # (32, 1) runs elsewhere and finishes when next counted
+        def __init__(self, url, key):
+            pass
+
+        def add(self, jobs):
+            pass
+
+        def claim(self, worker):
+            return None
+
+        def finish(self, out, length, sample):
+            raise AssertionError("nothing was claimed")
+
+        def counts(self):
+            state["done"] = list(jobs)  # it finishes just before this count
+            return {"done": len(jobs)}
+
+        def pull(self, out):
+            for job in state["done"]:
+                store.atomic_write(
+                    store.checkpoint_path(out, *job), lambda p: open(p, "wb").close()
+                )
+            return len(state["done"])
+
+    monkeypatch.setattr(units_module, "UnitStore", OtherWorkerFinishing)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, **kw):
+            pass
+
+    run_module._run_shared("sqlite://", "k", jobs, tmp_path, Bar(), lambda *j: None, poll_s=0)
+    assert store.done_jobs(tmp_path, jobs) == set(jobs)
