@@ -34,17 +34,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from moa_search import families
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Dense, Pattern, SparQ
-from moa_search.profile.capture import _no_mask, _set_attn_impl, attention_modules
 from moa_search.profile.sparq_estimate import sparq_prefill, visible
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
 from moa_search.runtime.scores import cap_logits
+from moa_search.takeover import Call, attention_policy
 
 ATTN_NAME = "moa_measure"
 FIDELITIES = ("exact", "scored")
@@ -208,18 +206,14 @@ def _scored_static(q, k_base, v_base, k_new, v_new, masks, scale, softcap=None) 
 
 
 def _measure_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """query: (R, Hq, L, D); key/value: (R, Hkv, L, D). Returns ((R, L, Hq, D), None)."""
-    st: _LayerState = module._moa_measure
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    native = _Native(kwargs.get("sliding_window"), kwargs.get("softcap"))
+    call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """query: (R, Hq, L, D); key/value: (R, Hkv, L, D). Returns (R, Hq, L, D).
+
+    ``call.state``: layer index -> the :class:`_LayerState` of the layer being run."""
+    st: _LayerState = call.state[call.layer]
+    scale = call.scale
+    native = _Native(call.window, call.softcap)
     rows, q_heads = query.shape[:2]
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -272,7 +266,7 @@ def _measure_attention(
                         q, k_base[0, h], v_base[0, h], k_new, v_new, mask, scale, native.softcap
                     )
                 out[sel, sl] = y.to(out.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def _decoder(model: torch.nn.Module) -> tuple[Any, Any, Any]:
@@ -283,19 +277,12 @@ def _decoder(model: torch.nn.Module) -> tuple[Any, Any, Any]:
 
 
 @contextmanager
-def measuring(model: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
-    """Switch ``model`` to the measuring attention; restore on exit."""
-    AttentionInterface.register(ATTN_NAME, _measure_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-    saved = model.config._attn_implementation
-    modules = attention_modules(model)
-    _set_attn_impl(model, ATTN_NAME)
-    try:
-        yield modules
-    finally:
-        _set_attn_impl(model, saved)
-        for m in modules:
-            m.__dict__.pop("_moa_measure", None)
+def measuring(model: torch.nn.Module) -> Iterator[dict[int, _LayerState]]:
+    """Switch ``model`` to the measuring attention; restore on exit. Yields the states the
+    attention reads, by layer: whoever runs a layer puts its :class:`_LayerState` there."""
+    states: dict[int, _LayerState] = {}
+    with attention_policy(model, ATTN_NAME, _measure_attention, state=states):
+        yield states
 
 
 @dataclass
@@ -354,15 +341,15 @@ class AblationEngine:
                          if e is not None]  # fmt: skip
 
     # --- layer stepping -----------------------------------------------------------
-    def _layer(self, modules, i: int, h: torch.Tensor, positions: torch.Tensor, st: _LayerState):
-        modules[i]._moa_measure = st
+    def _layer(self, states, i: int, h: torch.Tensor, positions: torch.Tensor, st: _LayerState):
+        states[i] = st
         try:
             return self.layers[i](
                 h, attention_mask=None, position_ids=positions[None],
                 position_embeddings=families.rotary(self.model, h, positions, i), use_cache=False,
             )  # fmt: skip
         finally:
-            modules[i].__dict__.pop("_moa_measure", None)
+            del states[i]
 
     def _logp(self, h: torch.Tensor) -> torch.Tensor:
         """(R, S, D) final hidden at scored positions -> (R, S, V) float32 log-probs."""
@@ -388,13 +375,13 @@ class AblationEngine:
         ids = input_ids.to(self.device)
         scored = Scored.from_mask(ids, loss_mask.to(self.device), self.max_scored, self.stop_ids)
         full_pos = torch.arange(ids.shape[0], device=self.device)
-        with measuring(self.model) as modules:
+        with measuring(self.model) as states:
             hidden, kv = [], []
             h = self.embed(ids[None])
             for i in range(n_layers):
                 hidden.append(h if self.fidelity == "exact" else h[:, scored.positions])
                 cap: dict[str, torch.Tensor] = {}
-                h = self._layer(modules, i, h, full_pos, _LayerState(base_p[i], capture=cap))
+                h = self._layer(states, i, h, full_pos, _LayerState(base_p[i], capture=cap))
                 if self.fidelity == "scored":
                     kv.append((cap["k"], cap["v"]))
             logp = self._logp(h[:, scored.positions])[0]
@@ -418,10 +405,10 @@ class AblationEngine:
         for j, a in enumerate(ablations):
             by_layer.setdefault(a.layer if a is not None else len(self.layers), []).append(j)
         results: dict[int, tuple[float, float, bool]] = {}
-        with measuring(self.model) as modules:
+        with measuring(self.model) as states:
             if self.fidelity == "scored":  # few tokens per row: one pass over the layers
                 order = [j for _, idx in sorted(by_layer.items()) for j in idx]
-                h = self._wavefront(modules, run, [ablations[j] for j in order])
+                h = self._wavefront(states, run, [ablations[j] for j in order])
                 for c0 in range(0, len(order), self.row_batch):
                     chunk = order[c0 : c0 + self.row_batch]
                     part = h[c0 : c0 + self.row_batch]
@@ -436,7 +423,7 @@ class AblationEngine:
                 for c0 in range(0, len(idx), self.row_batch):
                     chunk = idx[c0 : c0 + self.row_batch]
                     rows = [ablations[j] for j in chunk]
-                    logp = self._rows(modules, run, layer, rows)
+                    logp = self._rows(states, run, layer, rows)
                     k, d, m = self.compare(run, logp)
                     for j, kj, dj, mj in zip(chunk, k, d, m, strict=True):
                         results[j] = (kj, dj, mj)
@@ -446,7 +433,7 @@ class AblationEngine:
             match.append(results[j][2])
         return Effect(torch.tensor(kl), torch.tensor(dnll), torch.tensor(match))
 
-    def _wavefront(self, modules, run: BaseRun, rows: list[Ablation | None]) -> torch.Tensor:
+    def _wavefront(self, states, run: BaseRun, rows: list[Ablation | None]) -> torch.Tensor:
         """Scored fidelity: every row (sorted by layer) in one pass over the layers. A row
         joins at its own layer (before it, it equals the base run); the matmuls see all
         rows' scored tokens at once instead of one layer's rows at a time."""
@@ -462,11 +449,11 @@ class AblationEngine:
             active = [a for a in rows if a is not None and a.layer <= i]
             changes = [(a.kv_head, a.pattern) if a.layer == i else None for a in active]
             st = _LayerState(run.base_patterns[i], rows=changes if new else None)
-            h = self._step(modules, run, i, h, st)
+            h = self._step(states, run, i, h, st)
         rest = sum(a is None for a in rows)  # the base itself: filled in by the caller
         return torch.cat([h, h.new_zeros((rest, *h.shape[1:]))], 0) if rest else h
 
-    def _rows(self, modules, run: BaseRun, layer: int, rows: list[Ablation | None]):
+    def _rows(self, states, run: BaseRun, layer: int, rows: list[Ablation | None]):
         n_layers = len(self.layers)
         r = len(rows)
         if layer >= n_layers:  # the base itself
@@ -475,16 +462,16 @@ class AblationEngine:
         changes = [(a.kv_head, a.pattern) if a is not None else None for a in rows]
         for i in range(layer, n_layers):
             st = _LayerState(run.base_patterns[i], rows=changes if i == layer else None)
-            h = self._step(modules, run, i, h, st)
+            h = self._step(states, run, i, h, st)
         return self._logp(self._at_scored(run, h))
 
-    def _step(self, modules, run: BaseRun, i: int, h, st: _LayerState):
+    def _step(self, states, run: BaseRun, i: int, h, st: _LayerState):
         if self.fidelity == "exact":
             pos = torch.arange(h.shape[1], device=h.device)
         else:
             pos = run.scored.positions
             st.frozen = (run.kv[i][0], run.kv[i][1], pos, run.masks)
-        return self._layer(modules, i, h, pos, st)
+        return self._layer(states, i, h, pos, st)
 
     def _at_scored(self, run: BaseRun, h: torch.Tensor) -> torch.Tensor:
         return h[:, run.scored.positions] if self.fidelity == "exact" else h

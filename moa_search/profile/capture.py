@@ -1,8 +1,8 @@
 """Run one sample forward + backward and price every candidate inside each layer's backward.
 
 Why inside the backward: the influence needs Q, K, V and dL/dO of a layer at the same
-time. A custom attention function (registered with transformers' AttentionInterface)
-wraps SDPA in an autograd Function whose backward recomputes attention, hands
+time. A custom attention policy (installed with :mod:`moa_search.takeover`) wraps SDPA in
+an autograd Function whose backward recomputes attention, hands
 (q, k, v, dO) to :func:`layer_influence` and frees them; with gradient checkpointing
 only one layer's tensors are alive at once, so memory stays O(N * tile) above training.
 """
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from moa_search import families
 from moa_search.errors import MoaSearchError
@@ -25,6 +22,7 @@ from moa_search.patterns import Pattern, SparQ
 from moa_search.profile.influence import LayerInfluence, layer_influence
 from moa_search.profile.sparq_estimate import visible
 from moa_search.runtime.scores import sdpa
+from moa_search.takeover import Call, attention_policy
 
 ATTN_NAME = "moa_profile"
 
@@ -66,40 +64,12 @@ class _ProfiledAttention(torch.autograd.Function):
 
 
 def _profile_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """query: (1, Hq, N, D); key/value: (1, Hkv, N, D). Returns ((1, N, Hq, D), None)."""
-    hook: LayerHook = module._moa_profile_hook
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    out = _ProfiledAttention.apply(
-        query, key, value, scale, module.layer_idx, hook, window, softcap
+    call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """query: (1, Hq, N, D); key/value: (1, Hkv, N, D). Returns (1, Hq, N, D)."""
+    return _ProfiledAttention.apply(
+        query, key, value, call.scale, call.layer, call.state, call.window, call.softcap
     )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """Samples are unpadded and causal: skip transformers' 4D mask."""
-    return None
-
-
-def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            config._attn_implementation_internal = name
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Self-attention modules in layer order (every supported family)."""
-    return families.attention_modules(model)
 
 
 @contextmanager
@@ -107,28 +77,19 @@ def profiling(
     model: torch.nn.Module, hook: LayerHook, gradient_checkpointing: bool = True
 ) -> Iterator[None]:
     """Switch ``model`` to the profiling attention (and checkpointing); restore on exit."""
-    AttentionInterface.register(ATTN_NAME, _profile_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-    saved_impl = model.config._attn_implementation
     saved_train = model.training
     saved_grad = [p.requires_grad for p in model.parameters()]
     saved_ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
-    modules = attention_modules(model)
-    for m in modules:
-        m._moa_profile_hook = hook
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-        model.train()  # transformers only checkpoints in train mode
-        _check_no_dropout(model)
-    _set_attn_impl(model, ATTN_NAME)
     try:
-        yield
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.train()  # transformers only checkpoints in train mode
+            _check_no_dropout(model)
+        with attention_policy(model, ATTN_NAME, _profile_attention, state=hook):
+            yield
     finally:
-        _set_attn_impl(model, saved_impl)
-        for m in modules:
-            m.__dict__.pop("_moa_profile_hook", None)
         for p, g in zip(model.parameters(), saved_grad, strict=True):
             p.requires_grad_(g)
         if gradient_checkpointing and not saved_ckpt:
@@ -249,7 +210,7 @@ def profile_sample(
     with profiling(model, recorder, gradient_checkpointing):
         loss = sample_loss(model, input_ids, loss_mask, need_grad=True)
         loss.backward()
-    n_layers = len(attention_modules(model))
+    n_layers = len(families.attention_modules(model))
     missing = [i for i in range(n_layers) if i not in recorder.layers]
     if missing:
         raise RuntimeError(f"no gradient reached attention layers {missing}")

@@ -20,41 +20,28 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from moa_search.patterns import Pattern, SparQ, parse
 from moa_search.plan import dense_plan
 from moa_search.profile.calib import Sample
-from moa_search.profile.capture import (
-    _dense,
-    _no_mask,
-    _set_attn_impl,
-    attention_modules,
-    sample_loss,
-)
+from moa_search.profile.capture import _dense, sample_loss
 from moa_search.profile.sparq_estimate import sparq_prefill
 from moa_search.runtime import apply_plan
+from moa_search.takeover import Call, attention_policy
 
 SPARQ_ATTN = "moa_profile_sparq"
 
 
 def _sparq_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The model's own attention, except one KV group decoded with SparQ at every position."""
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """The model's own attention, except one KV group decoded with SparQ at every position.
+
+    ``call.state``: (layer, kv_head, pattern) of that group, or None (dense everywhere)."""
+    scale, window, softcap = call.scale, call.window, call.softcap
     out = _dense(query, key, value, scale, window, softcap)
-    target = getattr(module, "_moa_sparq_target", None)
-    if target is not None:
-        kv, pattern = target
+    if call.state is not None and call.state[0] == call.layer:
+        _, kv, pattern = call.state
         group = query.shape[1] // key.shape[1]
         sl = slice(kv * group, (kv + 1) * group)
         out = out.clone()
@@ -64,7 +51,7 @@ def _sparq_attention(
                 window=window, softcap=softcap,
             )  # fmt: skip
             out[b, sl] = y.to(out.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 @torch.no_grad()
@@ -100,19 +87,9 @@ def sparq_losses(
     pattern: SparQ | None,
 ) -> np.ndarray:
     """Per-sample loss with one KV head decoded by SparQ at every position (None: dense)."""
-    AttentionInterface.register(SPARQ_ATTN, _sparq_attention)
-    AttentionMaskInterface.register(SPARQ_ATTN, _no_mask)
-    saved = model.config._attn_implementation
-    modules = attention_modules(model)
-    if layer is not None and pattern is not None:
-        modules[layer]._moa_sparq_target = (kv_head, pattern)
-    _set_attn_impl(model, SPARQ_ATTN)
-    try:
+    target = (layer, kv_head, pattern) if layer is not None and pattern is not None else None
+    with attention_policy(model, SPARQ_ATTN, _sparq_attention, state=target):
         return _losses(model, samples)
-    finally:
-        _set_attn_impl(model, saved)
-        for m in modules:
-            m.__dict__.pop("_moa_sparq_target", None)
 
 
 def pick_pairs(table: pd.DataFrame, length: int, m: int, seed: int) -> pd.DataFrame:

@@ -14,10 +14,10 @@ from moa_search.errors import MoaSearchError
 from moa_search.plan import Plan, validate
 from moa_search.runtime import attention
 from moa_search.runtime.cache import MoACache, MoALayerCache
+from moa_search.takeover import attention_policy, padding_mask
 
 SUPPORTED_MODEL_TYPES = families.SUPPORTED_MODEL_TYPES
 Backend = Literal["auto", "reference", "triton"]
-_MISSING = object()
 _ALREADY_APPLIED = (
     "model already runs a plan: call remove_plan(model) (or leave its `with apply_plan(...)` "
     "block) before applying another"
@@ -43,56 +43,34 @@ class PlanRuntime:
         self.backend = backend
         self.max_cache_len = max_cache_len
         self.active_cache: Any = None
-        self.padding_mask: torch.Tensor | None = None
-        self._modules = _attention_modules(model, plan)
+        _check_layers(model, plan)
         #: per layer, the model's own sliding window (None: full causal attention); every
         #: head's pattern is clamped to it, so a plan never attends further than the model
         self.windows: list[int | None] = list(families.layer_windows(model.config))
-        self._base = _base_model(model)
-        self._signature = inspect.signature(self._base.forward)
-        self._hook = None
+        self._signature = inspect.signature(families.decoder(model).forward)
         self._kernels: Any = None
-        self._class_generate: Any = None
-        self._saved_impls: list[tuple[Any, Any]] = []
-        self._saved_generate: Any = _MISSING
-        self._installed = False
+        self._policy = attention_policy(
+            model, attention.ATTN_NAME, attention.moa_attention, mask=padding_mask, state=self,
+            pre_hook=self._before_forward, generate=self._generate,
+        )  # fmt: skip
 
     # --- lifecycle ----------------------------------------------------------------
     @property
     def installed(self) -> bool:
         """True while this runtime drives the model (between install and remove)."""
-        return self._installed
+        return self._policy.installed
 
     def install(self) -> PlanRuntime:
-        if self._installed:
-            raise MoaSearchError("this plan runtime is already installed on its model")
         current = self.model.__dict__.get("_moa_runtime")
+        if current is self:
+            raise MoaSearchError("this plan runtime is already installed on its model")
         if current is not None:
             raise MoaSearchError(_ALREADY_APPLIED)
-        attention.register()
-        # Everything install changes is recorded first, so remove() (also after a failure
-        # half-way) puts back exactly what was there.
-        self._saved_impls = [
-            (config, config._attn_implementation_internal) for config in _configs(self.model)
-        ]
-        self._saved_generate = self.model.__dict__.get("generate", _MISSING)
-        self._class_generate = type(self.model).generate
-        self._installed = True
+        self._policy.install()
         self.model._moa_runtime = self
-        try:
-            for module in self._modules:
-                module._moa_runtime = self
-            _set_attn_impl(self.model, attention.ATTN_NAME)
-            self._hook = self._base.register_forward_pre_hook(
-                self._before_forward, with_kwargs=True
-            )
-            self.model.generate = self._generate  # instance attribute; removed by remove()
-        except BaseException:
-            self.remove()
-            raise
         return self
 
-    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+    def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with a fresh per-head cache unless the caller passes one.
 
         ``cache_implementation="dynamic"`` is honoured (a full DynamicCache, each head's
@@ -112,34 +90,19 @@ class PlanRuntime:
             )
         if impl is None and kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
             kwargs["past_key_values"] = self.new_cache()
-        return self._class_generate(self.model, *args, **kwargs)
+        return original(*args, **kwargs)
 
     def remove(self) -> None:
         """Restore the model's own attention; caches made under the plan stop being valid.
 
         Idempotent, and a no-op for a runtime that no longer drives the model (for example
         the outer ``with apply_plan(...)`` after ``remove_plan`` inside the block)."""
-        if not self._installed:
+        if not self._policy.installed:
             return
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        for module in self._modules:
-            if module.__dict__.get("_moa_runtime") is self:
-                del module.__dict__["_moa_runtime"]
-        for config, impl in self._saved_impls:
-            config._attn_implementation_internal = impl
-        self._saved_impls = []
-        if self.model.__dict__.get("generate") == self._generate:
-            del self.model.__dict__["generate"]
-        if self._saved_generate is not _MISSING:
-            self.model.__dict__["generate"] = self._saved_generate
-        self._saved_generate = _MISSING
+        self._policy.remove()
         if self.model.__dict__.get("_moa_runtime") is self:
             del self.model.__dict__["_moa_runtime"]
         self.active_cache = None
-        self.padding_mask = None
-        self._installed = False
 
     def __enter__(self) -> PlanRuntime:
         return self
@@ -154,8 +117,6 @@ class PlanRuntime:
     # --- forward pre-hook -----------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
         bound = self._signature.bind_partial(*args, **kwargs).arguments
-        mask = bound.get("attention_mask")
-        self.padding_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         cache = bound.get("past_key_values")
         use_cache = bound.get("use_cache")
         if use_cache is None:
@@ -253,34 +214,13 @@ def remove_plan(model: torch.nn.Module) -> None:
         runtime.remove()
 
 
-def _attention_modules(model: torch.nn.Module, plan: Plan) -> list[torch.nn.Module]:
-    found = families.attention_modules(model)
-    if len(found) != plan.model.num_layers:
+def _check_layers(model: torch.nn.Module, plan: Plan) -> None:
+    found = len(families.attention_modules(model))
+    if found != plan.model.num_layers:
         raise MoaSearchError(
-            f"found {len(found)} attention modules, plan has {plan.model.num_layers} layers"
+            f"found {found} attention modules, plan has {plan.model.num_layers} layers"
         )
-    return found
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    base = getattr(model, "model", None)
-    return base if isinstance(base, torch.nn.Module) and hasattr(base, "layers") else model
 
 
 def _arg_index(signature: inspect.Signature, name: str) -> int:
     return list(signature.parameters).index(name) if name in signature.parameters else 10**6
-
-
-def _configs(model: torch.nn.Module) -> list[Any]:
-    """Every distinct config object held by the model's modules (sub-configs included)."""
-    found: dict[int, Any] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            found.setdefault(id(config), config)
-    return list(found.values())
-
-
-def _set_attn_impl(model: torch.nn.Module, name: str) -> None:
-    for config in _configs(model):
-        config._attn_implementation_internal = name

@@ -1,9 +1,9 @@
-"""The attention function registered with transformers as ``"moa"``.
+"""The plan's attention, installed on a model as the ``"moa"`` policy.
 
 Every supported family's attention module calls ``ALL_ATTENTION_FUNCTIONS[impl](module, q, k,
 v, mask, scaling=..., sliding_window=..., softcap=...)`` after its own projections, norms and
-RoPE. apply_plan switches the model to ``"moa"`` and tags every attention module with its
-layer's patterns; this function then attends per KV head with the model's ``scaling`` and
+RoPE. apply_plan installs it as the model's attention policy (``moa_search.takeover``), with
+the plan runtime as its state; it then attends per KV head with the model's ``scaling`` and
 ``softcap``, inside the model's own window, and, when a :class:`MoACache` is active, stores
 only what each head's pattern needs.
 """
@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import MoACache, MoALayerCache
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
+from moa_search.takeover import Call
 
 if TYPE_CHECKING:
     from moa_search.runtime.apply import PlanRuntime
@@ -67,30 +66,25 @@ def _positions(real: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tenso
 
 
 def moa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """query: (B, Hq, Lq, D); key/value: (B, Hkv, Lk, D). Returns ((B, Lq, Hq, D), None)."""
-    runtime: PlanRuntime = module._moa_runtime
-    layer_idx: int = module.layer_idx
+    call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """query: (B, Hq, Lq, D); key/value: (B, Hkv, Lk, D). Returns (B, Hq, Lq, D).
+
+    ``call.mask``: the (B, Lk) padding mask the model was given (``padding_mask`` is this
+    policy's mask function), None without padding."""
+    runtime: PlanRuntime = call.state
+    layer_idx = call.layer
     patterns = runtime.plan.heads[layer_idx]
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    scale = scaling if scaling is not None else dim**-0.5
-    mask2d = runtime.padding_mask
+    scale, softcap = call.scale, call.softcap
+    mask2d = call.mask if torch.is_tensor(call.mask) and call.mask.dim() == 2 else None
     window = runtime.windows[layer_idx]
-    softcap = kwargs.get("softcap")
-    if "sliding_window" in kwargs and kwargs["sliding_window"] != window:
+    if "sliding_window" in call.extra and call.window != window:
         raise MoaSearchError(
             f"layer {layer_idx}: the model attends with sliding_window="
-            f"{kwargs['sliding_window']!r}, its config says {window!r}"
+            f"{call.window!r}, its config says {window!r}"
         )
 
     cache = runtime.active_cache
@@ -152,7 +146,7 @@ def moa_attention(
                 query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, scale,
                 softcap=softcap,
             )  # fmt: skip
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def _dropped_real(cache: Any, layer_idx: int, k_len: int, mask2d) -> torch.Tensor | int:
@@ -182,14 +176,3 @@ def _real_mask(mask2d: torch.Tensor | None, batch: int, length: int, device) -> 
     if mask2d is None or mask2d.shape[-1] < length:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     return mask2d[:, -length:].to(device=device).bool()
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The "moa" attention builds its own masks from positions; skip transformers' 4D mask."""
-    return None
-
-
-def register() -> None:
-    """Make ``attn_implementation="moa"`` known to transformers (idempotent)."""
-    AttentionInterface.register(ATTN_NAME, moa_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)

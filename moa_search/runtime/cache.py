@@ -82,6 +82,8 @@ class MoALayerCache(CacheLayerMixin):
         self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
         self._geom: dict = {}
         self._sparq_index: torch.Tensor | None = None
+        self._static_ids: torch.Tensor | None = None
+        self._sparq_groups: list[tuple[SparQ, torch.Tensor, torch.Tensor]] | None = None
 
     # --- transformers' Cache protocol ---------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -226,6 +228,32 @@ class MoALayerCache(CacheLayerMixin):
                     batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
                 )
         self.keys, self.values, self.layout, self._geom = keys, values, layout, geom
+
+    def static_head_ids(self) -> torch.Tensor:
+        """int32 ids of the heads with a static pattern (one mixed-kernel launch serves them);
+        built once per cache, on its device."""
+        if self._static_ids is None:
+            ids = [h for h, p in enumerate(self.patterns) if p.static]
+            self._static_ids = torch.tensor(ids, dtype=torch.int32, device=self.device)
+        return self._static_ids
+
+    def sparq_groups(self) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
+        """SparQ heads grouped by identical settings: (pattern, int32 head ids, rows of
+        ``v_sum``), one SparQ kernel pipeline per group; built once per cache."""
+        if self._sparq_groups is None:
+            groups: dict[SparQ, list[int]] = {}
+            for h in self.sparq_heads:
+                groups.setdefault(self.patterns[h], []).append(h)
+            dev = self.device
+            self._sparq_groups = [
+                (
+                    p,
+                    torch.tensor(heads, dtype=torch.int32, device=dev),
+                    torch.tensor([self.sparq_heads.index(h) for h in heads], device=dev),
+                )
+                for p, heads in groups.items()
+            ]
+        return self._sparq_groups
 
     def decode_metadata(self) -> dict[str, torch.Tensor]:
         """What the Triton kernels take: int32 head_offset / head_sink / head_ring (Hkv,),

@@ -9,33 +9,7 @@ from types import ModuleType
 
 import torch
 
-from moa_search.patterns import SparQ
 from moa_search.runtime.cache import MoALayerCache
-
-
-def _static_heads(layer: MoALayerCache) -> torch.Tensor:
-    if getattr(layer, "_static_ids", None) is None:
-        ids = [h for h, p in enumerate(layer.patterns) if p.static]
-        layer._static_ids = torch.tensor(ids, dtype=torch.int32, device=layer.device)
-    return layer._static_ids
-
-
-def _sparq_groups(layer: MoALayerCache) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
-    """SparQ heads grouped by identical settings: (pattern, head ids, rows of v_sum)."""
-    if getattr(layer, "_sparq_groups", None) is None:
-        groups: dict[SparQ, list[int]] = {}
-        for h in layer.sparq_heads:
-            groups.setdefault(layer.patterns[h], []).append(h)
-        dev = layer.device
-        layer._sparq_groups = [
-            (
-                p,
-                torch.tensor(heads, dtype=torch.int32, device=dev),
-                torch.tensor([layer.sparq_heads.index(h) for h in heads], device=dev),
-            )
-            for p, heads in groups.items()
-        ]
-    return layer._sparq_groups
 
 
 def decode_layer(
@@ -55,14 +29,14 @@ def decode_layer(
     o = torch.empty_like(q)
     meta = layer.decode_metadata()
     max_len = layer.layout.max_len
-    static_ids = _static_heads(layer)
+    static_ids = layer.static_head_ids()
     if static_ids.numel():
         kernels.mixed_decode(
             q, layer.keys, layer.values, meta["head_offset"], meta["head_sink"],
             meta["head_ring"], meta["span"], meta["seq_len"], scale,
             head_ids=static_ids, out=o, max_len=max_len, window=window, softcap=softcap,
         )  # fmt: skip
-    for pattern, head_ids, rows in _sparq_groups(layer):
+    for pattern, head_ids, rows in layer.sparq_groups():
         if pattern.k is not None:
             k, k_max = pattern.k, pattern.k
         else:

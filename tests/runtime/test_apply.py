@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 from moa_search import MoACache, MoaSearchError, apply_plan, remove_plan, uniform_plan
 from moa_search.patterns import parse
+from moa_search.takeover import attention_policy
 from tests.conftest import tiny_llama
 
 MIXED = [
@@ -44,24 +44,20 @@ def _rule(spec: str, i: int, j: int) -> bool:
 def _bruteforce_logits(model, ids, rows):
     """Eager softmax attention with masks built element by element from ``_rule``."""
 
-    def attn(module, q, k, v, mask, scaling=None, **kw):
+    def attn(call, q, k, v):
+        scaling = call.scale
         b, hq, lq, d = q.shape
         g = hq // k.shape[1]
         out = torch.empty_like(q)
         for h in range(hq):
-            spec = rows[module.layer_idx][h // g]
+            spec = rows[call.layer][h // g]
             m = torch.tensor([[_rule(spec, i, j) for j in range(lq)] for i in range(lq)])
             s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
             out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
-        return out.transpose(1, 2), None
+        return out
 
-    AttentionInterface.register("bruteforce_test", attn)
-    saved = model.config._attn_implementation
-    model.config._attn_implementation_internal = "bruteforce_test"
-    try:
+    with attention_policy(model, "bruteforce_test", attn):
         return model(ids, use_cache=False).logits
-    finally:
-        model.config._attn_implementation_internal = saved
 
 
 @torch.no_grad()

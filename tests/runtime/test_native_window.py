@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from moa_search import apply_plan, uniform_plan
 from moa_search.patterns import parse
+from moa_search.takeover import attention_policy
 from tests.runtime.test_apply import _rule
 
 WINDOW = 16
@@ -44,26 +45,22 @@ def _plan(model, rows):
 def _bruteforce_logits(model, ids, rows, window):
     """Eager softmax with masks built element by element: pattern rule AND i - j < window."""
 
-    def attn(module, q, k, v, mask, scaling=None, **kw):
+    def attn(call, q, k, v):
+        scaling = call.scale
         b, hq, lq, d = q.shape
         g = hq // k.shape[1]
         out = torch.empty_like(q)
         for h in range(hq):
-            spec = rows[module.layer_idx][h // g]
+            spec = rows[call.layer][h // g]
             m = torch.tensor(
                 [[_rule(spec, i, j) and i - j < window for j in range(lq)] for i in range(lq)]
             )
             s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
             out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
-        return out.transpose(1, 2), None
+        return out
 
-    AttentionInterface.register("bruteforce_window_test", attn)
-    saved = model.config._attn_implementation
-    model.config._attn_implementation_internal = "bruteforce_window_test"
-    try:
+    with attention_policy(model, "bruteforce_window_test", attn):
         return model(ids, use_cache=False).logits
-    finally:
-        model.config._attn_implementation_internal = saved
 
 
 def _stepwise(model, runtime, ids, first=9):

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 from moa_search import apply_plan, load_plan, uniform_plan
 from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported, layer_windows
 from moa_search.patterns import parse
 from moa_search.plan import save_plan
+from moa_search.takeover import attention_policy
 from tests.families import TINY, VOCAB, WINDOW, tiny_config, tiny_family_model
 from tests.runtime.test_apply import _rule
 
@@ -42,12 +42,12 @@ def _plan(model, rows):
 def _bruteforce_logits(model, ids, rows):
     """Eager softmax, masks element by element: rule AND i - j < the model's own window."""
 
-    def attn(module, q, k, v, mask, scaling=None, sliding_window=None, softcap=None, **kw):
+    def attn(call, q, k, v):
         lq, g = q.shape[2], q.shape[1] // k.shape[1]
-        window = sliding_window or 10**9
+        window, softcap, scaling = call.window or 10**9, call.softcap, call.scale
         out = torch.empty_like(q)
         for h in range(q.shape[1]):
-            spec = rows[module.layer_idx][h // g]
+            spec = rows[call.layer][h // g]
             m = torch.tensor(
                 [[_rule(spec, i, j) and i - j < window for j in range(lq)] for i in range(lq)]
             )
@@ -55,15 +55,10 @@ def _bruteforce_logits(model, ids, rows):
             if softcap is not None:
                 s = torch.tanh(s / softcap) * softcap
             out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
-        return out.transpose(1, 2), None
+        return out
 
-    AttentionInterface.register("bruteforce_family_test", attn)
-    saved = model.config._attn_implementation
-    model.config._attn_implementation_internal = "bruteforce_family_test"
-    try:
+    with attention_policy(model, "bruteforce_family_test", attn):
         return model(ids, use_cache=False).logits
-    finally:
-        model.config._attn_implementation_internal = saved
 
 
 def _stepwise(model, runtime, ids, first=9):
