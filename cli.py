@@ -306,7 +306,7 @@ def plan(
         written = make_synthetic_plan_file(str(profile), synthetic, out)
         typer.echo(f"wrote {written}")
         return
-    from moa_search.search import plan_search
+    from moa_search.search import SearchConfig, plan_search
     from moa_search.search.check import CheckConfig
 
     checked = (
@@ -323,13 +323,14 @@ def plan(
         if check
         else None
     )
-    result = plan_search(
-        profile, budgets=budget or ["memory=0.25"],
-        lengths=_lengths(lengths) if lengths else None, trials=trials, out=out,
-        storage=storage, study_name=study, patterns=_items(patterns), objective=objective,
-        model=model, val_samples=val_samples, val_length=val_length, seed=seed, sampler=sampler,
+    config = SearchConfig(
+        budgets=tuple(budget or ["memory=0.25"]),
+        lengths=_lengths(lengths) if lengths else None, trials=trials, storage=storage,
+        study_name=study, patterns=_items(patterns), objective=objective,
+        val_samples=val_samples, val_length=val_length, seed=seed, sampler=sampler,
         weights=weights, check=checked,
     )  # fmt: skip
+    result = plan_search(profile, config, out=out, model=model)
     typer.echo(
         f"{len(result.pareto_plans)} Pareto plans; best: {result.best} (all in {result.out})"
     )

@@ -17,7 +17,8 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,41 +67,67 @@ class SearchResult:
     storage: str
 
 
-def plan_search(
-    profile_dir: str | os.PathLike[str],
-    budgets: list[str] | tuple[str, ...] | str = ("memory=0.25",),
-    lengths: list[int] | None = None,
-    trials: int = 200,
-    out: str | os.PathLike[str] | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    patterns: tuple[str, ...] | list[str] | str = DEFAULT_PATTERNS,
-    objective: str = "predicted",
-    model: Any = None,
-    tokenizer: Any = None,
-    val_samples: int = 4,
-    val_length: int | None = None,
-    seed: int = 0,
-    sampler: str = "nsga2",
-    progress: bool = True,
-    weights: str | dict[str, float] | None = None,
-    check: CheckConfig | None = None,
-) -> SearchResult:
-    """Search per-KV-head plans for a profiled model under memory/bandwidth budgets.
+@dataclass(frozen=True)
+class SearchConfig:
+    """What ``plan_search`` searches: built by the CLI ``plan`` command, stored in
+    summary.json (``config``); the fields that shape results also name and guard the study.
 
     ``trials`` is the total the study should reach (a rerun resumes; several workers on one
-    ``storage`` share the count). ``objective="measured"`` applies each plan to ``model``
+    ``storage`` share the count). ``objective="measured"`` applies each plan to the model
     on ``val_samples`` held-out windows of ``val_length`` tokens (default 1.5x the longest
     profiled length); ``"predicted"`` uses the profile's predicted loss only.
-
     ``weights`` ("text=1,retrieval=1") weigh a measured profile's task families.
-    ``check`` (needs ``model``) measures the best plans of the front on held-out
+    ``check`` (needs the model) measures the best plans of the front on held-out
     calibration samples, refines the best one with conditional re-measurements and
     reports plan-level fidelity; ``best.yaml`` is then the checked plan (check.json says
     what was measured).
     """
+
+    budgets: Sequence[str] | str = ("memory=0.25",)
+    lengths: Sequence[int] | None = None
+    trials: int = 200
+    storage: str | None = None
+    study_name: str | None = None
+    patterns: Sequence[str] | str = DEFAULT_PATTERNS
+    objective: str = "predicted"
+    val_samples: int = 4
+    val_length: int | None = None
+    seed: int = 0
+    sampler: str = "nsga2"
+    weights: str | dict[str, float] | None = None
+    check: CheckConfig | None = None
+
+    def stored(self) -> dict[str, Any]:
+        """The config as summary.json records it (no storage password)."""
+        out = asdict(self)
+        out["storage"] = _safe(self.storage) if self.storage else None
+        return out
+
+
+def plan_search(
+    profile_dir: str | os.PathLike[str],
+    config: SearchConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+    **settings: Any,
+) -> SearchResult:
+    """Search per-KV-head plans for a profiled model under memory/bandwidth budgets.
+
+    ``config`` says what (:class:`SearchConfig`); any of its fields may also be given as a
+    keyword (``plan_search(profile, budgets=["memory=0.25"], trials=50)``), over ``config``.
+    ``model`` (a name, path or loaded model; then pass ``tokenizer`` for a measured
+    objective) is checked against the profile's fingerprint and runs measured trials and
+    the check. Writes plans/, best.yaml, trials.parquet/csv, summary.json and plots to
+    ``out`` (default PROFILE/plans).
+    """
+    cfg = replace(config or SearchConfig(), **settings)
+    budgets, lengths, trials, storage = cfg.budgets, cfg.lengths, cfg.trials, cfg.storage
+    objective, sampler, weights, check = cfg.objective, cfg.sampler, cfg.weights, cfg.check
     table = load_profile(profile_dir)
-    families = check_families(patterns)
+    families = check_families(cfg.patterns)
     if objective not in ("predicted", "measured"):
         raise MoaSearchError(f"objective must be 'predicted' or 'measured', got {objective!r}")
     if sampler not in ("nsga2", "tpe"):
@@ -114,13 +141,13 @@ def plan_search(
     if check is not None and model is None:
         raise MoaSearchError("check: checking plans needs the model (--model)")
     loaded = _target_model(model, tokenizer, "measured" if check is not None else objective, table)
-    val_length = val_length or _default_val_length(problem.lengths)
+    val_length = cfg.val_length or _default_val_length(problem.lengths)
     if objective == "measured" and val_length <= max(table.lengths):
         raise MoaSearchError(
             f"val_length {val_length} must exceed the longest profiled length "
             f"{max(table.lengths)} (validation checks that the plan generalises)"
         )
-    settings = {
+    study_settings = {
         "method_version": METHOD_VERSION,
         "profile": {k: table.meta.get(k) for k in ("calibration_hash", "method_version")},
         "fingerprint": table.identity.fingerprint,
@@ -128,17 +155,17 @@ def plan_search(
         "budgets": [b.text() for b in parsed],
         "patterns": list(families),
         "objective": objective,
-        "validation": [val_length, val_samples] if objective == "measured" else None,
+        "validation": [val_length, cfg.val_samples] if objective == "measured" else None,
         "weights": problem.weights or None,
     }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(study_settings, sort_keys=True).encode()).hexdigest()[:10]
     out_dir = Path(out) if out is not None else table.path / "plans"
-    study_name = study_name or f"plan-{digest}"
+    study_name = cfg.study_name or f"plan-{digest}"
     created = not out_dir.exists()
     url = storage or f"sqlite:///{(out_dir / 'study.db').as_posix()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        study = _open_study(url, study_name, settings, seed, sampler)
+        study = _open_study(url, study_name, study_settings, cfg.seed, sampler)
     except BaseException:
         if created and storage is None:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -147,7 +174,7 @@ def plan_search(
     if objective == "measured":
         from moa_search.search.validation import ValidationLoss, validation_windows  # noqa: PLC0415
 
-        windows = validation_windows(loaded[1], val_length, val_samples)
+        windows = validation_windows(loaded[1], val_length, cfg.val_samples)
         measure = ValidationLoss(loaded[0], windows, out_dir / "val_cache")
     runner = TrialRunner(problem, caps, measure)
     _fail_orphans(study)
@@ -156,7 +183,7 @@ def plan_search(
     if check is not None:
         frame = _trials_frame(study)
         report = check_plans(loaded[0], loaded[1], problem, caps, frame, check, progress)
-    return _write_outputs(study, runner, problem, caps, out_dir, url, measure, objective, report)
+    return _write_outputs(study, runner, out_dir, url, cfg, report)
 
 
 def _default_val_length(lengths: list[int]) -> int:
@@ -369,16 +396,10 @@ def _trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def _write_outputs(
-    study: optuna.Study,
-    runner: TrialRunner,
-    problem: Problem,
-    caps: list[UserCap],
-    out: Path,
-    url: str,
-    measure,
-    objective: str,
-    report=None,
+    study: optuna.Study, runner: TrialRunner, out: Path, url: str, cfg: SearchConfig, report=None
 ) -> SearchResult:
+    """Plans, best.yaml, trials tables, plots and summary.json of the study so far."""
+    problem, caps, objective = runner.problem, runner.caps, cfg.objective
     frame = _trials_frame(study)
     budget_field = {c.budget.kind: c.budget.to_plan_field() for c in caps}
     plans_tmp = Path(tempfile.mkdtemp(prefix=".plans-", dir=out))
@@ -406,7 +427,7 @@ def _write_outputs(
         plot_checked(report, out / "pareto_measured.png")
     _atomic(out / "trials.parquet", lambda p: frame.to_parquet(p, index=False))
     _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
-    baselines = uniform_baselines(problem, caps, measure)
+    baselines = uniform_baselines(problem, caps, runner.measure)
     n = runner.report_length
     label = (
         "validation loss (measured)"
@@ -433,6 +454,7 @@ def _write_outputs(
             else "lowest loss among Pareto trials within budget; ties: memory, read, number"
         ),
         "baselines": baselines,
+        "config": cfg.stored(),
     }
     _atomic(
         out / "summary.json",

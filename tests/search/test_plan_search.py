@@ -6,7 +6,7 @@ import pytest
 
 from moa_search import load_plan
 from moa_search.errors import MoaSearchError
-from moa_search.search import plan_search
+from moa_search.search import SearchConfig, plan_search
 from moa_search.search.synthetic import synthetic_identity
 
 BUDGETS = ["memory=0.3", "bandwidth=0.4"]
@@ -45,13 +45,14 @@ def test_outputs_and_resume(profile_copy):
     assert {b["family"] for b in summary["baselines"]} <= {"window", "elastic", "sparq"}
     assert summary["baselines"], "uniform baselines within budget are drawn"
     assert summary["storage"] == "sqlite:///study.db (in this folder)"  # no machine path
+    assert summary["config"]["budgets"] == BUDGETS and summary["config"]["trials"] == 8
     again = plan_search(
         profile_copy,
-        budgets=BUDGETS,
-        trials=11,
+        SearchConfig(budgets=tuple(BUDGETS), trials=2),
+        trials=11,  # a keyword overrides the config's field
         progress=False,
         model=synthetic_identity(4, 2, 2, 64),
-    )  # same fingerprint: accepted
+    )  # same fingerprint, same result-shaping config: accepted
     assert len(again.trials) == 11  # resumed: 3 more, not 11 more
     assert again.study_name == result.study_name
 
