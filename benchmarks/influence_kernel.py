@@ -24,6 +24,7 @@ from moa_search.kernels.influence import static_influence
 
 from moa_search.profile.candidates import default_candidates, split_static
 from moa_search.profile.influence import (
+    LayerAttention,
     dropped_range,
     sparq_influence,
     sparq_stride_for,
@@ -81,13 +82,14 @@ def run_shape(
                     repeat,
                 )
     stride = sparq_stride_for(n, sparq_rows)
-    row["sparq_ms"] = timed(lambda: sparq_influence(q, k, v, do, scale, sparq, stride), repeat)
+    att = LayerAttention(q, k, v, do, scale)
+    row["sparq_ms"] = timed(lambda: sparq_influence(att, sparq, stride), repeat)
     if with_torch:
         row["torch_ms"] = timed(
-            lambda: static_influence_torch(q, k, v, do, scale, static, 64), max(1, repeat // 3)
+            lambda: static_influence_torch(att, static, 64), max(1, repeat // 3)
         )
         fused = static_influence(q, k, v, do, scale, hi, lo, 64)
-        plain = static_influence_torch(q, k, v, do, scale, static, 64)
+        plain = static_influence_torch(att, static, 64)
         for key in ("moa", "row", "blocks"):
             ref = plain[key].double()
             err = (fused[key].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
@@ -98,7 +100,7 @@ def run_shape(
         from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            sparq_influence(q, k, v, do, scale, sparq, stride)
+            sparq_influence(att, sparq, stride)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     return row

@@ -19,15 +19,15 @@ from moa_search import families
 from moa_search.errors import MoaSearchError
 from moa_search.nll import chunked_nll
 from moa_search.patterns import Pattern, SparQ
-from moa_search.profile.influence import LayerInfluence, layer_influence
+from moa_search.profile.influence import LayerAttention, LayerInfluence, layer_influence
 from moa_search.profile.sparq_estimate import visible
 from moa_search.runtime.scores import sdpa
 from moa_search.takeover import Call, attention_policy
 
 ATTN_NAME = "moa_profile"
 
-#: hook(layer, q, k, v, dO, scale, window, softcap)
-LayerHook = Callable[..., None]
+#: hook(layer, LayerAttention of the sample: q, k, v, dO without the batch axis)
+LayerHook = Callable[[int, LayerAttention], None]
 
 
 def _dense(q, k, v, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
@@ -42,34 +42,32 @@ class _ProfiledAttention(torch.autograd.Function):
     """The model's causal attention whose backward also calls the layer hook."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, layer: int, hook: LayerHook, window, softcap):  # type: ignore[override]
+    def forward(ctx, q, k, v, call: Call):  # type: ignore[override]
+        """``call``: the model's attention call (scale, layer, window, soft-cap; ``state``
+        is the layer hook)."""
         ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.layer, ctx.hook = scale, layer, hook
-        ctx.window, ctx.softcap = window, softcap
-        return _dense(q, k, v, scale, window, softcap)
+        ctx.call = call
+        return _dense(q, k, v, call.scale, call.window, call.softcap)
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]
         q, k, v = ctx.saved_tensors
+        call: Call = ctx.call
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            out = _dense(*leaves, ctx.scale, ctx.window, ctx.softcap)
+            out = _dense(*leaves, call.scale, call.window, call.softcap)
             grads = torch.autograd.grad(out, leaves, d_out)
         with torch.no_grad():
-            ctx.hook(
-                ctx.layer, q.detach(), k.detach(), v.detach(), d_out.detach(), ctx.scale,
-                ctx.window, ctx.softcap,
-            )  # fmt: skip
-        return (*grads, None, None, None, None, None)
+            one = (t.detach()[0] for t in (q, k, v, d_out))
+            call.state(call.layer, LayerAttention(*one, call.scale, call.window, call.softcap))
+        return (*grads, None)
 
 
 def _profile_attention(
     call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> torch.Tensor:
     """query: (1, Hq, N, D); key/value: (1, Hkv, N, D). Returns (1, Hq, N, D)."""
-    return _ProfiledAttention.apply(
-        query, key, value, call.scale, call.layer, call.state, call.window, call.softcap
-    )
+    return _ProfiledAttention.apply(query, key, value, call)
 
 
 @contextmanager
@@ -160,32 +158,11 @@ class InfluenceRecorder:
         self.sparq_rows, self.backend = sparq_rows, backend
         self.layers: dict[int, LayerInfluence] = {}
 
-    def __call__(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        do: torch.Tensor,
-        scale: float,
-        window: int | None = None,
-        softcap: float | None = None,
-    ) -> None:
+    def __call__(self, layer: int, att: LayerAttention) -> None:
         res = layer_influence(
-            q[0],
-            k[0],
-            v[0],
-            do[0],
-            scale,
-            self.static,
-            self.sparq,
-            self.block_size,
-            self.tile_rows,
-            self.sparq_rows,
+            att, self.static, self.sparq, self.block_size, self.tile_rows, self.sparq_rows,
             self.backend,
-            window,
-            softcap,
-        )
+        )  # fmt: skip
         self.layers[layer] = LayerInfluence(
             **{
                 f: getattr(res, f).cpu()

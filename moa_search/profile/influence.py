@@ -54,6 +54,42 @@ class LayerInfluence:
     blocks: torch.Tensor  # (H, N/B, N/B)
 
 
+@dataclass
+class LayerAttention:
+    """One layer's attention for one sample as its backward sees it: ``q``, ``do`` (H, N, D)
+    queries and dL/d(attention output) per query head; ``k``, ``v`` (Hkv, N, D) after RoPE;
+    the softmax ``scale`` and the layer's own sliding ``window`` and logit ``softcap``
+    (None: none; the model's attention probabilities are formed with them)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+    @functools.cached_property
+    def kv_float(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.float(), self.v.float()
+
+    def tile(
+        self, rows: slice | torch.Tensor, pos: torch.Tensor, nk: int
+    ) -> tuple[torch.Tensor, ...]:
+        """Query ``rows`` (at positions ``pos``, causal horizon ``nk`` keys) as float32
+        (Hkv, G, t, D) queries and dO, their keys and values (Hkv, nk, D) and the dense
+        probabilities (Hkv, G, t, nk)."""
+        heads, _, dim = self.q.shape
+        kv_heads = self.k.shape[0]
+        group = heads // kv_heads
+        kf, vf = self.kv_float
+        qt = self.q[:, rows].float().view(kv_heads, group, -1, dim)
+        dot = self.do[:, rows].float().view(kv_heads, group, -1, dim)
+        kt, vt = kf[:, :nk], vf[:, :nk]
+        a = causal_softmax(qt, kt, pos, self.scale, self.window, self.softcap)
+        return qt, dot, kt, vt, a
+
+
 def default_tile_rows(heads: int, length: int, block_size: int, on_cpu: bool = False) -> int:
     """Query rows per tile: a multiple of the block size keeping temporaries ~TILE_ELEMENTS."""
     rows = (CPU_TILE_ELEMENTS if on_cpu else TILE_ELEMENTS) // max(1, heads * length)
@@ -109,34 +145,28 @@ def kept_sum(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tenso
 
 
 def layer_influence(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    scale: float,
+    att: LayerAttention,
     static: Sequence[Pattern],
     sparq: Sequence[SparQ] = (),
     block_size: int = 64,
     tile_rows: int | None = None,
     sparq_rows: int = 0,
     backend: str = "auto",
-    window: int | None = None,
-    softcap: float | None = None,
 ) -> LayerInfluence:
     """Influence of every static and SparQ candidate for one layer of one sample.
 
-    q, do: (H, N, D) queries and dL/d(attention output) per query head; k, v: (Hkv, N, D)
-    after RoPE. N must be a multiple of ``block_size``. Static candidates are priced at
+    ``att``: the layer's q, k, v, dO, scale, window and soft-cap (:class:`LayerAttention`).
+    N must be a multiple of ``block_size``. Static candidates are priced at
     every row; SparQ candidates at ``sparq_rows`` evenly spaced rows (0: every row; the
     sums are scaled to all rows). ``backend``: "triton" (fused kernel, GPU), "torch"
     (float32 loop, any device) or "auto" (the kernel on CUDA when the block size allows it).
-    ``window`` / ``softcap``: the layer's own sliding window and logit cap (the model's
-    attention probabilities are formed with them); the fused kernel knows neither, so such
-    layers take the PyTorch loop.
+    The fused kernel knows no sliding window or soft-cap, so layers with either take the
+    PyTorch loop.
     """
+    q = att.q
     heads = q.shape[0]
     ranges = None
-    native = window is not None or softcap is not None
+    native = att.window is not None or att.softcap is not None
     if native and backend == "triton":
         raise ValueError("the fused influence kernel has no sliding window or soft-cap")
     if native:
@@ -152,17 +182,15 @@ def layer_influence(
             lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device))
             ranges = (hi, lo, None)
         hi, lo, events = ranges
-        found = static_influence(q, k, v, do, scale, hi, lo, block_size, events=events)
-    elif backend == "torch":
-        found = static_influence_torch(
-            q, k, v, do, scale, static, block_size, tile_rows, window, softcap
+        found = static_influence(
+            q, att.k, att.v, att.do, att.scale, hi, lo, block_size, events=events
         )
+    elif backend == "torch":
+        found = static_influence_torch(att, static, block_size, tile_rows)
     else:
         raise ValueError(f"backend: expected auto, triton or torch, got {backend!r}")
-    sq_row, sq_signed = sparq_influence(
-        q, k, v, do, scale, sparq, sparq_stride_for(q.shape[1], sparq_rows), tile_rows,
-        window, softcap,
-    )  # fmt: skip
+    stride = sparq_stride_for(q.shape[1], sparq_rows)
+    sq_row, sq_signed = sparq_influence(att, sparq, stride, tile_rows)
     return LayerInfluence(
         moa=found["moa"].view(heads, len(static)),
         row=found["row"].view(heads, len(static)),
@@ -189,44 +217,34 @@ def _kernel_ranges(
 
 
 def static_influence_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    scale: float,
+    att: LayerAttention,
     static: Sequence[Pattern],
     block_size: int = 64,
     tile_rows: int | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The static sums of :func:`layer_influence` in plain PyTorch, one query tile at a time.
 
     Returns float32 ``moa``, ``row``, ``signed`` (H, C) and ``blocks`` (H, N/B, N/B).
     """
-    heads, length, dim = q.shape
-    kv_heads = k.shape[0]
+    heads, length, _ = att.q.shape
+    kv_heads = att.k.shape[0]
     group = heads // kv_heads
     nb = length // block_size
-    tile = tile_rows or default_tile_rows(heads, length, block_size, q.device.type == "cpu")
+    dev = att.q.device
+    tile = tile_rows or default_tile_rows(heads, length, block_size, dev.type == "cpu")
     if tile % block_size:
         raise ValueError(f"tile_rows {tile} must be a multiple of block_size {block_size}")
-    dev = q.device
     cs = len(static)
     moa = torch.zeros(kv_heads, group, cs, device=dev)
     row = torch.zeros_like(moa)
     signed = torch.zeros_like(moa)
     blocks = torch.zeros(kv_heads, group, nb, nb, device=dev)
-    kf, vf = k.float(), v.float()
 
     for q0 in range(0, length, tile):
         q1 = min(length, q0 + tile)
         t, nk = q1 - q0, q1
         pos = torch.arange(q0, q1, device=dev)
-        qt = q[:, q0:q1].float().view(kv_heads, group, t, dim)
-        dot = do[:, q0:q1].float().view(kv_heads, group, t, dim)
-        kt, vt = kf[:, :nk], vf[:, :nk]
-        a = causal_softmax(qt, kt, pos, scale, window, softcap)
+        _, dot, _, vt, a = att.tile(slice(q0, q1), pos, nk)
         ag = torch.einsum("hgtd,hnd->hgtn", dot, vt).mul_(a)  # A_j G_j
         # D_i = dO . o as the row sum of A G: for a one-hot row D - G_j is then exactly 0
         delta = ag.sum(-1, keepdim=True)  # (Hkv, G, t, 1)
@@ -272,16 +290,7 @@ def sampled_rows(length: int, stride: int, device: torch.device | str = "cpu") -
 
 
 def sparq_influence(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    do: torch.Tensor,
-    scale: float,
-    sparq: Sequence[SparQ],
-    stride: int = 1,
-    tile_rows: int | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
+    att: LayerAttention, sparq: Sequence[SparQ], stride: int = 1, tile_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over rows of |<dO, o_SparQ - o>| and of the signed value, per (head, candidate).
 
@@ -289,8 +298,9 @@ def sparq_influence(
     N / sampled rows, so every stride estimates the same all-row total. Returns two
     float32 (H, Cq) tensors.
     """
-    heads, length, dim = q.shape
-    kv_heads = k.shape[0]
+    q, window = att.q, att.window
+    heads, length, _ = q.shape
+    kv_heads = att.k.shape[0]
     group = heads // kv_heads
     cq = len(sparq)
     row = torch.zeros(kv_heads, group, cq, device=q.device)
@@ -299,15 +309,10 @@ def sparq_influence(
         return row.view(heads, 0), signed.view(heads, 0)
     rows = sampled_rows(length, stride, q.device)
     tile = tile_rows or default_tile_rows(heads, length, 1, q.device.type == "cpu")
-    kf, vf = k.float(), v.float()
-    vmean = running_v_mean(v, window)[:, rows]  # (Hkv, R, D)
+    vmean = running_v_mean(att.v, window)[:, rows]  # (Hkv, R, D)
     for r0 in range(0, rows.numel(), tile):
         pos = rows[r0 : r0 + tile]
-        nk = int(pos[-1]) + 1
-        qt = q[:, pos].float().view(kv_heads, group, -1, dim)
-        dot = do[:, pos].float().view(kv_heads, group, -1, dim)
-        kt, vt = kf[:, :nk], vf[:, :nk]
-        a = causal_softmax(qt, kt, pos, scale, window, softcap)
+        qt, dot, kt, vt, a = att.tile(pos, pos, int(pos[-1]) + 1)
         g = torch.einsum("hgtd,hnd->hgtn", dot, vt)
         dvm = (dot * vmean[:, None, r0 : r0 + tile]).sum(-1)
         for i, diff in sparq_tile_deltas(qt, kt, a, g, dvm, pos, sparq, window):

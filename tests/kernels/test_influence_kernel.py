@@ -142,13 +142,14 @@ def test_rejects_bad_block():
 def test_layer_influence_backends_agree(device):
     """The profiler's entry point gives the same numbers through either backend."""
     from moa_search.patterns import SparQ  # noqa: PLC0415
-    from moa_search.profile.influence import layer_influence  # noqa: PLC0415
+    from moa_search.profile.influence import LayerAttention, layer_influence  # noqa: PLC0415
 
     q, k, v, do = _heads(64, 4, 2, 16, 7, torch.float32, device)
     sparq = [SparQ(r=4, k_ratio=0.25, local=4)]
     kw = {"block_size": 16, "sparq_rows": 16}
-    fused = layer_influence(q, k, v, do, 0.25, STATIC[:5], sparq, backend="triton", **kw)
-    plain = layer_influence(q, k, v, do, 0.25, STATIC[:5], sparq, backend="torch", **kw)
+    att = LayerAttention(q, k, v, do, 0.25)
+    fused = layer_influence(att, STATIC[:5], sparq, backend="triton", **kw)
+    plain = layer_influence(att, STATIC[:5], sparq, backend="torch", **kw)
     for name in ("moa", "row", "blocks", "sparq_row", "sparq_signed"):
         torch.testing.assert_close(
             getattr(fused, name).cpu(), getattr(plain, name).cpu(), rtol=5e-4, atol=1e-4

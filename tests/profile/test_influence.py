@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from moa_search.patterns import Dense, Elastic, SparQ, Window
-from moa_search.profile.influence import layer_influence, sampled_rows, sparq_stride_for
+from moa_search.profile.influence import (
+    LayerAttention,
+    layer_influence,
+    sampled_rows,
+    sparq_stride_for,
+)
 from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_outputs
 from moa_search.runtime.reference import attend_head, sparq_decode
 
@@ -50,9 +55,8 @@ def test_entry_effects_and_blocks_match_brute_force():
     g = a_leaf.grad
     d = (a * g).sum(-1, keepdim=True)
     e = (a * (d - g) / (1 - a).clamp_min(1e-6)).abs() * causal
-    res = layer_influence(
-        q.float(), k.float(), v.float(), do.float(), scale, STATIC, block_size=bs, tile_rows=32
-    )
+    att = LayerAttention(q.float(), k.float(), v.float(), do.float(), scale)
+    res = layer_influence(att, STATIC, block_size=bs, tile_rows=32)
     nb = q.shape[1] // bs
     want_blocks = e.view(4, nb, bs, nb, bs).sum((2, 4))
     torch.testing.assert_close(res.blocks.double(), want_blocks, rtol=2e-4, atol=1e-5)
@@ -72,9 +76,8 @@ def test_row_estimate_is_exact_for_linear_loss():
     hq, n, _ = q.shape
     group = hq // k.shape[0]
     pos = torch.arange(n)[None]
-    res = layer_influence(
-        q.float(), k.float(), v.float(), do.float(), scale, STATIC, block_size=16, tile_rows=16
-    )
+    att = LayerAttention(q.float(), k.float(), v.float(), do.float(), scale)
+    res = layer_influence(att, STATIC, block_size=16, tile_rows=16)
     for c, p in enumerate(STATIC):
         for h in range(k.shape[0]):
             sl = slice(h * group, (h + 1) * group)
@@ -108,11 +111,7 @@ def test_single_entry_first_order_close_for_small_weight():
     o_leaf = o.detach().requires_grad_(True)
     torch.tanh(o_leaf @ w).pow(2).sum().backward()
     res = layer_influence(
-        q.float(),
-        k.float(),
-        v.float(),
-        o_leaf.grad.float(),
-        scale,
+        LayerAttention(q.float(), k.float(), v.float(), o_leaf.grad.float(), scale),
         [Dense()],
         block_size=1,
         tile_rows=8,
@@ -158,11 +157,7 @@ def test_sparq_tile_outputs_match_reference_decode():
 def test_sparq_estimate_zero_when_nothing_is_dropped():
     q, k, v, do = _heads(n=64, d=8, seed=5)
     res = layer_influence(
-        q.float(),
-        k.float(),
-        v.float(),
-        do.float(),
-        0.3,
+        LayerAttention(q.float(), k.float(), v.float(), do.float(), 0.3),
         [Dense()],
         [SparQ(r=8, k_ratio=1.0, local=16), SparQ(r=2, k_ratio=0.125)],
         block_size=16,
@@ -190,7 +185,9 @@ def test_sparq_sums_sampled_rows_scaled_to_all(n_rows, stride):
     """Strided pricing = the per-row decode-style change at the sampled rows, times N/rows."""
     q, k, v, do = (t.float() for t in _heads(n=48, hq=4, hkv=2, d=16, seed=6))
     scale, n, cands = 0.25, 48, [SparQ(r=4, k_ratio=0.25, local=4), SparQ(r=8, k=6, local=2)]
-    res = layer_influence(q, k, v, do, scale, [], cands, block_size=16, sparq_rows=n_rows)
+    res = layer_influence(
+        LayerAttention(q, k, v, do, scale), [], cands, block_size=16, sparq_rows=n_rows
+    )
     a, _ = _probs(q, k, scale)
     qv, dov, a = q.view(2, 2, n, 16), do.view(2, 2, n, 16), a.view(2, 2, n, n)
     dense = torch.einsum("hgtn,hnd->hgtd", a, v)
@@ -210,7 +207,7 @@ def test_sparq_sums_sampled_rows_scaled_to_all(n_rows, stride):
 def test_unknown_backend_is_refused():
     q, k, v, do = (t.float() for t in _heads(n=32, d=8))
     with pytest.raises(ValueError, match="backend"):
-        layer_influence(q, k, v, do, 0.3, STATIC, block_size=16, backend="cuda")
+        layer_influence(LayerAttention(q, k, v, do, 0.3), STATIC, block_size=16, backend="cuda")
 
 
 def test_kernel_ranges_refuse_ranges_the_kernel_cannot_walk():
