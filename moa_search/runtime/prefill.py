@@ -24,12 +24,24 @@ Exact: same keys and softmax as the reference, up to floating-point summation or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moa_search.patterns import Dense, Pattern
 from moa_search.runtime.scores import sdpa
 
 DEFAULT_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class _Logits:
+    """How the layer forms its logits: softmax ``scale``, its own sliding ``window`` and
+    logit ``softcap`` (None: none)."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
 
 
 def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
@@ -89,7 +101,7 @@ def fresh_prefill(
             out[:, qi] = y
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, group, scale, out, chunk, window, softcap)
+        _banded(query, key, value, pattern, heads, out, chunk, _Logits(scale, window, softcap))
     return out
 
 
@@ -108,16 +120,16 @@ def _sdpa_masked(q, k, v, mask, scale, softcap=None):
     return sdpa(q, k, v, mask=mask, scale=scale, softcap=softcap)
 
 
-def _banded(
-    query, key, value, pattern, heads, group, scale, out, chunk, window=None, softcap=None
-) -> None:
+def _banded(query, key, value, pattern, heads, out, chunk, logits: _Logits) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
     Every chunk reads a band of the same width (positions before the sink or before 0 are
     masked), so all full chunks share one shape. With ``window`` every span is clamped to
     it and a sink key counts only for queries less than ``window`` positions after it
     (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
-    batch, _, length, dim = query.shape
+    batch, q_heads, length, dim = query.shape
+    group = q_heads // key.shape[1]
+    scale, window, softcap = logits.scale, logits.window, logits.softcap
     dev = query.device
     qi = _q_heads(heads, group)
     n_h = len(heads)
