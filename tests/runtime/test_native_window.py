@@ -14,7 +14,7 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from moa_search import apply_plan, uniform_plan
 from moa_search.patterns import parse
-from moa_search.takeover import attention_policy
+from tests.runtime.bruteforce import bruteforce_logits, stepwise
 from tests.runtime.test_apply import _rule
 
 WINDOW = 16
@@ -42,36 +42,6 @@ def _plan(model, rows):
     return plan
 
 
-def _bruteforce_logits(model, ids, rows, window):
-    """Eager softmax with masks built element by element: pattern rule AND i - j < window."""
-
-    def attn(call, q, k, v):
-        scaling = call.scale
-        b, hq, lq, d = q.shape
-        g = hq // k.shape[1]
-        out = torch.empty_like(q)
-        for h in range(hq):
-            spec = rows[call.layer][h // g]
-            m = torch.tensor(
-                [[_rule(spec, i, j) and i - j < window for j in range(lq)] for i in range(lq)]
-            )
-            s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
-            out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
-        return out
-
-    with attention_policy(model, "bruteforce_window_test", attn):
-        return model(ids, use_cache=False).logits
-
-
-def _stepwise(model, runtime, ids, first=9):
-    cache = runtime.new_cache()
-    pieces = [model(ids[:, :first], past_key_values=cache).logits]
-    pieces.append(model(ids[:, first : first + 4], past_key_values=cache).logits)
-    for t in range(first + 4, ids.shape[1]):
-        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
-    return torch.cat(pieces, 1), cache
-
-
 @torch.no_grad()
 def test_dense_plan_equals_native_sliding_window_model():
     model = tiny_mistral()
@@ -83,8 +53,8 @@ def test_dense_plan_equals_native_sliding_window_model():
     with apply_plan(model, uniform_plan(model, "dense")) as runtime:
         assert (model(ids, use_cache=False).logits - native).abs().max() <= 1e-5
         assert (model(ids, use_cache=True).logits - native).abs().max() <= 1e-5
-        stepwise, cache = _stepwise(model, runtime, ids)
-        assert (stepwise - native).abs().max() <= 1e-5
+        stepped, cache = stepwise(model, runtime, ids)
+        assert (stepped - native).abs().max() <= 1e-5
         dynamic = DynamicCache(config=model.config)
         first = model(ids[:, :30], past_key_values=dynamic).logits
         rest = [model(ids[:, t : t + 1], past_key_values=dynamic).logits for t in range(30, N)]
@@ -99,7 +69,7 @@ def test_dense_plan_equals_native_sliding_window_model():
 def test_mixed_plan_is_pattern_and_model_window(path):
     model = tiny_mistral(seed=1)
     ids = torch.randint(3, 128, (2, N))
-    expected = _bruteforce_logits(model, ids, MIXED, WINDOW)
+    expected = bruteforce_logits(model, ids, MIXED, WINDOW)
     backend = "reference" if path == "reference" else "auto"
     with apply_plan(model, _plan(model, MIXED), backend=backend) as runtime:
         if path == "no_cache":
@@ -107,7 +77,7 @@ def test_mixed_plan_is_pattern_and_model_window(path):
         elif path in ("fresh_prefill", "reference"):
             got = model(ids, use_cache=True).logits
         elif path == "stepwise":
-            got, _ = _stepwise(model, runtime, ids)
+            got, _ = stepwise(model, runtime, ids)
         else:
             cache = DynamicCache(config=model.config)
             got = torch.cat(
@@ -140,7 +110,7 @@ def test_sparq_full_r_and_k_equals_native_window():
     native = model(ids, use_cache=False).logits
     plan = uniform_plan(model, f"sparq:r={model.config.head_dim},k=4096,local=0")
     with apply_plan(model, plan) as runtime:
-        got, _ = _stepwise(model, runtime, ids)
+        got, _ = stepwise(model, runtime, ids)
     assert (got - native).abs().max() <= 1e-4
 
 
@@ -148,10 +118,10 @@ def test_sparq_full_r_and_k_equals_native_window():
 def test_model_without_window_is_unchanged():
     model = tiny_mistral(window=None)
     ids = torch.randint(3, 128, (2, N))
-    expected = _bruteforce_logits(model, ids, MIXED, window=10**9)
+    expected = bruteforce_logits(model, ids, MIXED, window=10**9)
     with apply_plan(model, _plan(model, MIXED)) as runtime:
         assert runtime.windows == [None, None]
-        got, _ = _stepwise(model, runtime, ids)
+        got, _ = stepwise(model, runtime, ids)
     assert (got - expected).abs().max() <= 1e-5
 
 

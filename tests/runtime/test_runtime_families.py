@@ -18,9 +18,8 @@ from moa_search import apply_plan, load_plan, uniform_plan
 from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported, layer_windows
 from moa_search.patterns import parse
 from moa_search.plan import save_plan
-from moa_search.takeover import attention_policy
 from tests.families import TINY, VOCAB, WINDOW, tiny_config, tiny_family_model
-from tests.runtime.test_apply import _rule
+from tests.runtime.bruteforce import bruteforce_logits, stepwise
 
 FAMILY = pytest.mark.parametrize("model_type", list(TINY))
 #: layer 2 asks for more than a sliding layer's window (span 12 > 8) and for sinks that
@@ -37,37 +36,6 @@ def _plan(model, rows):
     plan = uniform_plan(model, "dense")
     plan.heads = [[parse(s) for s in row] for row in rows]
     return plan
-
-
-def _bruteforce_logits(model, ids, rows):
-    """Eager softmax, masks element by element: rule AND i - j < the model's own window."""
-
-    def attn(call, q, k, v):
-        lq, g = q.shape[2], q.shape[1] // k.shape[1]
-        window, softcap, scaling = call.window or 10**9, call.softcap, call.scale
-        out = torch.empty_like(q)
-        for h in range(q.shape[1]):
-            spec = rows[call.layer][h // g]
-            m = torch.tensor(
-                [[_rule(spec, i, j) and i - j < window for j in range(lq)] for i in range(lq)]
-            )
-            s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
-            if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
-            out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
-        return out
-
-    with attention_policy(model, "bruteforce_family_test", attn):
-        return model(ids, use_cache=False).logits
-
-
-def _stepwise(model, runtime, ids, first=9):
-    cache = runtime.new_cache()
-    pieces = [model(ids[:, :first], past_key_values=cache).logits]
-    pieces.append(model(ids[:, first : first + 4], past_key_values=cache).logits)
-    for t in range(first + 4, ids.shape[1]):
-        pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
-    return torch.cat(pieces, 1)
 
 
 def test_registry_covers_every_supported_family():
@@ -97,7 +65,7 @@ def test_dense_plan_reproduces_logits_and_generate(model_type):
     with apply_plan(model, uniform_plan(model, "dense")) as runtime:
         assert (model(ids, use_cache=False).logits - native).abs().max() <= 1e-4
         assert (model(ids, use_cache=True).logits - native).abs().max() <= 1e-4
-        assert (_stepwise(model, runtime, ids) - native).abs().max() <= 1e-4
+        assert (stepwise(model, runtime, ids)[0] - native).abs().max() <= 1e-4
         assert torch.equal(model.generate(ids, **kw), native_gen)
     assert model.config._attn_implementation == "eager", "remove restores the model"
 
@@ -107,12 +75,12 @@ def test_dense_plan_reproduces_logits_and_generate(model_type):
 def test_mixed_plan_matches_bruteforce_in_prefill_and_decode(model_type):
     model = tiny_family_model(model_type, seed=1)
     ids = torch.randint(3, VOCAB, (2, N))
-    expected = _bruteforce_logits(model, ids, MIXED)
+    expected = bruteforce_logits(model, ids, MIXED)
     assert (expected - model(ids).logits).abs().max() > 1e-3, "the plan changes the model"
     with apply_plan(model, _plan(model, MIXED)) as runtime:
         assert (model(ids, use_cache=False).logits - expected).abs().max() <= 1e-4
         assert (model(ids, use_cache=True).logits - expected).abs().max() <= 1e-4
-        assert (_stepwise(model, runtime, ids) - expected).abs().max() <= 1e-4
+        assert (stepwise(model, runtime, ids)[0] - expected).abs().max() <= 1e-4
     with apply_plan(model, _plan(model, MIXED), backend="reference"):
         assert (model(ids, use_cache=True).logits - expected).abs().max() <= 1e-4
 
