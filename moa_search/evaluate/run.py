@@ -346,7 +346,7 @@ def evaluate(
                 if w.method.is_reference:
                     done[key] = cell
                 rows.extend(cell)
-                _save_partial(partial, run_key, rows)
+                atomic_write(partial, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     bar.close()
 
     trials = pd.DataFrame(rows)
@@ -422,19 +422,15 @@ def _run_key(model_name: str, plan: Plan, cfg: EvalConfig, net: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_partial(partial: Path, run_key: str, rows: list[dict]) -> None:
-    """The finished cells so far, and the key of the run that made them (both atomic)."""
-    write_text(partial.with_suffix(".key"), run_key + "\n")
-    atomic_write(partial, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
-
-
 def _resume(partial: Path, run_key: str) -> dict[tuple, list[dict]]:
     """Cells an interrupted run with the same key finished, by (section, point, method,
-    task, length); a partial file of other settings is ignored (and later overwritten)."""
+    task, length). A partial file of other settings (or without a key) is deleted before
+    this run's key is written, so the key on disk always names the cells beside it."""
     key_file = partial.with_suffix(".key")
-    if not (partial.is_file() and key_file.is_file()):
-        return {}
-    if key_file.read_text().strip() != run_key:
+    same = partial.is_file() and key_file.is_file() and key_file.read_text().strip() == run_key
+    if not same:
+        partial.unlink(missing_ok=True)
+        write_text(key_file, run_key + "\n")
         return {}
     text = {c: str for c in ("output", "answer", "description")}
     frame = pd.read_csv(partial, dtype=text)
