@@ -239,24 +239,27 @@ def _open_study(url: str, name: str, settings: dict, seed: int, sampler: str) ->
     )
     for attempt in range(OPEN_ATTEMPTS):
         try:
-            store = _rdb_storage(url, kwargs)
-            study = optuna.create_study(
-                storage=store,
-                study_name=name,
-                sampler=chosen,
-                directions=["minimize"] * 3,
-                load_if_exists=True,
-            )
-            stored = study.user_attrs.get("settings")
-            if stored is None:
-                study.set_user_attr("settings", settings)
+            with _opening_lock(url):
+                store = _rdb_storage(url, kwargs)
+                study = optuna.create_study(
+                    storage=store,
+                    study_name=name,
+                    sampler=chosen,
+                    directions=["minimize"] * 3,
+                    load_if_exists=True,
+                )
+                stored = study.user_attrs.get("settings")
+                if stored is None:
+                    study.set_user_attr("settings", settings)
             break
         except Exception as exc:
             # workers starting together race to create the schema (IntegrityError on a
-            # fresh PostgreSQL database, "table ... already exists" on SQLite): the loser
-            # retries and finds the tables made
+            # fresh PostgreSQL database, "table ... already exists" or "database is
+            # locked" on SQLite, whose busy handler is skipped when a reader must upgrade
+            # to a writer): the loser retries and finds the tables made
+            text = str(exc)
             racing = type(exc).__name__ in ("IntegrityError", "ProgrammingError") or (
-                "already exists" in str(exc)
+                "already exists" in text or "database is locked" in text
             )
             if racing and attempt + 1 < OPEN_ATTEMPTS:
                 time.sleep(0.5 * (attempt + 1))
@@ -271,6 +274,33 @@ def _open_study(url: str, name: str, settings: dict, seed: int, sampler: str) ->
             f"({', '.join(changed)} differ); pick another --study or --out"
         )
     return study
+
+
+@contextlib.contextmanager
+def _opening_lock(url: str):
+    """Serialize schema creation between processes sharing one local SQLite file.
+
+    Several workers starting at once otherwise race through SQLite's lock upgrade, which
+    fails at once with "database is locked" instead of waiting. The lock file lives in the
+    temp folder, keyed by the database's path, so the user's folder holds only what the
+    run writes. Other URLs (PostgreSQL,
+    MySQL) serialize inside the server, and platforms without ``fcntl`` rely on retries.
+    """
+    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+    try:
+        import fcntl  # noqa: PLC0415  (POSIX only)
+    except ImportError:
+        fcntl = None
+    if not path or path == ":memory:" or fcntl is None:
+        yield
+        return
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"moa-search-study-{key}.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
