@@ -42,6 +42,9 @@ class PlanRuntime:
         self.plan = plan
         self.backend = backend
         self.max_cache_len = max_cache_len
+        #: the cache of the forward being run, set by the pre-hook. Patterned attention
+        #: reads its MoACache from ``update``'s CacheRead; this is read only for a user's
+        #: own DynamicCache (how many tokens its sliding layers dropped)
         self.active_cache: Any = None
         _check_layers(model, plan)
         #: per layer, the model's own sliding window (None: full causal attention); every

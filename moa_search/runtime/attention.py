@@ -4,8 +4,9 @@ Every supported family's attention module calls ``ALL_ATTENTION_FUNCTIONS[impl](
 v, mask, scaling=..., sliding_window=..., softcap=...)`` after its own projections, norms and
 RoPE. apply_plan installs it as the model's attention policy (``moa_search.takeover``), with
 the plan runtime as its state; it then attends per KV head with the model's ``scaling`` and
-``softcap``, inside the model's own window, and, when a :class:`MoACache` is active, stores
-only what each head's pattern needs.
+``softcap``, inside the model's own window. With a :class:`MoACache`, the layer's ``update``
+hands attention a :class:`CacheRead` (the stored entries plus the new chunk); attention
+attends to it and then stores only what each head's pattern needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern, SparQ, dense_causal
-from moa_search.runtime.cache import MoACache, MoALayerCache
+from moa_search.runtime.cache import CacheRead, MoALayerCache
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
 from moa_search.takeover import Call
@@ -75,6 +76,9 @@ def moa_attention(
     runtime: PlanRuntime = call.state
     layer_idx = call.layer
     patterns = runtime.plan.heads[layer_idx]
+    layer: MoALayerCache | None = None
+    if isinstance(key, CacheRead):  # a patterned cache handed back what to attend to
+        layer, key, value = key.layer, key.key, key.value
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -86,11 +90,6 @@ def moa_attention(
             f"layer {layer_idx}: the model attends with sliding_window="
             f"{call.window!r}, its config says {window!r}"
         )
-
-    cache = runtime.active_cache
-    layer: MoALayerCache | None = None
-    if isinstance(cache, MoACache) and layer_idx < len(cache.layers):
-        layer = cache.layers[layer_idx]
 
     out = torch.empty_like(query)
     if layer is not None:
@@ -134,10 +133,12 @@ def moa_attention(
             layer.append(key, value, q_pos)
     else:
         # No patterned cache (training, use_cache=False, or a user-supplied dense cache):
-        # every head sees the full key range, masked by its pattern.
+        # every head sees the full key range, masked by its pattern. A user's DynamicCache
+        # is read for how many tokens its sliding layers dropped (positions stay absolute).
         k_len = key.shape[2]
         real_k = _real_mask(mask2d, batch, k_len, query.device)
-        k_pos = _positions(real_k, _dropped_real(cache, layer_idx, k_len, mask2d))
+        dropped = _dropped_real(runtime.active_cache, layer_idx, k_len, mask2d)
+        k_pos = _positions(real_k, dropped)
         q_pos = k_pos[:, -q_len:]
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)

@@ -57,9 +57,25 @@ class HeadLayout:
         return self.sinks[head] + self.rings[head]
 
 
+@dataclass(frozen=True)
+class CacheRead:
+    """What attention reads from a patterned layer: the entries ``layer`` holds plus the
+    chunk (``key``, ``value``: (B, Hkv, L, D)) joining them.
+
+    ``MoALayerCache.update`` returns it in place of transformers' (keys, values) tensors
+    (every supported family hands them straight to the attention function), so attention
+    finds its cache in its inputs, as gpt-fast's ``KVCache.update`` hands back what
+    attention reads. The chunk is written after attending (``MoALayerCache.append``): a
+    ring must not overwrite old entries that the chunk's own queries still see."""
+
+    layer: MoALayerCache
+    key: torch.Tensor
+    value: torch.Tensor
+
+
 class MoALayerCache(CacheLayerMixin):
-    """One layer's per-head cache. Writes happen in the attention function (see attention.py),
-    because a multi-token chunk must attend to old entries before the ring overwrites them."""
+    """One layer's per-head cache. ``update`` returns a :class:`CacheRead`; the attention
+    function attends to it and then appends the chunk (see attention.py)."""
 
     is_compileable = False
     is_sliding = False
@@ -92,10 +108,12 @@ class MoALayerCache(CacheLayerMixin):
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, **kwargs) -> tuple[CacheRead, CacheRead]:
+        """Both halves are the same :class:`CacheRead` (the pair keeps Cache's signature)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return key_states, value_states
+        read = CacheRead(self, key_states, value_states)
+        return read, read
 
     def get_seq_length(self) -> int:
         return self.processed

@@ -176,6 +176,7 @@ class PlanChecker:
         self._dense: dict[tuple[int, int], BaseRun] = {}
         self._cache: dict[str, Measured] = {}
         self._refined: dict[str, np.ndarray] | None = None  # per-task values after refine
+        self.cut_short = False  # the last re-measure stopped early (time limit)
         limit = config.time_limit
         self._deadline = time.monotonic() + limit if limit else math.inf
 
@@ -253,7 +254,11 @@ class PlanChecker:
         """Per task family and re-measured head, (candidates, lengths) values: the divergence
         of the plan with that head switched to each nearby candidate, minus with it dense
         (clipped at 0, as the profile's values are); candidates not re-measured stay ``nan``
-        (keep their old value). Kept per task so the balance step can re-weight them."""
+        (keep their old value). Kept per task so the balance step can re-weight them.
+
+        When the time limit is spent mid-way, the samples measured so far (at least one)
+        are used and :attr:`cut_short` is set: one round on a large model can take
+        minutes."""
         p = self.problem
         n_kv = p.identity.num_key_value_heads
         rows, where = [], []
@@ -268,7 +273,11 @@ class PlanChecker:
             self._runs(self._heads(choice)), total=total, desc=f"re-measure {len(rows)} rows",
             leave=False, disable=not self.progress,
         )  # fmt: skip
+        self.cut_short = False
         for n, s, run in runs:
+            if per and self.out_of_time():
+                self.cut_short = True
+                break
             kl = self.engine.effects(run, rows + dense_rows).kl.numpy()
             base = kl[len(rows) :]
             for (gi, c), row_kl in zip(where, kl[: len(rows)], strict=True):
@@ -337,7 +346,8 @@ class PlanChecker:
         bar = tqdm(range(self.config.rounds), desc="refine", disable=not self.progress)
         for r in bar:
             if self.out_of_time():
-                report.stopped.append("refine")
+                if "refine" not in report.stopped:
+                    report.stopped.append("refine")
                 break
             heads = self._pick(self._weighted(values, self.weights) @ length_weights, best, seen)
             if not heads:
@@ -345,6 +355,8 @@ class PlanChecker:
             seen.update(heads)
             for t, fresh in self.conditional(best, heads).items():
                 values[t][heads] = np.where(np.isnan(fresh), values[t][heads], fresh)
+            if self.cut_short and "refine" not in report.stopped:
+                report.stopped.append("refine")
             try:
                 new = self._solve(self._weighted(values, self.weights) @ length_weights, caps)
             except Infeasible:
@@ -357,6 +369,8 @@ class PlanChecker:
                 "measured": m.objective,
                 "accepted": bool(m.objective < best_m.objective),
             }
+            if self.cut_short:
+                step["re_measure_cut_short"] = True
             report.history.append(step)
             bar.set_postfix(objective=f"{min(m.objective, best_m.objective):.4g}")
             if step["changed_heads"] == 0:

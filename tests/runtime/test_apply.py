@@ -102,6 +102,36 @@ def test_step_by_step_decode_equals_full_recompute(model, max_cache_len):
 
 
 @torch.no_grad()
+def test_attention_reads_the_cache_update_hands_back(model, monkeypatch):
+    """The patterned cache reaches attention through ``update``'s return value alone: with
+    the runtime's record of the active cache wiped before every call, a user-held cache
+    still decodes exactly."""
+    from moa_search.runtime.apply import PlanRuntime
+    from moa_search.runtime.cache import CacheRead
+
+    before = PlanRuntime._before_forward
+
+    def forget(self, *args, **kwargs):
+        out = before(self, *args, **kwargs)
+        self.active_cache = None
+        return out
+
+    monkeypatch.setattr(PlanRuntime, "_before_forward", forget)
+    ids = torch.randint(3, 128, (2, 24))
+    with apply_plan(model, _plan(model, MIXED)) as rt:
+        full = model(ids, use_cache=False).logits
+        cache = rt.new_cache()
+        pieces = [model(ids[:, :10], past_key_values=cache).logits]
+        for t in range(10, 24):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        layer = cache.layers[0]
+        read, same = layer.update(ids[:, :1, None].float(), ids[:, :1, None].float())
+    assert read is same and isinstance(read, CacheRead) and read.layer is layer
+    assert int(layer.lengths[0]) == 24
+    assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
+
+
+@torch.no_grad()
 def test_cache_bytes_equal_plan_prediction(model):
     n = 50
     ids = torch.randint(3, 128, (3, n))

@@ -155,6 +155,24 @@ def test_a_spent_time_limit_keeps_the_start_plan_and_says_so(setup):
         CheckConfig(fidelity="fast")
 
 
+def test_a_limit_spent_inside_a_round_keeps_the_samples_measured(setup, monkeypatch):
+    model, problem, caps, checker = setup
+    hurried = PlanChecker(model, problem, checker.samples, checker.config, progress=False)
+    clock = iter([False, True, True, True])  # in time for the first sample only
+    monkeypatch.setattr(hurried, "out_of_time", lambda: next(clock, True))
+    w = np.ones(1)
+    report = hurried.refine(hurried._solve(problem.loss @ w, caps), caps, w)
+    assert report.stopped == ["refine"]
+    assert report.history[0]["re_measure_cut_short"]
+    one = PlanChecker(model, problem, {N: checker.samples[N][:1]}, checker.config, False)
+    choice = np.array([1, 2, 3, 1])
+    hurried.out_of_time = lambda: True  # only the first sample is taken
+    got = hurried.conditional(choice, [0, 3])
+    want = one.conditional(choice, [0, 3])
+    for task in got:
+        assert np.allclose(got[task], want[task], equal_nan=True)
+
+
 def test_fidelity_is_a_spearman_over_random_plans(setup):
     _, _, caps, checker = setup
     fid = checker.fidelity(caps, np.ones(1))
