@@ -41,7 +41,7 @@ from moa_search.patterns import Dense, Pattern, SparQ
 from moa_search.profile.sparq_estimate import sparq_prefill, visible
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
-from moa_search.runtime.scores import cap_logits
+from moa_search.runtime.scores import Logits, cap_logits
 from moa_search.takeover import Call, attention_policy
 
 ATTN_NAME = "moa_measure"
@@ -135,7 +135,7 @@ def _full(
     """(B, Hq, N, D) attention of an unpadded prompt, each KV head under its pattern (inside
     the model's own window, with its logit cap, as the runtime runs it)."""
     w, cap = native.window, native.softcap
-    out = fresh_prefill(query, key, value, list(patterns), scale, window=w, softcap=cap)
+    out = fresh_prefill(query, key, value, list(patterns), Logits(scale, cap), window=w)
     group = query.shape[1] // key.shape[1]
     for h, p in enumerate(patterns):
         if isinstance(p, SparQ):  # every batch row at once: one row each is launch-bound
@@ -167,7 +167,7 @@ def _scored_sparq(
         seen = torch.where(ok, k_pos, torch.full_like(k_pos, -1))
         out[:, :, i : i + 1] = attend_head(
             q[:, :, i : i + 1], k, v, positions[i : i + 1][None].expand(rows, 1),
-            seen[None].expand(rows, n), pattern, scale, softcap=native.softcap,
+            seen[None].expand(rows, n), pattern, Logits(scale, native.softcap),
         )  # fmt: skip
     return out
 

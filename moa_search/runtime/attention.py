@@ -21,6 +21,7 @@ from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import CacheRead, MoALayerCache
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
+from moa_search.runtime.scores import Logits
 from moa_search.takeover import Call
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def moa_attention(
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     scale, softcap = call.scale, call.softcap
+    logits = Logits(scale, softcap)
     mask2d = call.mask if torch.is_tensor(call.mask) and call.mask.dim() == 2 else None
     window = runtime.windows[layer_idx]
     if "sliding_window" in call.extra and call.window != window:
@@ -103,9 +105,7 @@ def moa_attention(
             layer.append(key, value, q_pos)
             runtime.kernel_decode(layer, query, out, scale, window, softcap)
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
-            fresh_prefill(
-                query, key, value, patterns, scale, out=out, window=window, softcap=softcap
-            )
+            fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
             layer.append(key, value, q_pos)
         else:
             for h, pattern in enumerate(patterns):
@@ -128,7 +128,7 @@ def moa_attention(
                     n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
                     v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
                 out[:, sl] = attend_head(
-                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, scale, v_mean, softcap
+                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, logits, v_mean
                 )
             layer.append(key, value, q_pos)
     else:
@@ -144,9 +144,8 @@ def moa_attention(
             sl = slice(h * group, (h + 1) * group)
             head_pattern, head_k_pos, _ = _clamp(pattern, window, q_pos, k_pos)
             out[:, sl] = attend_head(
-                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, scale,
-                softcap=softcap,
-            )  # fmt: skip
+                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, logits
+            )
     return out
 
 

@@ -29,19 +29,19 @@ from dataclasses import dataclass
 import torch
 
 from moa_search.patterns import Dense, Pattern
-from moa_search.runtime.scores import sdpa
+from moa_search.runtime.scores import Logits, sdpa
 
 DEFAULT_CHUNK = 2048
 
 
 @dataclass(frozen=True)
-class _Logits:
-    """How the layer forms its logits: softmax ``scale``, its own sliding ``window`` and
-    logit ``softcap`` (None: none)."""
+class _Band:
+    """What every banded chunk shares: the layer's ``logits``, its own sliding ``window``
+    (None: none) and the query ``chunk`` length."""
 
-    scale: float
-    window: int | None = None
-    softcap: float | None = None
+    logits: Logits
+    window: int | None
+    chunk: int
 
 
 def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
@@ -59,16 +59,15 @@ def fresh_prefill(
     key: torch.Tensor,
     value: torch.Tensor,
     patterns: list[Pattern],
-    scale: float,
+    logits: Logits,
     out: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
     window: int | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
 
     query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head;
-    window: the model layer's own sliding window, if any; softcap: its logit cap, if any.
+    logits: the layer's scale and logit cap; window: its own sliding window, if any.
     Returns ``out`` (B, Hq, L, D),
     same dtype as query.
     """
@@ -92,8 +91,8 @@ def fresh_prefill(
         k = key if everything else key[:, full]
         v = value if everything else value[:, full]
         y = sdpa(
-            q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
-            enable_gqa=group > 1, softcap=softcap,
+            q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=logits.scale,
+            enable_gqa=group > 1, softcap=logits.softcap,
         )  # fmt: skip
         if everything:
             out.copy_(y)
@@ -101,7 +100,7 @@ def fresh_prefill(
             out[:, qi] = y
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, out, chunk, _Logits(scale, window, softcap))
+        _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk))
     return out
 
 
@@ -120,7 +119,7 @@ def _sdpa_masked(q, k, v, mask, scale, softcap=None):
     return sdpa(q, k, v, mask=mask, scale=scale, softcap=softcap)
 
 
-def _banded(query, key, value, pattern, heads, out, chunk, logits: _Logits) -> None:
+def _banded(query, key, value, pattern, heads, out, shared: _Band) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
     Every chunk reads a band of the same width (positions before the sink or before 0 are
@@ -129,7 +128,8 @@ def _banded(query, key, value, pattern, heads, out, chunk, logits: _Logits) -> N
     (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
     batch, q_heads, length, dim = query.shape
     group = q_heads // key.shape[1]
-    scale, window, softcap = logits.scale, logits.window, logits.softcap
+    scale, softcap = shared.logits.scale, shared.logits.softcap
+    window, chunk = shared.window, shared.chunk
     dev = query.device
     qi = _q_heads(heads, group)
     n_h = len(heads)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from moa_search.patterns import Pattern, SparQ, dense_causal, sparq_query_components
-from moa_search.runtime.scores import cap_logits, sdpa
+from moa_search.runtime.scores import Logits, cap_logits, sdpa
 
 
 def attend_head(
@@ -18,26 +18,28 @@ def attend_head(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     pattern: Pattern,
-    scale: float,
+    logits: Logits,
     v_mean: torch.Tensor | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the G query heads of one KV group.
 
     q: (B, G, Lq, D); k, v: (B, M, D); q_pos: (B, Lq) and k_pos: (B, M) token positions,
     -1 for padding / empty slots. SparQ runs its decode algorithm when Lq == 1 and is dense
-    otherwise (SparQ is a decode method). ``softcap``: the model's attention logit cap
+    otherwise (SparQ is a decode method). ``logits``: the layer's scale and logit cap
     (Gemma 2). Returns (B, G, Lq, D); padded queries get zeros.
     """
     if isinstance(pattern, SparQ) and q.shape[2] == 1:
-        return sparq_decode(q, k, v, k_pos, pattern, scale, v_mean, softcap)
+        return sparq_decode(q, k, v, k_pos, pattern, logits, v_mean)
     rule = dense_causal if not pattern.static else pattern.allowed
     mask = rule(q_pos, k_pos) & (k_pos >= 0)[:, None, :] & (q_pos >= 0)[:, :, None]
     has_key = mask.any(-1, keepdim=True)  # (B, Lq, 1)
     mask = mask | ~has_key  # keep softmax finite on rows with nothing to attend
     kk = k[:, None].expand(-1, q.shape[1], -1, -1)
     vv = v[:, None].expand(-1, q.shape[1], -1, -1)
-    out = sdpa(q, kk.to(q.dtype), vv.to(q.dtype), mask=mask[:, None], scale=scale, softcap=softcap)
+    out = sdpa(
+        q, kk.to(q.dtype), vv.to(q.dtype), mask=mask[:, None], scale=logits.scale,
+        softcap=logits.softcap,
+    )  # fmt: skip
     return out * has_key[:, None].to(out.dtype)
 
 
@@ -47,9 +49,8 @@ def sparq_decode(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     pattern: SparQ,
-    scale: float,
+    logits: Logits,
     v_mean: torch.Tensor | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """SparQ (arXiv 2312.04985) for one decode token of one GQA group.
 
@@ -57,7 +58,8 @@ def sparq_decode(
     mean of V over the sequence (computed here when not given). The G query heads share
     the top-r components (|q| summed over the group) and the top-k positions (approximate
     softmax summed over the group); the ``local`` most recent positions are always kept.
-    ``softcap`` caps the exact logits; the approximate step keeps SparQ's own temperature.
+    ``logits.softcap`` caps the exact logits; the approximate step keeps SparQ's own
+    temperature.
     """
     batch, group, _, dim = q.shape
     qf = q[:, :, 0].float()  # (B, G, D)
@@ -86,7 +88,8 @@ def sparq_decode(
     alpha = (p_hat.gather(2, idx[:, None, :].expand(batch, group, top)) * chosen[:, None]).sum(-1)
     k_sel = kf.gather(1, idx[..., None].expand(batch, top, dim))
     v_sel = vf.gather(1, idx[..., None].expand(batch, top, dim))
-    scores = cap_logits(torch.einsum("bgd,btd->bgt", qf, k_sel) * scale, softcap)
+    scores = torch.einsum("bgd,btd->bgt", qf, k_sel) * logits.scale
+    scores = cap_logits(scores, logits.softcap)
     scores = scores.masked_fill(~chosen[:, None, :], float("-inf"))
     y = torch.einsum("bgt,btd->bgd", torch.softmax(scores, -1).nan_to_num(0.0), v_sel)
     if v_mean is None:

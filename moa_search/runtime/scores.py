@@ -8,8 +8,19 @@ is plain ``scaled_dot_product_attention`` (FlashAttention / memory-efficient ker
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Logits:
+    """How a layer forms its attention logits: softmax ``scale`` and the model's logit
+    ``softcap`` (None: no cap). Travels as one value through the attention helpers."""
+
+    scale: float
+    softcap: float | None = None
 
 
 def cap_logits(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

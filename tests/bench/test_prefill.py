@@ -8,6 +8,7 @@ import torch
 from moa_search.patterns import parse
 from moa_search.runtime.prefill import covers_all, fresh_prefill
 from moa_search.runtime.reference import attend_head
+from moa_search.runtime.scores import Logits
 
 SPECS = [
     [
@@ -34,8 +35,8 @@ def test_fresh_prefill_matches_reference(specs, chunk):
     want = torch.empty_like(q)
     for h, p in enumerate(patterns):
         sl = slice(h * group, (h + 1) * group)
-        want[:, sl] = attend_head(q[:, sl], k[:, h], v[:, h], pos, pos, p, dim**-0.5)
-    got = fresh_prefill(q, k, v, patterns, dim**-0.5, chunk=chunk)
+        want[:, sl] = attend_head(q[:, sl], k[:, h], v[:, h], pos, pos, p, Logits(dim**-0.5))
+    got = fresh_prefill(q, k, v, patterns, Logits(dim**-0.5), chunk=chunk)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 

@@ -14,6 +14,7 @@ from moa_search.profile.influence import (
 )
 from moa_search.profile.sparq_estimate import running_v_mean, sparq_tile_outputs
 from moa_search.runtime.reference import attend_head, sparq_decode
+from moa_search.runtime.scores import Logits
 
 STATIC = [
     Dense(),
@@ -81,8 +82,10 @@ def test_row_estimate_is_exact_for_linear_loss():
     for c, p in enumerate(STATIC):
         for h in range(k.shape[0]):
             sl = slice(h * group, (h + 1) * group)
-            dense = attend_head(q[None, sl], k[None, h], v[None, h], pos, pos, Dense(), scale)
-            masked = attend_head(q[None, sl], k[None, h], v[None, h], pos, pos, p, scale)
+            dense = attend_head(
+                q[None, sl], k[None, h], v[None, h], pos, pos, Dense(), Logits(scale)
+            )
+            masked = attend_head(q[None, sl], k[None, h], v[None, h], pos, pos, p, Logits(scale))
             per_row = (do[sl] * (masked - dense)[0]).sum(-1)  # (G, N)
             torch.testing.assert_close(
                 res.signed[sl, c].double(), per_row.sum(-1), rtol=1e-3, atol=1e-4
@@ -149,7 +152,7 @@ def test_sparq_tile_outputs_match_reference_decode():
                     v[h, : i + 1].float()[None],
                     pos[None, : i + 1],
                     p,
-                    scale,
+                    Logits(scale),
                 )
                 torch.testing.assert_close(outs[c][h, :, i], ref[0, :, 0], rtol=1e-4, atol=1e-5)
 

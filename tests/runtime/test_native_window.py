@@ -131,6 +131,7 @@ def test_fresh_prefill_with_window_matches_bruteforce_rule(chunk, window):
     """The chunked prefill (several chunks, bands narrower than the prompt) against masks
     built element by element from the pattern rule AND i - j < window."""
     from moa_search.runtime.prefill import fresh_prefill
+    from moa_search.runtime.scores import Logits
 
     specs = [
         "dense",
@@ -153,7 +154,9 @@ def test_fresh_prefill_with_window_matches_bruteforce_rule(chunk, window):
         want[:, h * group : (h + 1) * group] = (
             torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h, None]
         )
-    got = fresh_prefill(q, k, v, [parse(s) for s in specs], dim**-0.5, chunk=chunk, window=window)
+    got = fresh_prefill(
+        q, k, v, [parse(s) for s in specs], Logits(dim**-0.5), chunk=chunk, window=window
+    )
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
