@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -173,19 +174,12 @@ class PlanRuntime:
             self._kernels = kernels
         return bool(self._kernels)
 
-    def kernel_decode(
-        self,
-        layer: MoALayerCache,
-        query: torch.Tensor,
-        out: torch.Tensor,
-        scale: float,
-        window: int | None = None,
-        softcap: float | None = None,
-    ) -> None:
-        """Decode one token for all heads of ``layer`` with the Triton kernels."""
-        from moa_search.runtime.kernel_dispatch import decode_layer  # noqa: PLC0415
-
-        decode_layer(self._kernels, layer, query, out, scale, window, softcap)
+    @property
+    def kernels(self) -> ModuleType:
+        """The Triton kernels module (after :meth:`use_kernels` said yes)."""
+        if not self._kernels:
+            raise MoaSearchError("decode kernels are not loaded (use_kernels said no)")
+        return self._kernels
 
 
 def apply_plan(

@@ -19,6 +19,7 @@ import torch
 from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import CacheRead, MoALayerCache
+from moa_search.runtime.kernel_dispatch import decode_layer
 from moa_search.runtime.prefill import fresh_prefill
 from moa_search.runtime.reference import attend_head
 from moa_search.runtime.scores import Logits
@@ -103,7 +104,7 @@ def moa_attention(
         # The Triton kernels know sinks and recent spans, not the model's own window.
         if runtime.use_kernels(query, q_len, layer, window, softcap):
             layer.append(key, value, q_pos)
-            runtime.kernel_decode(layer, query, out, scale, window, softcap)
+            decode_layer(runtime.kernels, layer, query, out, logits, window)
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
             fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
             layer.append(key, value, q_pos)

@@ -10,6 +10,7 @@ from types import ModuleType
 import torch
 
 from moa_search.runtime.cache import MoALayerCache
+from moa_search.runtime.scores import Logits
 
 
 def decode_layer(
@@ -17,14 +18,14 @@ def decode_layer(
     layer: MoALayerCache,
     query: torch.Tensor,
     out: torch.Tensor,
-    scale: float,
+    logits: Logits,
     window: int | None = None,
-    softcap: float | None = None,
 ) -> None:
     """query / out: (B, Hq, 1, D). The new token must already be appended to ``layer``.
 
-    ``window`` / ``softcap``: the model layer's own sliding window and logit cap (the
-    runtime routes SparQ layers with either to the reference)."""
+    ``logits``: the layer's scale and logit cap; ``window``: its own sliding window (the
+    runtime routes SparQ layers with a window or a cap to the reference)."""
+    scale, softcap = logits.scale, logits.softcap
     q = query[:, :, 0].contiguous()
     o = torch.empty_like(q)
     meta = layer.decode_metadata()
