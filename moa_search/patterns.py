@@ -112,13 +112,21 @@ class Pattern:
         """KV entries a head must hold after ``n`` tokens so that later steps stay exact."""
         return min(n, self.sink + int(self.span_at(n)))
 
+    def sink_slots(self, max_len: int) -> int:
+        """Slots kept in place by a cache able to reach ``max_len`` tokens. A sink of
+        ``max_len`` or more leaves the newest position to the ring's one slot, so the head
+        never allocates more than ``max_len`` slots."""
+        return max(0, min(self.sink, max_len - 1))
+
     def ring_size(self, max_len: int) -> int:
-        """Slots after the sink that a cache able to reach ``max_len`` tokens allocates."""
+        """Slots after the sink that a cache able to reach ``max_len`` tokens allocates: the
+        recent positions its largest span keeps past the sink (at least one)."""
         return max(1, min(max_len, self.sink + int(self.span_at(max_len))) - self.sink)
 
     def capacity(self, max_len: int) -> int:
-        """Total slots (sink + ring) allocated for a cache that can reach ``max_len`` tokens."""
-        return min(max_len, self.sink) + self.ring_size(max_len)
+        """Total slots (sink + ring) allocated for a cache that can reach ``max_len`` tokens:
+        ``stored_entries(max_len)``, what the costs count."""
+        return self.sink_slots(max_len) + self.ring_size(max_len)
 
     def read_entries(self, n: int, head_dim: int) -> float:
         """KV rows (K and V each ``head_dim`` wide) read by one decode step at length ``n``."""
@@ -233,9 +241,6 @@ class Window(Pattern):
         if isinstance(n, torch.Tensor):
             return torch.clamp(n, max=self.span)
         return min(n, self.span)
-
-    def ring_size(self, max_len: int) -> int:
-        return max(1, min(self.span, max_len))
 
     def span_affine(self) -> tuple[float, float]:
         return (float(self.span), 0.0)

@@ -70,7 +70,7 @@ def test_costs_are_consistent(spec):
         stored = p.bytes_stored(n, 64, 2)
         assert stored == 2 * p.stored_entries(n) * 64 * 2
         assert p.bytes_read(n, 64, 2) > 0
-        assert p.capacity(n) >= p.stored_entries(n)
+        assert p.capacity(n) == p.stored_entries(n)  # a cache sized for n allocates that
         if p.static:
             assert p.bytes_read(n, 64, 2) == stored
 
@@ -82,6 +82,17 @@ def test_window_rule_exact():
     for i in range(8):
         for j in range(8):
             assert bool(mask[i, j]) == (j <= i and (j < 2 or i - j < 3))
+
+
+def test_capacity_never_exceeds_the_sequence():
+    """A span reaching past the sequence, or a sink longer than it, allocates no spare slot."""
+    assert Window(sink=4, span=48).capacity(50) == 50
+    assert (Window(sink=60, span=8).sink_slots(50), Window(sink=60, span=8).ring_size(50)) == (
+        49,
+        1,
+    )
+    assert Elastic(sink=60, alpha=2, beta=0.5).capacity(50) == 50
+    assert Window(sink=4, span=16).capacity(50) == 20
 
 
 def test_elastic_span_rule_and_growth():

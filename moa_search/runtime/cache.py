@@ -39,7 +39,7 @@ class HeadLayout:
         offsets, sinks, rings = [], [], []
         total = 0
         for p in patterns:
-            sink = min(p.sink, max_len)
+            sink = p.sink_slots(max_len)
             ring = p.ring_size(max_len)
             if window is not None and sink + ring > min(window, max_len):
                 sink, ring = 0, min(window, max_len)

@@ -131,16 +131,39 @@ def test_attention_reads_the_cache_update_hands_back(model, monkeypatch):
     assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
 
 
+#: per pattern family, plans whose cache must allocate what ``Plan.kv_bytes`` predicts; the
+#: edge cases: a span reaching past the sequence (window:sink=4,span=40 at 40 tokens) and a
+#: sink longer than it (sink=64, sink=60)
+BYTES_PLANS = {
+    "dense": [["dense", "dense"], ["dense", "dense"]],
+    "window": [
+        ["window:sink=2,span=5", "window:sink=4,span=40"],
+        ["window:sink=0,span=3", "window:sink=64,span=8"],
+    ],
+    "elastic": [
+        ["elastic:sink=1,alpha=2,beta=0.5", "elastic:sink=4,alpha=40,beta=0.5"],
+        ["elastic:sink=0,alpha=0,beta=1.0", "elastic:sink=60,alpha=2,beta=0.1"],
+    ],
+    "mixed": MIXED,
+}
+
+
+@pytest.mark.parametrize("family", list(BYTES_PLANS))
 @torch.no_grad()
-def test_cache_bytes_equal_plan_prediction(model):
-    n = 50
-    ids = torch.randint(3, 128, (3, n))
-    plan = _plan(model, MIXED)
+def test_cache_bytes_equal_plan_prediction(model, family):
+    """After a prefill and decode steps, a batch's cache allocates exactly Plan.kv_bytes."""
+    prompt, n, batch = 30, 40, 3
+    ids = torch.randint(3, 128, (batch, n))
+    plan = _plan(model, BYTES_PLANS[family])
     with apply_plan(model, plan, max_cache_len=n) as rt:
         cache = rt.new_cache()
-        model(ids, past_key_values=cache)
-    assert cache.nbytes() == plan.kv_bytes(n, batch=3, dtype_bytes=4)
-    assert cache.nbytes() < plan.dense_kv_bytes(n, batch=3, dtype_bytes=4)
+        model(ids[:, :prompt], past_key_values=cache)
+        for t in range(prompt, n):
+            model(ids[:, t : t + 1], past_key_values=cache)
+    assert cache.seq_lengths().tolist() == [n] * batch
+    assert cache.nbytes() == plan.kv_bytes(n, batch=batch, dtype_bytes=4)
+    if family in ("window", "elastic", "mixed"):
+        assert cache.nbytes() < plan.dense_kv_bytes(n, batch=batch, dtype_bytes=4)
 
 
 @torch.no_grad()
