@@ -38,6 +38,9 @@ MAX_PARAM = 2**31 - 1
 #: (MoA's 64)
 MEASURED_SINK = 32
 GRADIENT_SINK = 64
+#: SparQ heads keep a running sum of V per sequence in fp32 whatever the cache's dtype
+#: (``MoALayerCache.v_sum``): head_dim of these per head, stored, and read every step.
+V_SUM_BYTES = 4
 
 
 class PlotStyle(NamedTuple):
@@ -136,10 +139,11 @@ class Pattern:
     def bytes_stored(
         self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
     ) -> int:
-        """Bytes of K and V one KV head of one sequence holds after ``n`` tokens.
+        """Bytes one KV head of one sequence holds after ``n`` tokens: K and V, plus any side
+        buffer its pattern keeps; what ``MoACache`` allocates for ``max_cache_len=n``.
 
         ``window``: the model layer's own sliding window; no head then holds more than it
-        (what ``MoACache`` allocates: a dense head on a sliding layer is that window)."""
+        (a dense head on a sliding layer is that window)."""
         entries = self.stored_entries(n)
         if window is not None:
             entries = min(entries, window)
@@ -357,6 +361,13 @@ class SparQ(Pattern):
         # r of head_dim columns of K over n rows, then k full rows of K and V (counted as
         # rows of the K+V pair, hence /2 for the K-only column read), plus mean(V).
         return n * self.r / (2 * head_dim) + self.k_at(n) + 0.5
+
+    def bytes_stored(
+        self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
+    ) -> int:
+        """The full K and V, plus the running fp32 sum of V kept per sequence."""
+        kv = super().bytes_stored(n, head_dim, dtype_bytes, window)
+        return kv + (head_dim * V_SUM_BYTES if n > 0 else 0)
 
     def validate(self, head_dim: int | None = None) -> None:
         if self.r <= 0:

@@ -160,8 +160,9 @@ class Plan:
         return list(seen.values())
 
     def kv_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V the plan's cache holds after ``n`` tokens (no head of a sliding
-        layer holds more than the model's own window)."""
+        """Bytes the plan's cache (``MoACache`` with ``max_cache_len=n``) allocates after
+        ``n`` tokens: K, V and SparQ's fp32 V sums; no head of a sliding layer holds more
+        than the model's own window."""
         d, w = self.model.head_dim, self.model.window
         return batch * sum(
             p.bytes_stored(n, d, dtype_bytes, w(i)) for i, row in enumerate(self.heads) for p in row

@@ -68,7 +68,8 @@ def test_costs_are_consistent(spec):
     p = parse(spec)
     for n in (1, 7, 64, 1000):
         stored = p.bytes_stored(n, 64, 2)
-        assert stored == 2 * p.stored_entries(n) * 64 * 2
+        side = 64 * 4 if isinstance(p, SparQ) else 0  # SparQ's running fp32 sum of V
+        assert stored == 2 * p.stored_entries(n) * 64 * 2 + side
         assert p.bytes_read(n, 64, 2) > 0
         assert p.capacity(n) == p.stored_entries(n)  # a cache sized for n allocates that
         if p.static:
@@ -106,6 +107,8 @@ def test_elastic_span_rule_and_growth():
 def test_sparq_counts_bandwidth_not_memory():
     p = SparQ(r=16, k=128, local=16)
     assert p.stored_entries(4096) == 4096, "SparQ keeps the full cache"
+    assert p.bytes_stored(4096, 128) == Dense().bytes_stored(4096, 128) + 128 * 4  # + V sum
+    assert p.bytes_stored(0, 128) == 0  # nothing allocated yet
     assert p.bytes_read(4096, 128) < Dense().bytes_read(4096, 128) / 3
 
 

@@ -147,10 +147,12 @@ class MoALayerCache(CacheLayerMixin):
         return len(self.patterns)
 
     def nbytes(self) -> int:
-        """Bytes held by K and V (the running V sums of SparQ heads are reported apart)."""
+        """Bytes this layer's cache allocates: K and V, plus the running V sums of its SparQ
+        heads (what ``Plan.kv_bytes`` predicts)."""
         if self.keys is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() * 2
+        side = 0 if self.v_sum is None else self.v_sum.numel() * self.v_sum.element_size()
+        return self.keys.numel() * self.keys.element_size() * 2 + side
 
     def slot_positions(self, head: int) -> torch.Tensor:
         """(B, cap) position stored in each slot of ``head``; -1 where the slot is empty."""
@@ -335,7 +337,7 @@ class MoACache(Cache):
         self.plan = plan
 
     def nbytes(self) -> int:
-        """K and V bytes held by all layers."""
+        """Bytes all layers allocate, SparQ's V sums included (see MoALayerCache.nbytes)."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def seq_lengths(self) -> torch.Tensor | None:

@@ -56,11 +56,13 @@ def test_dense_loop_matches_generate(model):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["synthetic", "dense-plan"])
+@pytest.mark.parametrize("kind", ["synthetic", "dense-plan", "sparq-plan"])
 def test_plan_loop_matches_generate(model, kind):
     ids = _prompt(model, length=48)
     if kind == "synthetic":
         plan = synthetic_plan(model, density=0.5, length=64, sink=4, tolerance=0.1)
+    elif kind == "sparq-plan":  # its V sums count in both the allocation and the prediction
+        plan = uniform_plan(model, "sparq:r=4,k=8,local=2")
     else:
         plan = uniform_plan(model, "dense")
     with apply_plan(model, plan, backend="reference"):

@@ -131,9 +131,9 @@ def test_attention_reads_the_cache_update_hands_back(model, monkeypatch):
     assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
 
 
-#: per pattern family, plans whose cache must allocate what ``Plan.kv_bytes`` predicts; the
-#: edge cases: a span reaching past the sequence (window:sink=4,span=40 at 40 tokens) and a
-#: sink longer than it (sink=64, sink=60)
+#: per pattern family, plans whose cache must allocate what ``Plan.kv_bytes`` predicts (SparQ
+#: with its fp32 V sums); the edge cases: a span reaching past the sequence
+#: (window:sink=4,span=40 at 40 tokens) and a sink longer than it (sink=64, sink=60)
 BYTES_PLANS = {
     "dense": [["dense", "dense"], ["dense", "dense"]],
     "window": [
@@ -144,7 +144,14 @@ BYTES_PLANS = {
         ["elastic:sink=1,alpha=2,beta=0.5", "elastic:sink=4,alpha=40,beta=0.5"],
         ["elastic:sink=0,alpha=0,beta=1.0", "elastic:sink=60,alpha=2,beta=0.1"],
     ],
-    "mixed": MIXED,
+    "sparq": [
+        ["sparq:r=4,k=8,local=2", "sparq:r=16,k_ratio=0.25,local=0"],
+        ["sparq:r=2,k=3,local=1", "sparq:r=4,k=8,local=2"],
+    ],
+    "mixed": [
+        ["window:sink=2,span=5", "sparq:r=4,k=8,local=2"],
+        ["dense", "elastic:sink=1,alpha=2,beta=0.5"],
+    ],
 }
 
 
@@ -162,8 +169,11 @@ def test_cache_bytes_equal_plan_prediction(model, family):
             model(ids[:, t : t + 1], past_key_values=cache)
     assert cache.seq_lengths().tolist() == [n] * batch
     assert cache.nbytes() == plan.kv_bytes(n, batch=batch, dtype_bytes=4)
-    if family in ("window", "elastic", "mixed"):
-        assert cache.nbytes() < plan.dense_kv_bytes(n, batch=batch, dtype_bytes=4)
+    dense = plan.dense_kv_bytes(n, batch=batch, dtype_bytes=4)
+    if family == "sparq":  # the full cache, plus one fp32 V sum per head and sequence
+        assert cache.nbytes() == dense + 2 * 2 * batch * model.config.head_dim * 4
+    elif family != "dense":
+        assert cache.nbytes() < dense
 
 
 @torch.no_grad()

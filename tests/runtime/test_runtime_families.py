@@ -30,6 +30,13 @@ MIXED = [
     ["window:sink=3,span=12", "dense"],
 ]
 N = 30
+#: SparQ heads (their V sums count) and windows past the sequence: a span beyond it, a sink
+#: longer than it; on a sliding layer they clip to the model's window
+WITH_SPARQ = [
+    ["sparq:r=4,k=4,local=2", "window:sink=4,span=28"],
+    ["elastic:sink=40,alpha=2,beta=0.5", "sparq:r=16,k_ratio=0.25,local=0"],
+    ["dense", "sparq:r=2,k=3,local=1"],
+]
 
 
 def _plan(model, rows):
@@ -111,10 +118,13 @@ def test_cache_bytes_equal_plan_prediction(model_type, tmp_path):
     plan = load_plan(save_plan(plan, tmp_path / "plan.yaml"))  # windows survive the file
     assert list(plan.model.native_windows or [None] * 3) == list(layer_windows(model.config))
     ids = torch.randint(3, VOCAB, (3, N))
-    for p in (plan, uniform_plan(model, "dense")):
+    for p in (plan, _plan(model, WITH_SPARQ), uniform_plan(model, "dense")):
         with apply_plan(model, p, max_cache_len=N) as runtime:
             cache = runtime.new_cache()
-            model(ids, past_key_values=cache)
+            model(ids[:, : N - 4], past_key_values=cache)  # prefill, then decode steps
+            for t in range(N - 4, N):
+                model(ids[:, t : t + 1], past_key_values=cache)
+        assert cache.seq_lengths().tolist() == [N] * 3
         assert cache.nbytes() == p.kv_bytes(N, batch=3, dtype_bytes=4)
     # the model's own cache: N entries on a full layer, the window on a sliding one
     per_layer = [N if w is None else WINDOW for w in layer_windows(model.config)]
