@@ -21,7 +21,9 @@ span = n.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -38,6 +40,10 @@ MAX_PARAM = 2**31 - 1
 #: (MoA's 64)
 MEASURED_SINK = 32
 GRADIENT_SINK = 64
+#: GPU global memory moves in 32-byte sectors (the L2 / DRAM access granularity of NVIDIA
+#: GPUs): reading any byte of a sector costs the whole sector, so a gather of scattered
+#: components is priced by the sectors it touches, not by the bytes it uses.
+SECTOR_BYTES = 32
 #: SparQ heads keep a running sum of V per sequence in fp32 whatever the cache's dtype
 #: (``MoALayerCache.v_sum``): head_dim of these per head, stored, and read every step.
 V_SUM_BYTES = 4
@@ -131,8 +137,9 @@ class Pattern:
         ``stored_entries(max_len)``, what the costs count."""
         return self.sink_slots(max_len) + self.ring_size(max_len)
 
-    def read_entries(self, n: int, head_dim: int) -> float:
-        """KV rows (K and V each ``head_dim`` wide) read by one decode step at length ``n``."""
+    def read_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
+        """KV rows (K and V each ``head_dim`` wide) read by one decode step at length ``n``;
+        fractional where a pattern reads parts of rows (``dtype_bytes`` then matters)."""
         return float(self.stored_entries(n))
 
     # --- costs ----------------------------------------------------------------------
@@ -155,11 +162,11 @@ class Pattern:
         """Bytes of K and V one decode step reads for one KV head of one sequence
         (``window`` as in :meth:`bytes_stored`; SparQ then works over the window)."""
         if window is None:
-            entries = self.read_entries(n, head_dim)
+            entries = self.read_entries(n, head_dim, dtype_bytes)
         elif self.static:
-            entries = min(self.read_entries(n, head_dim), window)
+            entries = min(self.read_entries(n, head_dim, dtype_bytes), window)
         else:
-            entries = self.read_entries(min(n, window), head_dim)
+            entries = self.read_entries(min(n, window), head_dim, dtype_bytes)
         return int(round(2 * entries * head_dim * dtype_bytes))
 
     # --- text form ------------------------------------------------------------------
@@ -357,10 +364,23 @@ class SparQ(Pattern):
     def ring_size(self, max_len: int) -> int:
         return max_len
 
-    def read_entries(self, n: int, head_dim: int) -> float:
-        # r of head_dim columns of K over n rows, then k full rows of K and V (counted as
-        # rows of the K+V pair, hence /2 for the K-only column read), plus mean(V).
-        return n * self.r / (2 * head_dim) + self.k_at(n) + 0.5
+    def read_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
+        """Priced for the layout the runtime decodes from: K packed row-major, (B, slots,
+        head_dim) in ``MoALayerCache``, which the Triton SparQ decode gathers from. Step 1
+        reads r components of every key, but memory moves in ``SECTOR_BYTES`` sectors, so
+        it costs the sectors those r touch (``sectors_touched``): most of each row once r
+        reaches the sectors per row (91% of a bf16 K row at head_dim 64, r 8). Step 2 reads
+        k full K and V rows, then the fp32 sum of V. A transposed copy of K (the kernels'
+        optional ``kt``) would read only n * r components in step 1 but store K twice.
+        The kernels' fp32 score workspace is not counted."""
+        return self.scan_entries(n, head_dim, dtype_bytes) + self.k_at(n)
+
+    def scan_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
+        """The part of ``read_entries`` that does not depend on k: step 1's gather of r
+        components of every key, and the fp32 sum of V, in K+V rows' worth of bytes."""
+        sectors = sectors_touched(head_dim, min(self.r, head_dim), dtype_bytes)
+        step1 = n * sectors * SECTOR_BYTES
+        return (step1 + head_dim * V_SUM_BYTES) / (2 * head_dim * dtype_bytes)
 
     def bytes_stored(
         self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
@@ -382,6 +402,26 @@ class SparQ(Pattern):
             raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
         if self.local < 0:
             raise ValueError(f"local must be >= 0, got {self.local}")
+
+
+@functools.lru_cache(maxsize=1024)
+def sectors_touched(head_dim: int, r: int, dtype_bytes: int = 2) -> float:
+    """Expected ``SECTOR_BYTES`` sectors a gather of ``r`` of a row's ``head_dim``
+    components touches, the r distinct and uniformly random (SparQ's top-r of |q| changes
+    with every query).
+
+    Exact: a sector holding m of the components is missed with probability
+    C(d - m, r) / C(d, r). Rows packed back to back start on a sector boundary only when
+    head_dim * dtype_bytes is a multiple of it; otherwise this averages over the offsets
+    at which rows start, which the rows take in turn."""
+    step = math.gcd(head_dim * dtype_bytes, SECTOR_BYTES)
+    starts = range(0, SECTOR_BYTES, step)
+    total = math.comb(head_dim, r)
+    touched = 0.0
+    for start in starts:
+        sizes = Counter((start + c * dtype_bytes) // SECTOR_BYTES for c in range(head_dim))
+        touched += sum(1 - math.comb(head_dim - m, r) / total for m in sizes.values())
+    return touched / len(starts)
 
 
 def sparq_query_components(

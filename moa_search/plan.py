@@ -169,7 +169,7 @@ class Plan:
         )
 
     def read_bytes(self, n: int, batch: int = 1, dtype_bytes: int = 2) -> int:
-        """Bytes of K and V one decode step reads at length ``n``."""
+        """Bytes one decode step reads at length ``n`` (see ``Pattern.bytes_read``)."""
         d, w = self.model.head_dim, self.model.window
         return batch * sum(
             p.bytes_read(n, d, dtype_bytes, w(i)) for i, row in enumerate(self.heads) for p in row
@@ -182,13 +182,14 @@ class Plan:
         per_layer = [min(n, m.window(i) or n) for i in range(m.num_layers)]
         return batch * sum(per_layer) * m.num_key_value_heads * 2 * m.head_dim * dtype_bytes
 
-    def memory_density(self, n: int) -> float:
+    def memory_density(self, n: int, dtype_bytes: int = 2) -> float:
         """Plan KV memory as a fraction of dense at length ``n``."""
-        return self.kv_bytes(n) / self.dense_kv_bytes(n)
+        return self.kv_bytes(n, 1, dtype_bytes) / self.dense_kv_bytes(n, 1, dtype_bytes)
 
-    def read_density(self, n: int) -> float:
-        """Plan bytes read per decode step as a fraction of dense at length ``n``."""
-        return self.read_bytes(n) / self.dense_kv_bytes(n)
+    def read_density(self, n: int, dtype_bytes: int = 2) -> float:
+        """Plan bytes read per decode step as a fraction of dense at length ``n`` (SparQ's
+        share depends on ``dtype_bytes``: it is priced in memory sectors)."""
+        return self.read_bytes(n, 1, dtype_bytes) / self.dense_kv_bytes(n, 1, dtype_bytes)
 
     # --- (de)serialisation ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar  # at module level: dataclasses must see it for the toy pattern
 
+import numpy as np
 import pytest
 import torch
 
 from moa_search import MoaSearchError
-from moa_search.patterns import PATTERNS, Dense, Elastic, SparQ, Window, parse
+from moa_search.patterns import PATTERNS, Dense, Elastic, SparQ, Window, parse, sectors_touched
 
 EXAMPLES = {
     "dense": ["dense"],
@@ -109,7 +111,68 @@ def test_sparq_counts_bandwidth_not_memory():
     assert p.stored_entries(4096) == 4096, "SparQ keeps the full cache"
     assert p.bytes_stored(4096, 128) == Dense().bytes_stored(4096, 128) + 128 * 4  # + V sum
     assert p.bytes_stored(0, 128) == 0  # nothing allocated yet
-    assert p.bytes_read(4096, 128) < Dense().bytes_read(4096, 128) / 3
+    assert p.bytes_read(4096, 128) < Dense().bytes_read(4096, 128) / 2
+
+
+def _mean_sectors(head_dim, r, dtype_bytes, subsets):
+    """Mean distinct 32-byte sectors over ``subsets`` (rows of r component indices), row i
+    of a packed row-major buffer starting at byte i * head_dim * dtype_bytes."""
+    start = np.arange(len(subsets))[:, None] * head_dim * dtype_bytes
+    sectors = np.sort((start + np.asarray(subsets) * dtype_bytes) // 32, axis=1)
+    distinct = (np.diff(sectors, axis=1) != 0).sum(1) + 1
+    return distinct.mean(), distinct.std()
+
+
+@pytest.mark.parametrize(
+    "head_dim, r, dtype_bytes",
+    [(64, 8, 2), (128, 16, 2), (128, 8, 1), (64, 3, 4), (72, 5, 2), (256, 32, 2)],
+)
+def test_sparq_step1_sectors_equal_a_random_count(head_dim, r, dtype_bytes):
+    """The formula against random r-subsets (72 x bf16: rows not sector-aligned). The
+    tolerance is 5 standard errors, well under the 0.06 sector by which drawing with
+    replacement would miss at (64, 8, 2)."""
+    samples = 20_000
+    rng = np.random.default_rng(0)
+    subsets = rng.random((samples, head_dim)).argsort(1)[:, :r]
+    mean, std = _mean_sectors(head_dim, r, dtype_bytes, subsets)
+    assert sectors_touched(head_dim, r, dtype_bytes) == pytest.approx(
+        mean, abs=5 * std / math.sqrt(samples) + 1e-9
+    )
+
+
+@pytest.mark.parametrize("head_dim, r, dtype_bytes", [(16, 3, 4), (12, 2, 4), (32, 5, 2)])
+def test_sparq_step1_sectors_equal_every_subset_counted(head_dim, r, dtype_bytes):
+    """Exact for small rows: every r-subset at every row start (12 x fp32: two starts)."""
+    combos = list(itertools.combinations(range(head_dim), r))
+    rows = 32 // math.gcd(head_dim * dtype_bytes, 32)  # rows until starts repeat
+    subsets = [c for c in combos for _ in range(rows)]  # row i takes start i % rows
+    mean, _ = _mean_sectors(head_dim, r, dtype_bytes, subsets)
+    assert sectors_touched(head_dim, r, dtype_bytes) == pytest.approx(mean, rel=1e-12)
+
+
+def test_sparq_reads_sectors_of_row_major_keys():
+    n, d = 4096, 64
+    p = SparQ(r=8, k=100, local=16)
+    want = n * sectors_touched(d, 8, 2) * 32 + 2 * 100 * d * 2 + d * 4  # step 1, 2, V sum
+    assert p.bytes_read(n, d) == round(want)
+    assert p.bytes_read(n, d, 4) == round(
+        n * sectors_touched(d, 8, 4) * 32 + 2 * 100 * d * 4 + d * 4
+    )
+    # 91% of each bf16 K row: SparQ 1/16 reads over half of dense, not an eighth
+    assert sectors_touched(64, 8, 2) / 4 == pytest.approx(0.915, abs=0.001)
+    assert SparQ(r=8, k_ratio=1 / 16).bytes_read(n, d) > Dense().bytes_read(n, d) / 2
+    assert sectors_touched(64, 64, 2) == 4 and sectors_touched(64, 1, 2) == 1
+
+
+@pytest.mark.parametrize("dtype_bytes", [1, 2, 4])
+def test_static_patterns_read_whole_rows(dtype_bytes):
+    """Dense, window and elastic read every row they keep, whole: 2 * entries * d * bytes."""
+    n, d = 1000, 64
+    for p, entries in ((Dense(), 1000), (Window(sink=4, span=60), 64),
+                       (Elastic(sink=4, alpha=8, beta=0.1), 4 + 108)):  # fmt: skip
+        assert p.read_entries(n, d, dtype_bytes) == entries
+        assert p.bytes_read(n, d, dtype_bytes) == 2 * entries * d * dtype_bytes
+        assert p.bytes_read(n, d, dtype_bytes, window=50) == 2 * min(entries, 50) * d * dtype_bytes
 
 
 @pytest.mark.parametrize(

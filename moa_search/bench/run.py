@@ -124,7 +124,9 @@ class Bench:
             "batch": batch,
             "new_tokens": self.new_tokens,
             "weights_bytes": self.weights,
-            "kv_density": (plan.memory_density(context) if plan is not None else 1.0),
+            "kv_density": (
+                plan.memory_density(context, self.dtype_bytes) if plan is not None else 1.0
+            ),
         }
         _free(self.device)
         loop = None
