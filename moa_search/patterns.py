@@ -365,8 +365,9 @@ class SparQ(Pattern):
         return max_len
 
     def read_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
-        """Priced for the layout the runtime decodes from: K packed row-major, (B, slots,
-        head_dim) in ``MoALayerCache``, which the Triton SparQ decode gathers from. Step 1
+        """K+V rows' worth of bytes one decode step reads, priced for the layout the runtime
+        decodes from: K packed row-major, (B, slots, head_dim) in ``MoALayerCache``, which
+        the Triton SparQ decode gathers from (without the optional transposed copy). Step 1
         reads r components of every key, but memory moves in ``SECTOR_BYTES`` sectors, so
         it costs the sectors those r touch (``sectors_touched``): most of each row once r
         reaches the sectors per row (91% of a bf16 K row at head_dim 64, r 8). Step 2 reads
