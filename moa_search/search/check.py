@@ -560,7 +560,9 @@ def check_plans(
     lap("held_out_samples")
     checker = PlanChecker(model, problem, samples, config, progress)
     front, choices = [], []
-    for _, row in within.head(max(1, config.front)).iterrows():
+    rows = within.head(max(1, config.front))
+    bar = tqdm(rows.iterrows(), total=len(rows), desc="measure front", disable=not progress)
+    for _, row in bar:
         choice = np.array([int(c) for c in row["choice"].split(",")])
         choices.append(choice)
         front.append(
