@@ -84,8 +84,7 @@ def moa_attention(
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    scale, softcap = call.scale, call.softcap
-    logits = Logits(scale, softcap)
+    logits = Logits(call.scale, call.softcap)
     mask2d = call.mask if torch.is_tensor(call.mask) and call.mask.dim() == 2 else None
     window = runtime.windows[layer_idx]
     if "sliding_window" in call.extra and call.window != window:
@@ -102,7 +101,7 @@ def moa_attention(
             real = _real_mask(mask2d, batch, q_len, query.device)
             q_pos = _positions(real, layer.lengths)
         # The Triton kernels know sinks and recent spans, not the model's own window.
-        if runtime.use_kernels(query, q_len, layer, window, softcap):
+        if runtime.use_kernels(query, q_len, layer, window, logits.softcap):
             layer.append(key, value, q_pos)
             decode_layer(runtime.kernels, layer, query, out, logits, window)
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):

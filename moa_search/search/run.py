@@ -276,6 +276,11 @@ def _open_study(url: str, name: str, settings: dict, seed: int, sampler: str) ->
     return study
 
 
+def _sqlite_path(url: str) -> str:
+    """The database file of a ``sqlite:///`` URL ("" for other storages)."""
+    return url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+
+
 @contextlib.contextmanager
 def _opening_lock(url: str):
     """Serialize schema creation between processes sharing one local SQLite file.
@@ -286,7 +291,7 @@ def _opening_lock(url: str):
     run writes. Other URLs (PostgreSQL,
     MySQL) serialize inside the server, and platforms without ``fcntl`` rely on retries.
     """
-    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+    path = _sqlite_path(url)
     try:
         import fcntl  # noqa: PLC0415  (POSIX only)
     except ImportError:
@@ -307,7 +312,7 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDB
     """RDB storage; SQLite in WAL mode with relaxed fsync (a commit per trial param is
     otherwise ~20 ms on a busy disk, and WAL lets several worker processes read while one
     writes)."""
-    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+    path = _sqlite_path(url)
     if path and path != ":memory:":
         con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
         try:
