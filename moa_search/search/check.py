@@ -35,13 +35,13 @@ from moa_search.errors import MoaSearchError
 from moa_search.evaluate.baselines import DEFAULT_SINK, baseline_method
 from moa_search.objective import TASKS
 from moa_search.patterns import Dense, Pattern
-from moa_search.plan import Plan
 from moa_search.profile.ablation import FIDELITIES, Ablation, AblationEngine, BaseRun
 from moa_search.profile.calib import Sample
 from moa_search.search.costs import Problem
 from moa_search.search.knapsack import Capacity, Infeasible, solve
 from moa_search.search.study import UserCap
 
+PlanHeads = Sequence[Sequence[Pattern]] | Mapping[int, Sequence[Sequence[Pattern]]]
 HELD_OUT_SEED = 7919  # held-out calibration samples: another seed than any profile's
 
 
@@ -196,11 +196,12 @@ class PlanChecker:
             self._dense[(n, i)] = run
         return self._dense[(n, i)]
 
-    def _runs(self, heads):
+    def _runs(self, heads: PlanHeads):
         for n in self.problem.lengths:
+            at_n = heads[n] if isinstance(heads, Mapping) else heads
             for i, s in enumerate(self.samples[n]):
                 ref = self._dense_run(n, i)
-                yield n, s, self.engine.prepare(s.input_ids, s.loss_mask, heads, reference=ref)
+                yield n, s, self.engine.prepare(s.input_ids, s.loss_mask, at_n, reference=ref)
 
     def _summarise(self, per_sample: list[tuple[int, str, float, float, float]]) -> Measured:
         """(length, task, kl, dnll, match) rows -> objective and per-task means."""
@@ -230,8 +231,9 @@ class PlanChecker:
             self._cache[key] = self.measure_heads(self._heads(choice))
         return self._cache[key]
 
-    def measure_heads(self, heads: Sequence[Sequence[Pattern]]) -> Measured:
-        """A plan given as per-layer patterns (e.g. a uniform baseline)."""
+    def measure_heads(self, heads: PlanHeads) -> Measured:
+        """A plan given as per-layer patterns (e.g. a uniform baseline), or as a mapping
+        length -> per-layer patterns for a baseline rebuilt at every length."""
         rows = []
         for n, s, run in self._runs(heads):
             kl, dnll, match = AblationEngine.compare(run, run.base_logp[None])
@@ -500,24 +502,32 @@ class PlanChecker:
         }
 
     # --- baselines ----------------------------------------------------------------
-    def uniform_window(self, fraction: float) -> dict[str, Any]:
-        """The uniform window with sinks at ``fraction`` of dense KV memory at the shortest
-        planned length (where a window's fraction is largest), measured like the plans."""
+    def uniform_window(self, fraction: float, choice: np.ndarray | None = None) -> dict[str, Any]:
+        """The uniform window with sinks, measured like the plans, rebuilt at every planned
+        length to the KV memory the plan ``choice`` holds there (to ``fraction`` without a
+        plan), as eval rebuilds its baselines.
+
+        Why per length: a budget binds at the shortest length, where a window's fraction of
+        dense is largest; a plan's elastic and dense heads keep more at longer lengths, so a
+        window fitted once at the shortest length holds less there than the plan, and the
+        balance step then saw wins over it that eval, at equal memory, does not show."""
         p = self.problem
-        n = min(p.lengths)
-        # fitted to the fraction of what the model's own cache holds (sliding layers clip)
-        pattern = baseline_method("window", p.identity, n, fraction, 1.0, DEFAULT_SINK).plan.heads[
-            0
-        ][0]
-        heads = [[pattern] * p.identity.num_key_value_heads for _ in range(p.identity.num_layers)]
+        heads, specs, density = {}, {}, {}
+        for n in p.lengths:
+            target = fraction
+            if choice is not None:
+                target = p.choice_bytes("memory", n, choice) / p.dense_bytes(n)
+            # fitted to the fraction of what the model's own cache holds (sliding layers clip)
+            plan = baseline_method("window", p.identity, n, target, 1.0, DEFAULT_SINK).plan
+            heads[n], specs[str(n)] = plan.heads, plan.heads[0][0].spec()
+            density[str(n)] = plan.memory_density(n)
         m = self.measure_heads(heads)
         return {
             "family": "window",
-            "pattern": pattern.spec(),
+            "pattern": specs[str(min(p.lengths))],
+            "patterns": specs,
             "budget": fraction,
-            "memory_density": {
-                str(x): Plan(p.identity, heads).memory_density(x) for x in p.lengths
-            },
+            "memory_density": density,
             "measured": m.objective,
             "measured_by_task": m.by_task,
         }
@@ -578,7 +588,7 @@ def check_plans(
     fractions = sorted(
         {c.budget.fraction for c in caps if c.kind == "memory" and c.budget.is_fraction}
     )
-    report.baselines = [checker.uniform_window(f) for f in fractions]
+    report.baselines = [checker.uniform_window(f, report.choice) for f in fractions]
     lap("baselines")
     checker.balance(report, caps, w, report.baselines)
     lap("balance")

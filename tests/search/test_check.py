@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moa_search.errors import MoaSearchError
+from moa_search.patterns import parse as parse_pattern
 from moa_search.plan import dense_plan
 from moa_search.profile import profile
 from moa_search.profile.calib import Sample
@@ -136,6 +137,21 @@ def test_balance_trades_towards_the_task_the_plan_loses_on(setup):
     for cap in caps:
         used = problem.bytes_per_head(cap.kind, cap.length)[report.choice].sum()
         assert used <= cap.limit * (1 + 1e-9)
+
+
+def test_the_window_baseline_holds_the_memory_the_plan_holds_at_each_length(setup):
+    model, problem, _, checker = setup
+    choice = np.array([0, 0, 0, 1])  # three dense heads: far above the 50% budget
+    held = problem.choice_bytes("memory", N, choice) / problem.dense_bytes(N)
+    base = checker.uniform_window(0.5, choice)
+    assert base["memory_density"][str(N)] == pytest.approx(held, abs=1 / N)
+    assert base["budget"] == 0.5 and base["patterns"] == {str(N): base["pattern"]}
+    window = parse_pattern(base["pattern"])
+    again = checker.measure_heads({N: [[window] * 2 for _ in range(2)]})
+    assert base["measured"] == pytest.approx(again.objective, rel=1e-6)
+    unfitted = checker.uniform_window(0.5)
+    assert unfitted["memory_density"][str(N)] == pytest.approx(0.5, abs=1 / N)
+    assert unfitted["measured"] > base["measured"]  # less memory, further from dense
 
 
 def test_a_spent_time_limit_keeps_the_start_plan_and_says_so(setup):
