@@ -140,7 +140,9 @@ def plan_search(
     check_feasible(problem, caps)
     if check is not None and model is None:
         raise MoaSearchError("check: checking plans needs the model (--model)")
-    loaded = _target_model(model, tokenizer, "measured" if check is not None else objective, table)
+    placement = (check.device, check.dtype) if check is not None else ("cpu", "float32")
+    needs = "measured" if check is not None else objective
+    loaded = _target_model(model, tokenizer, needs, table, placement)
     val_length = cfg.val_length or _default_val_length(problem.lengths)
     if objective == "measured" and val_length <= max(table.lengths):
         raise MoaSearchError(

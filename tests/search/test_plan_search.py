@@ -134,3 +134,20 @@ def test_named_study_with_other_settings_is_refused(profile_copy, tmp_path):
             study_name="mine",
             out=tmp_path / "b",
         )
+
+
+def test_the_check_loads_the_model_where_it_is_told(profile_copy, monkeypatch):
+    import moa_search.models as models
+    from moa_search.search.check import CheckConfig
+
+    placed = {}
+
+    def fake_load(name, dtype=None, device=None, **_):
+        placed.update(name=name, dtype=dtype, device=device)
+        raise MoaSearchError("stop here")
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    check = CheckConfig(device="cuda:1", dtype="bfloat16")
+    with pytest.raises(MoaSearchError, match="stop here"):
+        plan_search(profile_copy, budgets=BUDGETS, trials=2, progress=False, model="m", check=check)
+    assert placed == {"name": "m", "dtype": "bfloat16", "device": "cuda:1"}
