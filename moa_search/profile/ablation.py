@@ -396,6 +396,52 @@ class AblationEngine:
         match = bool(scored.matches(ref_logp[None])[0])
         return BaseRun(ids, scored, ref_logp, nll, match, logp, hidden, kv, base_p)
 
+    @torch.no_grad()
+    def plan_logp(
+        self,
+        input_ids: Sequence[torch.Tensor],
+        scored: Sequence[Scored],
+        base: Sequence[Sequence[Pattern]],
+    ) -> list[torch.Tensor]:
+        """Each sample's (S, V) float32 log-probs at its scored positions under the whole
+        plan ``base``, run exactly. Samples of one length run as rows of one batch,
+        ``row_batch`` at a time: a whole-plan check at batch 1 is launch-bound on a GPU."""
+        base_p = [list(row) for row in base]
+        out: list[torch.Tensor | None] = [None] * len(input_ids)
+        by_length: dict[int, list[int]] = {}
+        for j, ids in enumerate(input_ids):
+            by_length.setdefault(int(ids.shape[0]), []).append(j)
+        for length, idx in by_length.items():
+            pos = torch.arange(length, device=self.device)
+            for c0 in range(0, len(idx), self.row_batch):
+                chunk = idx[c0 : c0 + self.row_batch]
+                h = self.embed(torch.stack([input_ids[j].to(self.device) for j in chunk]))
+                with measuring(self.model) as states:
+                    for i, patterns in enumerate(base_p):
+                        h = self._layer(states, i, h, pos, _LayerState(patterns))
+                for r, j in enumerate(chunk):
+                    out[j] = self._logp(h[r : r + 1, scored[j].positions])[0]
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def references(
+        self, input_ids: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor]
+    ) -> list[BaseRun]:
+        """Dense runs of many samples, batched, keeping only what comparisons need (the
+        reference log-probs): what a whole-plan check compares against."""
+        dense = [[Dense()] * self.num_kv for _ in range(len(self.layers))]
+        ids = [x.to(self.device) for x in input_ids]
+        scored = [
+            Scored.from_mask(x, m.to(self.device), self.max_scored, self.stop_ids)
+            for x, m in zip(ids, loss_masks, strict=True)
+        ]
+        runs = []
+        for x, sc, logp in zip(ids, scored, self.plan_logp(ids, scored, dense), strict=True):
+            nll = -logp.gather(-1, sc.targets[:, None])[:, 0]
+            match = bool(sc.matches(logp[None])[0])
+            runs.append(BaseRun(x, sc, logp, nll, match, logp, [], [], dense))
+        return runs
+
     # --- sweeps -------------------------------------------------------------------
     @torch.no_grad()
     def effects(self, run: BaseRun, ablations: Sequence[Ablation | None]) -> Effect:

@@ -173,7 +173,7 @@ class PlanChecker:
         self.engine = AblationEngine(model, config.fidelity, config.row_batch, config.max_scored)
         self.samples = {n: list(samples[n]) for n in problem.lengths}
         self.weights = problem.weights or {"text": 1.0}
-        self._dense: dict[tuple[int, int], BaseRun] = {}
+        self._dense: dict[int, list[BaseRun]] = {}
         self._cache: dict[str, Measured] = {}
         self._refined: dict[str, np.ndarray] | None = None  # per-task values after refine
         self.cut_short = False  # the last re-measure stopped early (time limit)
@@ -188,19 +188,19 @@ class PlanChecker:
     def _heads(self, choice: np.ndarray) -> list[list[Pattern]]:
         return self.problem.plan(choice).heads
 
-    def _dense_run(self, n: int, i: int) -> BaseRun:
-        if (n, i) not in self._dense:
-            s = self.samples[n][i]
-            run = self.engine.prepare(s.input_ids, s.loss_mask)
-            run.hidden, run.kv = [], []  # only the reference log-probs are reused
-            self._dense[(n, i)] = run
-        return self._dense[(n, i)]
+    def _dense_runs(self, n: int) -> list[BaseRun]:
+        """The dense reference of every held-out sample of length ``n`` (batched, once)."""
+        if n not in self._dense:
+            samples = self.samples[n]
+            self._dense[n] = self.engine.references(
+                [s.input_ids for s in samples], [s.loss_mask for s in samples]
+            )
+        return self._dense[n]
 
     def _runs(self, heads: PlanHeads):
         for n in self.problem.lengths:
             at_n = heads[n] if isinstance(heads, Mapping) else heads
-            for i, s in enumerate(self.samples[n]):
-                ref = self._dense_run(n, i)
+            for s, ref in zip(self.samples[n], self._dense_runs(n), strict=True):
                 yield n, s, self.engine.prepare(s.input_ids, s.loss_mask, at_n, reference=ref)
 
     def _summarise(self, per_sample: list[tuple[int, str, float, float, float]]) -> Measured:
@@ -235,9 +235,15 @@ class PlanChecker:
         """A plan given as per-layer patterns (e.g. a uniform baseline), or as a mapping
         length -> per-layer patterns for a baseline rebuilt at every length."""
         rows = []
-        for n, s, run in self._runs(heads):
-            kl, dnll, match = AblationEngine.compare(run, run.base_logp[None])
-            rows.append((n, s.task, kl[0], dnll[0], float(match[0])))
+        for n in self.problem.lengths:
+            at_n = heads[n] if isinstance(heads, Mapping) else heads
+            refs = self._dense_runs(n)
+            logps = self.engine.plan_logp(
+                [r.input_ids for r in refs], [r.scored for r in refs], at_n
+            )
+            for s, ref, logp in zip(self.samples[n], refs, logps, strict=True):
+                kl, dnll, match = AblationEngine.compare(ref, logp[None])
+                rows.append((n, s.task, kl[0], dnll[0], float(match[0])))
         return self._summarise(rows)
 
     def neighbours(self, g: int, current: int, width: int = 2) -> list[int]:
