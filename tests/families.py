@@ -28,10 +28,11 @@ from transformers import (
 
 WINDOW = 8
 VOCAB = 128
+EOS = 1
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-    pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False,
+    pad_token_id=0, eos_token_id=EOS, bos_token_id=2, tie_word_embeddings=False,
 )  # fmt: skip
 _ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention"]
 
@@ -92,13 +93,27 @@ def tiny_config(model_type: str, **over) -> PretrainedConfig:
 
 def tiny_family_model(model_type: str, seed: int = 0, **over) -> torch.nn.Module:
     """Random weights, eager attention (the model's own reference, soft-cap included), with
-    sharper attention than the init gives (q/k weights scaled up). ``over``: config fields."""
+    sharper attention than the init gives (q/k weights scaled up). ``over``: config fields.
+
+    The init leaves Qwen2.5's q/k/v biases at zero and the QK-norm weights at identity, so
+    the tests would never see either: both get random values (from their own generator, so
+    the global random stream the tests draw inputs from is unchanged)."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, **over)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
+    extra = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(k in name for k in ("q_proj", "k_proj", "qkv_proj")) and p.dim() == 2:
                 p.mul_(4.0)
+            elif name.endswith(_RANDOMISED):
+                p.add_(0.5 * torch.randn(p.shape, generator=extra))
     return model
+
+
+#: parameters the init makes no-ops: attention biases (zero) and QK-norm weights (identity)
+_RANDOMISED = (
+    "q_proj.bias", "k_proj.bias", "v_proj.bias", "qkv_proj.bias", "q_norm.weight",
+    "k_norm.weight",
+)  # fmt: skip

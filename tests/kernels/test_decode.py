@@ -218,6 +218,15 @@ def test_sparq_fixed(
     assert err <= TOL[dtype], f"max abs err {err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sparq_head_dim_256(dtype: torch.dtype, device: torch.device) -> None:
+    """Gemma's head_dim 256: SparQ heads on a global layer (no window, no cap) decode here."""
+    err = run_sparq(
+        [120, 37], 2, [1], 2, 256, dtype, device, r=32, k=20, local=4, max_len=128, use_kt=True
+    )
+    assert err <= TOL[dtype], f"max abs err {err:.3g}"
+
+
 def test_graph_capturable_no_sync(device: torch.device) -> None:
     """The decode path must not synchronise with the host (CUDA-graph capture)."""
     if device.type != "cuda":

@@ -93,6 +93,11 @@ def test_matches_reference_fp32(n, hq, hkv, d, block, device):
     _compare(n, hq, hkv, d, block, torch.float32, device)
 
 
+def test_head_dim_256(device):
+    """Gemma's head_dim (its global layers take the fused kernel) at its scale 256 ** -0.5."""
+    _compare(64, 2, 1, 256, 32, torch.float32, device, scale=256**-0.5)
+
+
 def test_bf16_inputs(device):
     _compare(64, 4, 2, 32, 16, torch.bfloat16, device, seed=3)
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from moa_search import apply_plan, load_plan, uniform_plan
 from moa_search.families import SUPPORTED_MODEL_TYPES, check_supported, layer_windows
 from moa_search.patterns import parse
 from moa_search.plan import save_plan
-from tests.families import TINY, VOCAB, WINDOW, tiny_config, tiny_family_model
+from tests.families import EOS, TINY, VOCAB, WINDOW, tiny_config, tiny_family_model
 from tests.runtime.bruteforce import bruteforce_logits, stepwise
 
 FAMILY = pytest.mark.parametrize("model_type", list(TINY))
@@ -59,6 +60,41 @@ def test_registry_covers_every_supported_family():
             assert windows == (None, WINDOW, WINDOW)
         else:
             assert windows == (WINDOW, None, WINDOW)
+
+
+@FAMILY
+@torch.no_grad()
+def test_tiny_model_exercises_what_makes_its_family_different(model_type):
+    """Each tiny model really has the detail its family is listed for, and it changes the
+    logits (so the other tests would catch a runtime or profiler that lost it)."""
+    model = tiny_family_model(model_type)
+    attn = model.model.layers[0].self_attn
+    config = model.config
+    feature = {
+        "qwen2": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),  # Qwen2.5's q/k/v bias
+        "qwen3": ("q_norm.weight", "k_norm.weight"),
+        "gemma3_text": ("q_norm.weight", "k_norm.weight"),
+    }.get(model_type, ())
+    if model_type == "phi3":
+        assert hasattr(attn, "qkv_proj") and not hasattr(attn, "q_proj")
+    if model_type.startswith("gemma"):
+        assert attn.scaling == config.query_pre_attn_scalar**-0.5 != config.head_dim**-0.5
+    if model_type == "gemma2":
+        assert config.attn_logit_softcapping and config.final_logit_softcapping
+    if not feature:
+        return
+    ids = torch.randint(3, VOCAB, (1, N))
+    own = model(ids).logits
+    # the init's values are no-ops (zero bias, identity norm): put layer 0's back
+    init = dict(
+        AutoModelForCausalLM.from_config(config).model.layers[0].self_attn.named_parameters()
+    )
+    params = dict(attn.named_parameters())
+    for name in feature:
+        assert init[name].unique().numel() == 1, f"{name}: the init is a constant"
+        assert (params[name] - init[name]).abs().max() > 0.1, f"{name}: left at its init"
+        params[name].copy_(init[name])
+    assert (model(ids).logits - own).abs().max() > 1e-3, f"{model_type}: {feature} change nothing"
 
 
 @FAMILY
@@ -106,8 +142,14 @@ def test_left_padded_generate_equals_each_sequence_alone(model_type):
     with apply_plan(model, _plan(model, MIXED)):
         both = model.generate(batch, attention_mask=mask, **kw)
         alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw) for x in (a, b)]
-    assert torch.equal(both[0, 24:], alone[0][0, 24:])
-    assert torch.equal(both[1, 24:], alone[1][0, 15:])
+    # a sequence that ends (eos) stops alone; in the batch it goes on as padding
+    assert _until_eos(both[0, 24:]) == _until_eos(alone[0][0, 24:])
+    assert _until_eos(both[1, 24:]) == _until_eos(alone[1][0, 15:])
+
+
+def _until_eos(tokens: torch.Tensor) -> list[int]:
+    out = tokens.tolist()
+    return out[: out.index(EOS) + 1] if EOS in out else out
 
 
 @FAMILY
