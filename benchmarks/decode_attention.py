@@ -30,6 +30,8 @@ from moa_search.kernels import decode as decode_mod
 from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels.testing import HeadGeom
 
+from moa_search.patterns import sectors_touched
+
 HQ, HKV, D = 32, 8, 128
 GROUP = HQ // HKV
 DTYPE = torch.bfloat16
@@ -314,7 +316,8 @@ def run_shape(batch: int, n: int, card: str, bw_copy: float, flex) -> list[dict]
         for layout, kt_arg in (("kt", kt), ("gather", None)):
             t = bench(functools.partial(_sparq, q, lay, v_sum, ids, r, kk, n, kt_arg,
                                         torch.empty_like(q)))  # fmt: skip
-            read = HKV * batch * mk.sparq_read_bytes(n, D, r, kk, GROUP, 2, kt_arg is not None)
+            sectors = None if kt_arg is not None else sectors_touched(D, r, 2)
+            read = HKV * batch * mk.sparq_read_bytes(n, D, r, kk, GROUP, 2, sectors)
             kv_only = HKV * batch * (n * r * 2 + 2 * kk * D * 2)
             add(name, f"triton_sparq_{layout}", t, read, kv_only / dense_bytes)
         if (batch, n) == (8, 64 * KB):  # stage breakdown of the headline case

@@ -525,20 +525,23 @@ def sparq_decode(
 
 
 def sparq_read_bytes(
-    n: int, head_dim: int, r: int, k: int, group: int, dtype_bytes: int = 2, transposed: bool = True
+    n: int,
+    head_dim: int,
+    r: int,
+    k: int,
+    group: int,
+    dtype_bytes: int = 2,
+    sectors_per_row: float | None = None,
 ) -> int:
     """Bytes one (sequence, head) step moves through memory, workspace included.
 
-    Columns of K (r of D; a gather from the packed cache touches ~all 32-byte sectors of a
-    row unless r is tiny), s_hat written and read back (fp32, G per position, read twice),
-    the selection row written and read by topk, and k full K and V rows.
+    Columns of K: with the transposed copy (``sectors_per_row`` None) r contiguous
+    components per position; gathered from the packed cache, the 32-byte sectors one row's
+    r components touch (the caller prices them: ``moa_search.patterns.sectors_touched``,
+    the one formula the search uses too). Then s_hat written and read back (fp32, G per
+    position, read twice), the selection row written and read by topk, and k full K and V
+    rows.
     """
-    if transposed:
-        cols = n * r * dtype_bytes
-    else:
-        sectors = 32 // dtype_bytes
-        per_row = head_dim // sectors
-        touched = per_row * (1 - (1 - 1 / per_row) ** r)
-        cols = int(n * touched * 32)
+    cols = n * r * dtype_bytes if sectors_per_row is None else int(n * sectors_per_row * 32)
     workspace = n * group * 4 * 3 + n * 4 * 2
     return cols + workspace + 2 * min(k, n) * head_dim * dtype_bytes + math.ceil(head_dim * 4)
