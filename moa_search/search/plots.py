@@ -141,7 +141,7 @@ def plot_checked(report, path: Path) -> Path:
                    [y(p) for p in report.front], c="tab:blue", s=24,
                    label="Pareto plans (measured)")  # fmt: skip
         ax.scatter([report.final["memory_density"][length]], [y(report.final)], marker="*",
-                   s=160, c="tab:red", zorder=5, label="best.yaml (refined)")  # fmt: skip
+                   s=160, c="tab:red", zorder=5, label="best.yaml (checked)")  # fmt: skip
         for b in report.baselines:
             ax.scatter([b["memory_density"][length]], [y(b)], marker="s", s=40, c="tab:orange",
                        label=f"uniform window ({b['pattern']})")  # fmt: skip
