@@ -166,6 +166,9 @@ def evaluate(
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Answer tokens of every generation task (default: per task).")
     ] = None,
+    batch: Annotated[
+        int, typer.Option(help="Prompts generated together (GPU: 8-16; 1 on a CPU).")
+    ] = 1,
     lm_eval: Annotated[
         str,
         typer.Option(
@@ -226,7 +229,7 @@ def evaluate(
         budgets=tuple(floats(budgets, "--budgets")) or None,
         sweep_plans=tuple(items(sweep_plans)) or None, sweep_length=sweep_length, sink=sink,
         elastic_beta=elastic_beta, ppl_corpus=ppl_corpus, ruler_corpus=ruler_corpus,
-        max_new_tokens=max_new_tokens, lm_eval=harness,
+        max_new_tokens=max_new_tokens, lm_eval=harness, batch=batch,
     )  # fmt: skip
     result = run_eval(model, plan, config, out=out)
     typer.echo(f"wrote {result.out / 'results.md'} ({result.seconds:.0f} s)")

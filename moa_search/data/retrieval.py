@@ -244,15 +244,31 @@ def greedy_generate(
     model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 16
 ) -> str:
     """Greedy continuation of ``prompt_ids``, decoded without special tokens."""
+    return greedy_generate_batch(model, tokenizer, [prompt_ids], max_new_tokens)[0]
+
+
+def greedy_generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int = 16
+) -> list[str]:
+    """Greedy continuations of several prompts in one ``generate`` call (left-padded to
+    the longest; a sequence that ends pads until the others do), each decoded without
+    special tokens. Why: one prompt at a time leaves a GPU launch-bound."""
     import torch
 
-    ids = torch.tensor([prompt_ids], device=model.device)
+    pad = tokenizer.pad_token_id
+    pad = tokenizer.eos_token_id if pad is None else pad
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            pad_token_id=pad,
         )
-    return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]

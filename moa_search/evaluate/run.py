@@ -50,7 +50,7 @@ from moa_search.evaluate.tasks import (
     method_applied,
     ppl_items,
     prompt_items,
-    run_item,
+    run_items,
 )
 from moa_search.files import atomic_write, write_text
 from moa_search.plan import Plan, load_plan, validate
@@ -221,6 +221,7 @@ class EvalConfig:
     confidence: float = 0.95
     plots: bool = True
     lm_eval: HarnessConfig | None = None
+    batch: int = 1  # prompts generated together (a GPU is launch-bound at batch 1)
 
 
 #: the keyword names evaluate() accepted before EvalConfig, for its lm_eval fields
@@ -278,6 +279,8 @@ def evaluate(
     task_names = check_tasks(cfg.tasks, allow_empty=bool(harness_tasks))
     base_names = check_baselines(cfg.baselines)
     n_all = _check_numbers(cfg.lengths, cfg.depths, cfg.samples, cfg.budgets)
+    if not isinstance(cfg.batch, int) or cfg.batch < 1:
+        raise MoaSearchError(f"batch must be a positive integer, got {cfg.batch!r}")
     depths = tuple(float(d) for d in cfg.depths)
     samples, seed = cfg.samples, cfg.seed
     s_len = int(cfg.sweep_length or n_all[-1])
@@ -337,12 +340,14 @@ def evaluate(
                     continue
                 bar.set_postfix_str(f"{w.point}/{w.method.name} {task} n={w.length}")
                 cell = []
-                for item in inputs(task, w.length):
-                    trial = run_item(net, tok, w.method, item)
-                    cell.append(
-                        {"section": w.section, "point": w.point, **_method_cols(w), **asdict(trial)}
-                    )
-                    bar.update(1)
+                here = inputs(task, w.length)
+                for b0 in range(0, len(here), cfg.batch):
+                    for trial in run_items(net, tok, w.method, here[b0 : b0 + cfg.batch]):
+                        cell.append(
+                            {"section": w.section, "point": w.point, **_method_cols(w),
+                             **asdict(trial)}
+                        )  # fmt: skip
+                        bar.update(1)
                 if w.method.is_reference:
                     done[key] = cell
                 rows.extend(cell)
@@ -415,7 +420,7 @@ def evaluate(
 def _run_key(model_name: str, plan: Plan, cfg: EvalConfig, net: Any) -> str:
     """What makes two eval runs' trials interchangeable: model, plan, settings, device
     kind and dtype (the output-only settings aside)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("plots",)}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("plots", "batch")}
     settings["device"] = net.device.type
     settings["dtype"] = str(next(net.parameters()).dtype)
     blob = json.dumps([model_name, plan.to_dict(), settings], sort_keys=True, default=str)

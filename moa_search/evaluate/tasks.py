@@ -31,7 +31,7 @@ import torch
 
 from moa_search.data import ruler
 from moa_search.data.retrieval import (
-    greedy_generate,
+    greedy_generate_batch,
     make_kv_sample,
     make_passkey_sample,
     score_answer,
@@ -183,18 +183,31 @@ def method_applied(model: Any, method: Method, backend: str, max_len: int) -> It
 
 def run_item(model: Any, tokenizer: Any, method: Method, item: Item) -> Trial:
     """Score one item under the method already applied to ``model``."""
+    return run_items(model, tokenizer, method, [item])[0]
+
+
+def run_items(model: Any, tokenizer: Any, method: Method, items: list[Item]) -> list[Trial]:
+    """Score items under the method already applied to ``model``: perplexity windows one
+    by one, prompts in one greedy ``generate`` batch (each trial's seconds are the batch's
+    share)."""
     start = time.perf_counter()
-    trial = Trial(method.name, item.task, item.length, item.depth, item.sample, item.seed)
-    if item.task == "ppl":
-        trial.nll, trial.tokens = window_nll(model, item.ids)
-    else:
-        text = greedy_generate(model, tokenizer, list(item.ids), max_new_tokens=item.new_tokens)
-        if item.task in ruler.TASKS:
-            trial.correct = ruler.score(item.task, item.answer, text)
-        else:
-            trial.correct = float(score_answer(text, item.answer))
-        trial.output, trial.answer, trial.tokens = text.strip(), item.answer, len(item.ids)
+    trials = [Trial(method.name, it.task, it.length, it.depth, it.sample, it.seed) for it in items]
+    prompts = [(t, it) for t, it in zip(trials, items, strict=True) if it.task != "ppl"]
+    for trial, item in zip(trials, items, strict=True):
+        if item.task == "ppl":
+            trial.nll, trial.tokens = window_nll(model, item.ids)
+    for budget in sorted({it.new_tokens for _, it in prompts}):  # each its own answer length
+        group = [(t, it) for t, it in prompts if it.new_tokens == budget]
+        ids = [list(it.ids) for _, it in group]
+        texts = greedy_generate_batch(model, tokenizer, ids, max_new_tokens=budget)
+        for (trial, item), text in zip(group, texts, strict=True):
+            if item.task in ruler.TASKS:
+                trial.correct = ruler.score(item.task, item.answer, text)
+            else:
+                trial.correct = float(score_answer(text, item.answer))
+            trial.output, trial.answer, trial.tokens = text.strip(), item.answer, len(item.ids)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    trial.seconds = time.perf_counter() - start
-    return trial
+    for trial in trials:
+        trial.seconds = (time.perf_counter() - start) / len(trials)
+    return trials
