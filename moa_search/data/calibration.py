@@ -126,18 +126,102 @@ def build_calibration_set(
     counts = _counts(n_samples, mix or DEFAULT_MIX)
     if model is None and any(counts.get(k) for k in ("self_text", "self_code")):
         raise MoaSearchError("self_text/self_code calibration samples need the dense model")
-    samples = []
+    samples: list[CalibSample | None] = []
+    answers_wanted, slots = [], []  # self-answer samples: answered together, then slotted in
     for kind, count in counts.items():
         for i in range(count):
             s_seed = seed * 1_000_003 + i
             if kind.startswith("self_"):
-                samples.append(self_answer_sample(model, tokenizer, length, s_seed, kind[5:]))
+                answers_wanted.append((s_seed, kind[5:]))
+                slots.append(len(samples))
+                samples.append(None)
             elif kind in ("text", "code"):
                 samples.append(text_sample(tokenizer, length, kind, s_seed))
             else:
                 samples.append(retrieval_sample(tokenizer, length, kind, s_seed))
+    for slot, sample in zip(
+        slots, self_answer_samples(model, tokenizer, length, answers_wanted), strict=True
+    ):
+        samples[slot] = sample
     random.Random(seed).shuffle(samples)
     return samples
+
+
+@dataclass(frozen=True)
+class _SelfPrompt:
+    """A self-answer sample before the dense model has answered it."""
+
+    kind: str
+    seed: int
+    question: str
+    corpus: str
+    head: list[int]
+    tail: list[int]
+    context: list[int]
+    prompt: list[int]
+
+
+def _self_prompt(
+    tokenizer: Any, length: int, seed: int, kind: str, max_new_tokens: int, split: str
+) -> _SelfPrompt:
+    rng = random.Random(f"self:{kind}:{length}:{seed}")
+    question = rng.choice(SELF_ANSWER_QUESTIONS[kind])
+    corpus = rng.choice(_TEXT_CORPORA[kind])
+    head, tail = chat_parts(tokenizer, "", "\n\n" + question, "")
+    budget = length - len(head) - len(tail) - max_new_tokens - 1
+    if budget < 16:
+        raise MoaSearchError(f"length {length} is too short for a self-answer sample")
+    context = filler_ids(tokenizer, budget + max_new_tokens + 1, rng, split, corpus)
+    prompt = head + context[-budget:] + tail
+    return _SelfPrompt(kind, seed, question, corpus, head, tail, context, prompt)
+
+
+def _self_sample(tokenizer: Any, length: int, p: _SelfPrompt, answer: str) -> CalibSample:
+    """The sample scored on the dense model's ``answer`` to prompt ``p``."""
+    answer = answer.strip()
+    ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ans.append(tokenizer.eos_token_id)
+    # exactly ``length`` tokens: a short answer gets more of the same text in front, so the
+    # context the model answered is a suffix of the one it is scored on
+    fill = max(0, length - len(p.head) - len(p.tail) - len(ans))
+    prompt = p.head + p.context[-fill:] + p.tail if fill else p.head + p.tail
+    ids = (prompt + ans)[-length:] if len(prompt) + len(ans) > length else prompt + ans
+    prompt = ids[: len(ids) - len(ans)]
+    mask = [0] * len(prompt) + [1] * len(ans)
+    meta = {
+        "corpus": p.corpus,
+        "question": p.question,
+        "answer": answer,
+        "answer_start": len(prompt),
+        "seed": p.seed,
+    }
+    return CalibSample(ids, mask, f"self_{p.kind}", meta)
+
+
+def self_answer_samples(
+    model: Any,
+    tokenizer: Any,
+    length: int,
+    requests: list[tuple[int, str]],
+    max_new_tokens: int = 64,
+    split: str = "calibration",
+) -> list[CalibSample]:
+    """MoA-style samples, one per (seed, kind): a long context, a question, and the dense
+    model's own greedy answer (all answered in one ``generate`` batch).
+
+    The loss sits on the model's answer, so calibration keeps what the dense model
+    actually does with the context rather than a reference it never produced.
+    A sample is ``length`` tokens when the text is long enough (a short answer gets more
+    context in front).
+    """
+    from moa_search.data.retrieval import greedy_generate_batch
+
+    prompts = [_self_prompt(tokenizer, length, s, k, max_new_tokens, split) for s, k in requests]
+    if not prompts:
+        return []
+    answers = greedy_generate_batch(model, tokenizer, [p.prompt for p in prompts], max_new_tokens)
+    return [_self_sample(tokenizer, length, p, a) for p, a in zip(prompts, answers, strict=True)]
 
 
 def self_answer_sample(
@@ -149,43 +233,8 @@ def self_answer_sample(
     max_new_tokens: int = 64,
     split: str = "calibration",
 ) -> CalibSample:
-    """MoA-style sample: a long context, a question, and the dense model's own greedy answer.
-
-    The loss sits on the model's answer, so calibration keeps what the dense model
-    actually does with the context rather than a reference it never produced.
-    The sample is ``length`` tokens when the text is long enough (a short answer gets more
-    context in front).
-    """
-    from moa_search.data.retrieval import greedy_generate
-
-    rng = random.Random(f"self:{kind}:{length}:{seed}")
-    question = rng.choice(SELF_ANSWER_QUESTIONS[kind])
-    corpus = rng.choice(_TEXT_CORPORA[kind])
-    head, tail = chat_parts(tokenizer, "", "\n\n" + question, "")
-    budget = length - len(head) - len(tail) - max_new_tokens - 1
-    if budget < 16:
-        raise MoaSearchError(f"length {length} is too short for a self-answer sample")
-    context = filler_ids(tokenizer, budget + max_new_tokens + 1, rng, split, corpus)
-    prompt = head + context[-budget:] + tail
-    answer = greedy_generate(model, tokenizer, prompt, max_new_tokens).strip()
-    ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        ans.append(tokenizer.eos_token_id)
-    # exactly ``length`` tokens: a short answer gets more of the same text in front, so the
-    # context the model answered is a suffix of the one it is scored on
-    fill = max(0, length - len(head) - len(tail) - len(ans))
-    prompt = head + context[-fill:] + tail if fill else head + tail
-    ids = (prompt + ans)[-length:] if len(prompt) + len(ans) > length else prompt + ans
-    prompt = ids[: len(ids) - len(ans)]
-    mask = [0] * len(prompt) + [1] * len(ans)
-    meta = {
-        "corpus": corpus,
-        "question": question,
-        "answer": answer,
-        "answer_start": len(prompt),
-        "seed": seed,
-    }
-    return CalibSample(ids, mask, f"self_{kind}", meta)
+    """One MoA-style sample (:func:`self_answer_samples`)."""
+    return self_answer_samples(model, tokenizer, length, [(seed, kind)], max_new_tokens, split)[0]
 
 
 def _spans(mask: list[int]) -> list[list[int]]:
