@@ -35,12 +35,22 @@ def show(
     lengths: Annotated[
         str, typer.Option(help="Comma-separated lengths for the cost columns.")
     ] = "4096,32768",
+    costs: Annotated[
+        Path | None,
+        typer.Option(help="Cost table (bench --calibrate-costs): adds predicted latency."),
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Batch size of the predicted latency.")] = 1,
 ) -> None:
     """Per-layer table of a plan's patterns, KV memory and bytes read relative to dense."""
     from moa_search.plan import load_plan
     from moa_search.show import describe_plan
 
-    typer.echo(describe_plan(load_plan(plan), _lengths(lengths)))
+    table = None
+    if costs is not None:
+        from moa_search.search.latency import load_costs
+
+        table = load_costs(costs)
+    typer.echo(describe_plan(load_plan(plan), _lengths(lengths), table, batch))
 
 
 @app.command()
@@ -246,7 +256,14 @@ def plan(
     ],
     budget: Annotated[
         list[str] | None,
-        typer.Option(help="Repeatable: memory=0.25, bandwidth=0.2, memory=8GiB@32k,batch=8."),
+        typer.Option(
+            help="Repeatable: memory=0.25, bandwidth=0.2, memory=8GiB@32k,batch=8, "
+            "latency=0.5, latency=300us@32k,batch=8 (latency needs --costs)."
+        ),
+    ] = None,
+    costs: Annotated[
+        Path | None,
+        typer.Option(help="Cost table from 'bench --calibrate-costs' pricing latency budgets."),
     ] = None,
     lengths: Annotated[
         str | None, typer.Option(help="Planned lengths (default: all profiled).")
@@ -302,7 +319,8 @@ def plan(
     device: Annotated[str, typer.Option(help="check: device of the model.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="check: float32 or bfloat16.")] = "float32",
 ) -> None:
-    """Search per-head patterns under KV memory / bandwidth budgets (Optuna + exact knapsack)."""
+    """Search per-head patterns under KV memory / bandwidth / latency budgets (Optuna + exact
+    knapsack)."""
     if synthetic is not None:
         from moa_search.bench.synthetic import make_synthetic_plan_file
 
@@ -331,7 +349,7 @@ def plan(
         lengths=_lengths(lengths) if lengths else None, trials=trials, storage=storage,
         study_name=study, patterns=_items(patterns), objective=objective,
         val_samples=val_samples, val_length=val_length, seed=seed, sampler=sampler,
-        weights=weights, check=checked,
+        weights=weights, check=checked, costs=str(costs) if costs is not None else None,
     )  # fmt: skip
     result = plan_search(profile, config, out=out, model=model)
     typer.echo(
@@ -397,9 +415,41 @@ def bench(
     overhead_at: Annotated[
         str, typer.Option(help="BATCH,CONTEXT where the step-time breakdown is measured ('').")
     ] = "8,32768",
+    calibrate_costs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead: time one decode-attention step per KV head by pattern over "
+            "--batch x --context and write this cost table (CSV) for plan --budget latency=."
+        ),
+    ] = None,
+    stored: Annotated[
+        str, typer.Option(help="calibrate-costs: entries kept by the timed window heads.")
+    ] = "256,1024,4096",
+    sparq: Annotated[
+        str | None,
+        typer.Option(help="calibrate-costs: ';'-separated SparQ settings (default: both grids)."),
+    ] = None,
 ) -> None:
-    """Measure generation speed and memory of a plan against dense, side by side."""
+    """Measure generation speed and memory of a plan against dense, side by side (or, with
+    --calibrate-costs, the per-head decode cost table a latency budget is priced with)."""
     device = parse_device(device)
+    if calibrate_costs is not None:
+        from moa_search.bench.calibrate import CalibrateConfig
+        from moa_search.bench.calibrate import calibrate_costs as run_calibration
+        from moa_search.bench.models import SHAPES, shape_config
+        from moa_search.models import load_config
+        from moa_search.plan import ModelIdentity
+
+        config = shape_config(model) if model in SHAPES else load_config(model)
+        calibration = CalibrateConfig(
+            batches=tuple(_lengths(batch)), contexts=tuple(_lengths(context)),
+            stored=tuple(_lengths(stored)),
+            sparq=[x.strip() for x in sparq.split(";") if x.strip()] if sparq else None,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        identity = ModelIdentity.from_config(config, model)
+        typer.echo(f"wrote {run_calibration(identity, calibrate_costs, calibration)}")
+        return
     from moa_search.bench.run import BenchConfig
     from moa_search.bench.run import bench as run_bench
 

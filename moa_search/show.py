@@ -5,12 +5,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from moa_search.patterns import Dense
 from moa_search.plan import Plan
 
+if TYPE_CHECKING:
+    from moa_search.search.latency import CostTable
 
-def describe_plan(plan: Plan, lengths: list[int]) -> str:
-    """Per-layer table (patterns of each KV head, memory and bytes read vs dense) + totals."""
+
+def describe_plan(
+    plan: Plan, lengths: list[int], costs: CostTable | None = None, batch: int = 1
+) -> str:
+    """Per-layer table (patterns of each KV head, memory and bytes read vs dense) + totals;
+    with a cost table also each layer's predicted attention us per decode step at ``batch``
+    and the plan's total against dense."""
     m = plan.model
+    if costs is not None:
+        costs.check_geometry(m)
     lines = [
         f"plan for {m.name_or_path} ({m.architecture}): {m.num_layers} layers x "
         f"{m.num_key_value_heads} KV heads ({m.num_attention_heads} query heads), "
@@ -27,7 +39,10 @@ def describe_plan(plan: Plan, lengths: list[int]) -> str:
     for key, value in plan.metrics.items():
         lines.append(f"metric {key}: {value}")
     header = "layer  native       " + "  ".join(f"mem@{n:<6}" for n in lengths) + "  "
-    header += "  ".join(f"read@{n:<5}" for n in lengths) + "  patterns (per KV head)"
+    header += "  ".join(f"read@{n:<5}" for n in lengths) + "  "
+    if costs is not None:
+        header += "  ".join(f"{'us@' + str(n):<10}" for n in lengths) + "  "
+    header += "patterns (per KV head)"
     lines.append(header)
     for i, row in enumerate(plan.heads):
         w = m.window(i)
@@ -37,11 +52,26 @@ def describe_plan(plan: Plan, lengths: list[int]) -> str:
         cells = (
             "  ".join(f"{x:>10.1%}" for x in mem) + "  " + "  ".join(f"{x:>10.1%}" for x in read)
         )
+        if costs is not None:
+            us = [sum(costs.head_us(p, batch, n, w) for p in row) for n in lengths]
+            cells += "  " + "  ".join(f"{x:>10.1f}" for x in us)
         native = f"sliding {w}" if w is not None else "global"
         lines.append(f"{i:>5}  {native:<12} {cells}  {' | '.join(p.spec() for p in row)}")
     totals = "  ".join(f"{plan.memory_density(n):>10.1%}" for n in lengths)
     totals += "  " + "  ".join(f"{plan.read_density(n):>10.1%}" for n in lengths)
     lines.append(f"{'total':>5}  {totals}")
+    if costs is not None:
+        from moa_search.search.latency import plan_latency  # noqa: PLC0415
+
+        dense = Plan(m, [[Dense()] * len(row) for row in plan.heads])
+        parts = []
+        for n in lengths:
+            mine, base = plan_latency(costs, plan, batch, n), plan_latency(costs, dense, batch, n)
+            parts.append(f"{n}: {mine:.1f} us ({mine / base:.1%} of dense {base:.1f} us)")
+        lines.append(
+            f"predicted attention per decode step at batch {batch} on {costs.device} "
+            f"({costs.path.name}): " + "; ".join(parts)
+        )
     counts: dict[str, int] = {}
     for row in plan.heads:
         for p in row:

@@ -1,4 +1,5 @@
-"""Budgets: how much KV memory and how many KV bytes per decode step a plan may use.
+"""Budgets: how much KV memory, how many KV bytes and how much attention time per decode
+step a plan may use.
 
 Why a small grammar: users think either in fractions of dense ("a quarter of the KV
 cache") or in bytes on their GPU ("8 GiB for 8 sequences of 32k tokens"); both end up as
@@ -9,13 +10,21 @@ Grammar (one ``--budget`` each, or several joined by commas)::
     memory=0.25                 fraction of dense KV bytes, at every planned length
     bandwidth=20%               fraction of dense bytes read per decode step
     memory=8GiB@32k,batch=8     absolute bytes for ``batch`` sequences at 32k tokens
+    latency=0.5                 fraction of the dense plan's predicted attention time per
+                                decode step (``,batch=8``: at batch 8; default 1)
+    latency=300us@32k,batch=8   absolute attention time of one decode step of ``batch``
+                                sequences at 32k tokens (units us, ms, s)
 
 Lengths take ``k`` (x1024) or ``m`` (x1024**2) suffixes. Byte units: B, KB/MB/GB/TB
-(powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024).
+(powers of 1000) and KiB/MiB/GiB/TiB (powers of 1024). Latency is predicted from a measured
+cost table (``moa_search.search.latency``; the search takes it as ``--costs``), summed over
+heads like bytes, so the knapsack caps it the same way; a latency cap is per step of the
+whole batch, not per sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -23,7 +32,7 @@ from typing import Any
 
 from moa_search.errors import MoaSearchError, finite_float
 
-KINDS = ("memory", "bandwidth")
+KINDS = ("memory", "bandwidth", "latency")
 _UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -35,42 +44,54 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+_TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
 _BYTES_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One cap: ``fraction`` of dense, or ``total_bytes`` for ``batch`` sequences at ``length``."""
+    """One cap: ``fraction`` of dense, or ``total_bytes`` (``total_us`` for latency) for
+    ``batch`` sequences at ``length``."""
 
     kind: str
     fraction: float | None = None
     total_bytes: int | None = None
     length: int | None = None
     batch: int = 1
+    total_us: float | None = None
 
     @property
     def is_fraction(self) -> bool:
         return self.fraction is not None
 
-    def cap(self, dense_bytes_per_seq: float) -> float:
-        """Byte cap for one sequence, given what dense would use at the same length."""
+    def cap(self, dense: float) -> float:
+        """The cap, given what dense would cost at the same length: bytes for one sequence
+        (memory, bandwidth), or microseconds of one step of the batch (latency)."""
         if self.fraction is not None:
-            return self.fraction * dense_bytes_per_seq
+            return self.fraction * dense
+        if self.total_us is not None:
+            return self.total_us
         assert self.total_bytes is not None
         return self.total_bytes / self.batch
 
     def to_plan_field(self) -> Any:
         """What the plan's ``made_for.budget`` records for this cap."""
         if self.fraction is not None:
+            if self.batch != 1:
+                return {"fraction": self.fraction, "batch": self.batch}
             return self.fraction
+        if self.total_us is not None:
+            return {"us": self.total_us, "length": self.length, "batch": self.batch}
         return {"bytes": self.total_bytes, "length": self.length, "batch": self.batch}
 
     def text(self) -> str:
         """Canonical text form, parseable again."""
-        if self.fraction is not None:
-            return f"{self.kind}={self.fraction:g}"
-        extra = f"@{self.length}" if self.length else ""
         batch = f",batch={self.batch}" if self.batch != 1 else ""
+        if self.fraction is not None:
+            return f"{self.kind}={self.fraction:g}{batch}"
+        extra = f"@{self.length}" if self.length else ""
+        if self.total_us is not None:
+            return f"{self.kind}={self.total_us:g}us{extra}{batch}"
         return f"{self.kind}={self.total_bytes}B{extra}{batch}"
 
 
@@ -106,6 +127,17 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_time(text: str) -> float:
+    """``"300us"`` -> 300.0, ``"1.5ms"`` -> 1500.0 (microseconds); a unit is required."""
+    match = _BYTES_RE.match(text.strip())
+    if not match or match.group(2).lower() not in _TIME_UNITS:
+        raise MoaSearchError(f"budget time {text!r}: expected a number with a unit (us, ms, s)")
+    value = float(match.group(1)) * _TIME_UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value <= 0:
+        raise MoaSearchError(f"budget time {text!r} must be positive")
+    return value
+
+
 def _parse_value(kind: str, raw: str, source: str) -> Budget:
     value, at, length_text = raw.partition("@")
     value = value.strip()
@@ -114,6 +146,8 @@ def _parse_value(kind: str, raw: str, source: str) -> Budget:
         number = _float(value[:-1], source) / 100
         return _fraction(kind, number, length, source)
     if re.search(r"[a-zA-Z]$", value):
+        if kind == "latency":
+            return Budget(kind, total_us=parse_time(value), length=length)
         return Budget(kind, total_bytes=parse_bytes(value), length=length)
     return _fraction(kind, _float(value, source), length, source)
 
@@ -126,7 +160,7 @@ def _fraction(kind: str, value: float, length: int | None, source: str) -> Budge
     if not 0 < value <= 1:
         raise MoaSearchError(
             f"budget {source!r}: a fraction of dense must be in (0, 1], got {value:g} "
-            "(give bytes with a unit, e.g. 8GiB, for an absolute budget)"
+            "(give bytes with a unit, e.g. 8GiB, or a time, e.g. 300us, for an absolute budget)"
         )
     if length is not None:
         raise MoaSearchError(
@@ -149,18 +183,20 @@ def parse_budget(text: str) -> list[Budget]:
         if key in KINDS:
             budgets.append(_parse_value(key, raw, text))
         elif key == "batch":
-            if not budgets or budgets[-1].is_fraction:
+            # a latency fraction depends on the batch too (launch overhead is shared)
+            if not budgets or (budgets[-1].is_fraction and budgets[-1].kind != "latency"):
                 raise MoaSearchError(
-                    f"budget {text!r}: 'batch' must follow an absolute budget like memory=8GiB@32k"
+                    f"budget {text!r}: 'batch' must follow an absolute budget like "
+                    "memory=8GiB@32k, or a latency budget"
                 )
             batch = _float(raw, text)
             if batch < 1 or not batch.is_integer():
                 raise MoaSearchError(f"budget {text!r}: batch must be a whole number >= 1")
-            last = budgets.pop()
-            budgets.append(Budget(last.kind, None, last.total_bytes, last.length, int(batch)))
+            budgets.append(dataclasses.replace(budgets.pop(), batch=int(batch)))
         else:
             raise MoaSearchError(
-                f"budget {text!r}: unknown key {key!r} (expected memory, bandwidth or batch)"
+                f"budget {text!r}: unknown key {key!r} (expected memory, bandwidth, latency "
+                "or batch)"
             )
     return budgets
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from moa_search.objective import TASKS
 from moa_search.patterns import PATTERNS, Dense, Pattern, parse
 from moa_search.plan import ModelIdentity, Plan
 from moa_search.search.table import ProfileTable
+
+if TYPE_CHECKING:
+    from moa_search.search.latency import LatencyPricing
 
 FAMILIES = tuple(PATTERNS)
 DTYPE_BYTES = 2  # bf16, as the profile contract states
@@ -41,6 +45,9 @@ class Problem:
     #: weighted sum with ``weights``
     task_loss: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    #: prices the 'latency' kind (microseconds per decode step) when a search has a
+    #: latency budget (``moa_search.search.latency.LatencyPricing``)
+    latency: LatencyPricing | None = None
 
     def predicted_by_task(self, choice: np.ndarray, length_index: int) -> dict[str, float]:
         """Predicted divergence per task family of one plan at one planned length."""
@@ -65,9 +72,10 @@ class Problem:
         return np.array([p.sink if p.has_sink else -1 for p in self.patterns])
 
     def bytes_per_head(self, kind: str, n: int) -> np.ndarray:
-        """Bytes (stored for 'memory', read per decode step for 'bandwidth') per candidate:
-        (C,) when no layer of the model slides, else (G, C), each head's costs counted
-        inside its layer's own window (what the model's cache would really hold)."""
+        """Bytes (stored for 'memory', read per decode step for 'bandwidth'; microseconds
+        per decode step for 'latency') per candidate: (C,) when no layer of the model
+        slides, else (G, C), each head's costs counted inside its layer's own window (what
+        the model's cache would really hold)."""
         ident = self.identity
         if not ident.native_windows:
             return self._costs(kind, n, None)
@@ -81,6 +89,9 @@ class Problem:
             cost = [p.bytes_stored(n, d, DTYPE_BYTES, window) for p in self.patterns]
         elif kind == "bandwidth":
             cost = [p.bytes_read(n, d, DTYPE_BYTES, window) for p in self.patterns]
+        elif kind == "latency":
+            pricing = self._pricing()
+            cost = [pricing.head_us(p, n, window) for p in self.patterns]
         else:
             raise ValueError(kind)
         return np.array(cost, float)
@@ -105,6 +116,22 @@ class Problem:
         ident = self.identity
         per_layer = sum(min(n, ident.window(i) or n) for i in range(ident.num_layers))
         return float(per_layer * ident.num_key_value_heads * 2 * ident.head_dim * DTYPE_BYTES)
+
+    def dense_cost(self, kind: str, n: int) -> float:
+        """What the model's own dense attention costs at length ``n`` in ``kind``'s unit:
+        ``dense_bytes`` for memory and bandwidth, predicted microseconds for latency."""
+        if kind != "latency":
+            return self.dense_bytes(n)
+        pricing, ident = self._pricing(), self.identity
+        heads = ident.num_key_value_heads
+        return sum(
+            heads * pricing.head_us(Dense(), n, ident.window(i)) for i in range(ident.num_layers)
+        )
+
+    def _pricing(self) -> LatencyPricing:
+        if self.latency is None:
+            raise MoaSearchError("latency costs need a cost table (--costs PATH)")
+        return self.latency
 
     def layer_of(self) -> np.ndarray:
         return np.arange(self.num_heads) // self.identity.num_key_value_heads

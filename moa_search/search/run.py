@@ -37,6 +37,7 @@ from moa_search.plan import ModelIdentity, save_plan
 from moa_search.search.budget import parse_budgets
 from moa_search.search.check import CheckConfig, check_plans
 from moa_search.search.costs import Problem, build_problem, check_families
+from moa_search.search.latency import pricing_for
 from moa_search.search.pareto import OBJECTIVES, pareto_mask, pick_best, uniform_baselines
 from moa_search.search.plots import plot_checked, plot_pareto, plot_plan_map
 from moa_search.search.study import (
@@ -77,6 +78,7 @@ class SearchConfig:
     on ``val_samples`` held-out windows of ``val_length`` tokens (default 1.5x the longest
     profiled length); ``"predicted"`` uses the profile's predicted loss only.
     ``weights`` ("text=1,retrieval=1") weigh a measured profile's task families.
+    ``costs`` is the measured cost table a ``latency=`` budget is priced with.
     ``check`` (needs the model) measures the best plans of the front on held-out
     calibration samples, refines the best one with conditional re-measurements and
     reports plan-level fidelity; ``best.yaml`` is then the checked plan (check.json says
@@ -96,6 +98,8 @@ class SearchConfig:
     sampler: str = "nsga2"
     weights: str | dict[str, float] | None = None
     check: CheckConfig | None = None
+    #: cost table (``bench --calibrate-costs``) pricing a latency budget
+    costs: str | None = None
 
     def stored(self) -> dict[str, Any]:
         """The config as summary.json records it (no storage password)."""
@@ -136,6 +140,7 @@ def plan_search(
         raise MoaSearchError(f"trials must be a positive integer, got {trials!r}")
     parsed = parse_budgets(budgets)
     problem = build_problem(table, lengths, families, parse_weights(weights) if weights else None)
+    problem.latency = pricing_for(parsed, cfg.costs, problem.identity)
     caps = user_caps(problem, parsed)
     check_feasible(problem, caps)
     if check is not None and model is None:
@@ -160,6 +165,9 @@ def plan_search(
         "validation": [val_length, cfg.val_samples] if objective == "measured" else None,
         "weights": problem.weights or None,
     }
+    if problem.latency is not None:  # only then, so older studies keep their settings
+        costs_file = problem.latency.table.path.read_bytes()
+        study_settings["costs"] = hashlib.sha256(costs_file).hexdigest()
     digest = hashlib.sha256(json.dumps(study_settings, sort_keys=True).encode()).hexdigest()[:10]
     out_dir = Path(out) if out is not None else table.path / "plans"
     study_name = cfg.study_name or f"plan-{digest}"

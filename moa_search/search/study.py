@@ -57,7 +57,7 @@ def user_caps(problem: Problem, budgets: list[Budget]) -> list[UserCap]:
     caps = []
     for b in budgets:
         lengths = problem.lengths if b.is_fraction else [b.length or max(problem.lengths)]
-        caps += [UserCap(b.kind, n, b.cap(problem.dense_bytes(n)), b) for n in lengths]
+        caps += [UserCap(b.kind, n, b.cap(problem.dense_cost(b.kind, n)), b) for n in lengths]
     return caps
 
 
@@ -82,7 +82,7 @@ def check_feasible(problem: Problem, caps: list[UserCap]) -> None:
     except Infeasible:
         mem = [c for c in caps if c.kind == "memory"]
         bw = [c for c in caps if c.kind == "bandwidth"]
-        if not mem or not bw:
+        if not mem or not bw or any(c.kind == "latency" for c in caps):
             raise MoaSearchError(
                 f"budgets {', '.join(sorted({c.budget.text() for c in caps}))} cannot hold at "
                 f"all planned lengths ({', '.join(str(c.length) for c in caps)}) together"
@@ -105,7 +105,9 @@ def _least_bandwidth(problem: Problem, mem: list[UserCap], length: int) -> float
 
 def _describe(least: float, cap: UserCap, problem: Problem) -> str:
     if cap.budget.is_fraction:
-        return f"{cap.kind}={least / problem.dense_bytes(cap.length):.4f} (of dense)"
+        return f"{cap.kind}={least / problem.dense_cost(cap.kind, cap.length):.4f} (of dense)"
+    if cap.kind == "latency":
+        return f"latency={least:.1f}us@{cap.length},batch={cap.budget.batch}"
     total = least * cap.budget.batch
     return f"{cap.kind}={total / 2**30:.3f}GiB@{cap.length},batch={cap.budget.batch}"
 
@@ -135,11 +137,9 @@ class TrialRunner:
         self.sinks = sorted({int(s) for s in problem.sinks if s >= 0})
         self.families = sorted({f for f in problem.families if f != "dense"})
         self.has_dense = "dense" in set(problem.families)
-        self.cost = {
-            (k, n): problem.bytes_per_head(k, n)
-            for k in KINDS
-            for n in {*problem.lengths, *(c.length for c in caps)}
-        }
+        lengths = {*problem.lengths, *(c.length for c in caps)}
+        wanted = {(k, n) for k in KINDS for n in lengths} | {(c.kind, c.length) for c in caps}
+        self.cost = {(k, n): problem.bytes_per_head(k, n) for k, n in wanted}
 
     # --- search space -----------------------------------------------------------------
     def suggest(
@@ -170,7 +170,8 @@ class TrialRunner:
         return w, allowed, shares, distinct
 
     def capacities(self, values: np.ndarray, shares: dict[str, float]) -> list[Capacity]:
-        """Trial caps between the cheapest plan (share 0) and the user budget (share 1)."""
+        """Trial caps between the cheapest plan (share 0) and the user budget (share 1);
+        a latency cap is always the user's (the front spans memory and bytes read)."""
         caps = []
         targets = [(c.kind, c.length, c.limit) for c in self.caps]
         for kind in KINDS:
@@ -183,7 +184,8 @@ class TrialRunner:
             hi = most if limit is None else min(limit, most)
             if least > hi * (1 + 1e-9):
                 raise optuna.TrialPruned(f"{kind}@{n}: allowed patterns cannot meet the budget")
-            caps.append(Capacity(f"{kind}@{n}", cost, least + shares[kind] * (hi - least)))
+            share = shares.get(kind, 1.0)
+            caps.append(Capacity(f"{kind}@{n}", cost, least + share * (hi - least)))
         return caps
 
     # --- objective --------------------------------------------------------------------
