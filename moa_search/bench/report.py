@@ -201,7 +201,8 @@ def plots(rows: list[dict[str, Any]], out: Path, device: str) -> list[Path]:
         ax.set_ylabel("GiB")
         ax.set_title(f"memory vs context, {device}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # a CPU run has no peak-memory points
+            ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         paths.append(out / "memory.png")
         fig.savefig(paths[-1], dpi=110)
