@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moa_search.patterns import Dense
 from moa_search.plan import Plan
 
 if TYPE_CHECKING:
@@ -61,12 +60,11 @@ def describe_plan(
     totals += "  " + "  ".join(f"{plan.read_density(n):>10.1%}" for n in lengths)
     lines.append(f"{'total':>5}  {totals}")
     if costs is not None:
-        from moa_search.search.latency import plan_latency  # noqa: PLC0415
+        from moa_search.search.latency import dense_latency, plan_latency  # noqa: PLC0415
 
-        dense = Plan(m, [[Dense()] * len(row) for row in plan.heads])
         parts = []
         for n in lengths:
-            mine, base = plan_latency(costs, plan, batch, n), plan_latency(costs, dense, batch, n)
+            mine, base = plan_latency(costs, plan, batch, n), dense_latency(costs, m, batch, n)
             parts.append(f"{n}: {mine:.1f} us ({mine / base:.1%} of dense {base:.1f} us)")
         lines.append(
             f"predicted attention per decode step at batch {batch} on {costs.device} "

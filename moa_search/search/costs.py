@@ -122,11 +122,10 @@ class Problem:
         ``dense_bytes`` for memory and bandwidth, predicted microseconds for latency."""
         if kind != "latency":
             return self.dense_bytes(n)
-        pricing, ident = self._pricing(), self.identity
-        heads = ident.num_key_value_heads
-        return sum(
-            heads * pricing.head_us(Dense(), n, ident.window(i)) for i in range(ident.num_layers)
-        )
+        from moa_search.search.latency import dense_latency  # noqa: PLC0415
+
+        pricing = self._pricing()
+        return dense_latency(pricing.table, self.identity, pricing.batch, n)
 
     def _pricing(self) -> LatencyPricing:
         if self.latency is None:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from moa_search.errors import MoaSearchError
-from moa_search.patterns import Pattern, SparQ
+from moa_search.patterns import Dense, Pattern, SparQ
 from moa_search.plan import ModelIdentity, Plan
 
 REQUIRED = ("group", "head_dim", "family", "pattern", "batch", "n", "stored", "read")
@@ -205,6 +205,15 @@ def plan_latency(table: CostTable, plan: Plan, batch: int, n: int) -> float:
         table.head_us(p, batch, n, plan.model.window(i))
         for i, row in enumerate(plan.heads)
         for p in row
+    )
+
+
+def dense_latency(table: CostTable, identity: ModelIdentity, batch: int, n: int) -> float:
+    """Predicted attention microseconds of one decode step of the model's own dense
+    attention (each sliding layer inside its window): what latency fractions are of."""
+    return sum(
+        identity.num_key_value_heads * table.head_us(Dense(), batch, n, identity.window(i))
+        for i in range(identity.num_layers)
     )
 
 
