@@ -27,7 +27,8 @@ from moa_search.search.knapsack import Capacity, Infeasible, smallest_total, sol
 
 DISTINCT_CHOICES = (0, 1, 2)  # 0 = no cap on distinct patterns per layer (MoA uses <= 2)
 TRIAL_SOLVE_LIMIT_S = 2.0  # a trial reports the certified gap it reached by then
-KINDS = ("memory", "bandwidth")
+#: the kinds the Pareto front spans (a latency cap is always the user's: budget.KINDS has it)
+FRONT_KINDS = ("memory", "bandwidth")
 #: user attribute naming the process that runs a trial, so a rerun can tell a trial left
 #: RUNNING by a killed process (an orphan) from one another live worker is running
 WORKER_ATTR = "worker"
@@ -138,7 +139,7 @@ class TrialRunner:
         self.families = sorted({f for f in problem.families if f != "dense"})
         self.has_dense = "dense" in set(problem.families)
         lengths = {*problem.lengths, *(c.length for c in caps)}
-        wanted = {(k, n) for k in KINDS for n in lengths} | {(c.kind, c.length) for c in caps}
+        wanted = {(k, n) for k in FRONT_KINDS for n in lengths} | {(c.kind, c.length) for c in caps}
         self.cost = {(k, n): problem.bytes_per_head(k, n) for k, n in wanted}
 
     # --- search space -----------------------------------------------------------------
@@ -163,7 +164,7 @@ class TrialRunner:
             if not chosen:
                 chosen = self.families
             allowed &= np.isin(p.families, [*chosen, "dense"])
-        shares = {k: trial.suggest_float(f"share_{k}", 0.0, 1.0) for k in KINDS}
+        shares = {k: trial.suggest_float(f"share_{k}", 0.0, 1.0) for k in FRONT_KINDS}
         distinct = None
         if p.identity.num_key_value_heads > 1:
             distinct = trial.suggest_categorical("max_distinct", list(DISTINCT_CHOICES)) or None
@@ -174,7 +175,7 @@ class TrialRunner:
         a latency cap is always the user's (the front spans memory and bytes read)."""
         caps = []
         targets = [(c.kind, c.length, c.limit) for c in self.caps]
-        for kind in KINDS:
+        for kind in FRONT_KINDS:
             if not any(c.kind == kind for c in self.caps):
                 targets.append((kind, self.report_length, None))
         for kind, n, limit in targets:
