@@ -177,12 +177,15 @@ class PlanChecker:
         self._cache: dict[str, Measured] = {}
         self._refined: dict[str, np.ndarray] | None = None  # per-task values after refine
         self.cut_short = False  # the last re-measure stopped early (time limit)
+        #: seconds held back from the limit for the stages still to come (see check_plans)
+        self.reserve = 0.0
         limit = config.time_limit
         self._deadline = time.monotonic() + limit if limit else math.inf
 
     def out_of_time(self) -> bool:
-        """Whether the check's time limit is spent (the stages then keep what they have)."""
-        return time.monotonic() > self._deadline
+        """Whether the check's time limit, less :attr:`reserve`, is spent (the stages then
+        keep what they have)."""
+        return time.monotonic() + self.reserve > self._deadline
 
     # --- measuring ----------------------------------------------------------------
     def _heads(self, choice: np.ndarray) -> list[list[Pattern]]:
@@ -587,7 +590,13 @@ def check_plans(
     lap("front")
     start = min(range(len(front)), key=lambda i: front[i]["measured"])
     w = np.full(len(problem.lengths), 1 / len(problem.lengths))
+    # Refinement may use the time limit only up to what the window baseline and two balance
+    # steps will need (one whole-plan measure each, as long as a front plan took): without
+    # this a tight limit spent everything on refinement and never compared the plan with
+    # the window, the comparison the user judges it by.
+    checker.reserve = (1 + min(2, config.balance)) * lap.seconds["front"] / len(front)
     report = checker.refine(choices[start], caps, w)
+    checker.reserve = 0.0
     lap("refine")
     report.start["trial"] = front[start]["trial"]
     report.front = front

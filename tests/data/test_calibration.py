@@ -55,6 +55,15 @@ def test_deterministic(tok, calib):
     assert [s.input_ids for s in other] != [s.input_ids for s in calib]
 
 
+def test_prose_is_its_own_family(tok):
+    """The text family is prose only, so a loss on prose (where a uniform window is
+    strongest) cannot hide behind a win on technical text inside one mean."""
+    samples = build_calibration_set(tok, 256, 12, mix={"text": 1, "code": 1}, seed=3)
+    corpora = {k: {s.meta["corpus"] for s in samples if s.kind == k} for k in ("text", "code")}
+    assert corpora["text"] == {"austen"}
+    assert corpora["code"] <= {"pystdlib", "pydocs"} and corpora["code"]
+
+
 def test_calibration_never_uses_test_text(calib):
     assert all(s.meta.get("split", "calibration") == "calibration" for s in calib)
 

@@ -171,6 +171,20 @@ def test_a_spent_time_limit_keeps_the_start_plan_and_says_so(setup):
         CheckConfig(fidelity="fast")
 
 
+def test_refinement_leaves_the_reserved_time_to_the_stages_after_it(setup):
+    model, problem, caps, checker = setup
+    cfg = CheckConfig(samples=3, rounds=2, heads=2, time_limit=600)
+    hurried = PlanChecker(model, problem, checker.samples, cfg, progress=False)
+    assert not hurried.out_of_time()
+    hurried.reserve = 601.0  # more than the limit leaves: refinement must not start
+    w = np.ones(1)
+    start = hurried._solve(problem.loss @ w, caps)
+    report = hurried.refine(start, caps, w)
+    assert report.stopped == ["refine"] and not report.history
+    hurried.reserve = 0.0
+    assert not hurried.out_of_time()
+
+
 def test_a_limit_spent_inside_a_round_keeps_the_samples_measured(setup, monkeypatch):
     model, problem, caps, checker = setup
     hurried = PlanChecker(model, problem, checker.samples, checker.config, progress=False)
