@@ -22,6 +22,7 @@ the captured graph stays valid across prefill / fill / set_length.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -276,12 +277,16 @@ class DenseLoop(DecodeLoop):
         self._saved_impl = model.config._attn_implementation
         if attn_implementation != self._saved_impl:
             model.set_attn_implementation(attn_implementation)
+        self._compile = compile
         self._compiled = compile_callable(model.forward, compile) if compile else None
+        self._compiled_once = False
+        #: set when fullgraph tracing failed and the loop fell back to graph breaks
+        self.compile_note: str | None = None
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
         if self._compiled is None or self.cache is None or not self._static_layers():
             return super()._forward(ids, pos, cache_pos)  # the first call sizes the cache
-        return self._compiled(
+        kwargs = dict(
             input_ids=ids,
             position_ids=pos,
             cache_position=cache_pos,
@@ -289,6 +294,19 @@ class DenseLoop(DecodeLoop):
             use_cache=True,
             logits_to_keep=1,
         )
+        if self._compiled_once or not self._compile.fullgraph:
+            return self._compiled(**kwargs)
+        try:
+            out = self._compiled(**kwargs)
+        except Exception as exc:  # transformers' own generate compiles with fullgraph=False
+            first = (str(exc).splitlines() or [""])[0][:120]
+            self.compile_note = f"fullgraph failed ({type(exc).__name__}: {first}); graph breaks"
+            torch._dynamo.reset()
+            self._compile = replace(self._compile, fullgraph=False)
+            self._compiled = compile_callable(self.model.forward, self._compile)
+            out = self._compiled(**kwargs)
+        self._compiled_once = True
+        return out
 
     def _new_cache(self) -> Any:
         from transformers import StaticCache  # noqa: PLC0415

@@ -196,6 +196,8 @@ class Bench:
             seconds = loop.run(self.new_tokens)
             row.update(self._timing(loop, batch, context, seconds, plan))
             row["graph"] = loop.graph is not None
+            if getattr(loop, "compile_note", None):
+                row["compile_note"] = loop.compile_note
             if loop.preallocates:
                 row["kv_bytes"] = loop.kv_nbytes()
                 row["kv_alloc_bytes"] = kv_alloc

@@ -169,3 +169,58 @@ def test_plan_loop_with_compiled_pieces_matches_eager(model, kind):
     assert "forward" not in layer.mlp.__dict__ and "forward" not in layer.input_layernorm.__dict__
     assert getattr(model, "_moa_runtime", None) is None
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("make", "repeats"), [(DenseLoop, True), (DynamicLoop, False)])
+def test_static_cache_decode_repeats_kv_over_the_whole_cache(model, monkeypatch, make, repeats):
+    """Why dense-sdpa is slow at long context: with a StaticCache transformers keeps a mask
+    at decode, so its SDPA path copies K/V to every query head over all max_cache_len
+    slots (repeat_kv) each step; with a DynamicCache there is no mask and SDPA runs GQA."""
+    from transformers.integrations import sdpa_attention
+
+    seen: list[tuple[int, ...]] = []
+    original = sdpa_attention.repeat_kv
+
+    def counting(hidden, n_rep):
+        seen.append(tuple(hidden.shape))
+        return original(hidden, n_rep)
+
+    loop = make(model, batch=2, max_cache_len=64)
+    try:
+        loop.allocate()
+        loop.fill_synthetic(32)
+        monkeypatch.setattr(sdpa_attention, "repeat_kv", counting)
+        loop.run(1)
+    finally:
+        loop.close()
+    layers = model.config.num_hidden_layers
+    if repeats:  # K and V of every layer, all 64 slots (not the 33 tokens held)
+        assert seen == [(2, 2, 64, 16)] * (2 * layers)
+    else:
+        assert seen == []
+
+
+def test_compiled_static_loop_falls_back_to_graph_breaks(model, monkeypatch):
+    """If transformers' forward does not trace in one graph (another torch or transformers
+    version), the loop compiles with graph breaks, as generate's own compile does, and
+    says so instead of failing the row."""
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.repeat_kv
+
+    def breaking(hidden, n_rep):
+        torch._dynamo.graph_break()
+        return original(hidden, n_rep)
+
+    ids = _prompt(model)
+    want = _generate(model, ids, 6)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", breaking)
+    loop = DenseLoop(model, batch=2, max_cache_len=64, compile=TRACE_ONLY)
+    try:
+        loop.allocate()
+        got = loop.generate(ids, 6)
+        note = loop.compile_note
+    finally:
+        loop.close()
+    assert note is not None and note.startswith("fullgraph failed")
+    assert torch.equal(got, want)
