@@ -4,11 +4,12 @@ A decode step of the plan runtime at B=8 spends its non-GEMM, non-attention kern
 many tiny elementwise kernels: each RMSNorm is about seven (cast, square, mean, rsqrt, two
 multiplies, cast back), rotary about five per tensor, the MLP's SiLU times gate two.
 :func:`compile_non_attention` compiles exactly those pieces -- every decoder layer's norms
-and MLP, the final norm, and the family's ``apply_rotary_pos_emb`` -- so each becomes one
-or two fused kernels, while the attention call (the moa policy: Python around Triton
-launches, a per-head cache) stays eager. Nothing compiled reads the cache, so dynamo
-guards on no step counter and never recompiles per step; the caller captures the step in
-its CUDA graph as before.
+and MLP, the final norm, the rotary embedding's cos / sin and the family's
+``apply_rotary_pos_emb`` -- so each becomes one or two fused kernels, while the attention
+call (the moa policy: Python around Triton launches, a per-head cache) stays eager.
+Nothing compiled reads the cache, so dynamo guards on no step counter and never
+recompiles per step (one graph per kind of piece serves every layer); the caller captures
+the step in its CUDA graph as before.
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ def compile_non_attention(
                 if isinstance(module, torch.nn.Module):
                     compiled = compile_callable(module.forward, settings)
                     pieces._set(module.__dict__, "forward", compiled)
-        norm = getattr(decoder, "norm", None)
-        if isinstance(norm, torch.nn.Module):
-            pieces._set(norm.__dict__, "forward", compile_callable(norm.forward, settings))
+        for name in ("norm", "rotary_emb"):  # the final norm; cos / sin once per step
+            module = getattr(decoder, name, None)
+            if isinstance(module, torch.nn.Module):
+                compiled = compile_callable(module.forward, settings)
+                pieces._set(module.__dict__, "forward", compiled)
         attention = families.attention_modules(model)
         if attention:  # the modeling file's rotary helper, looked up by the module's forward
             scope = type(attention[0]).forward.__globals__

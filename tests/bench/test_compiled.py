@@ -23,10 +23,11 @@ def test_pieces_installed_and_removed_exactly(model):
     layer = model.model.layers[1]
     pieces = compile_non_attention(model, CompileSettings(backend="aot_eager"))
     try:
-        # two norms + MLP per layer, the final norm, the modeling file's rotary helper
-        assert pieces.pieces == 3 * model.config.num_hidden_layers + 2
+        # two norms + MLP per layer, the final norm, cos / sin, the modeling file's rotary
+        assert pieces.pieces == 3 * model.config.num_hidden_layers + 3
         assert "forward" in layer.post_attention_layernorm.__dict__
         assert "forward" in model.model.norm.__dict__
+        assert "forward" in model.model.rotary_emb.__dict__
         assert modeling_llama.apply_rotary_pos_emb is not rotary
         assert "forward" not in layer.self_attn.__dict__  # attention stays eager
     finally:
@@ -34,6 +35,7 @@ def test_pieces_installed_and_removed_exactly(model):
     assert modeling_llama.apply_rotary_pos_emb is rotary
     assert "forward" not in layer.post_attention_layernorm.__dict__
     assert "forward" not in model.model.norm.__dict__
+    assert "forward" not in model.model.rotary_emb.__dict__
     assert pieces.pieces == 0
 
 

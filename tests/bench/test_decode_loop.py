@@ -160,7 +160,7 @@ def test_plan_loop_with_compiled_pieces_matches_eager(model, kind):
         model, plan, batch=2, max_cache_len=64, backend="reference", compile_settings=TRACE_ONLY
     )
     try:
-        assert loop.compiled.pieces == 3 * model.config.num_hidden_layers + 2
+        assert loop.compiled.pieces == 3 * model.config.num_hidden_layers + 3
         loop.allocate()
         got = loop.generate(ids, 10)
     finally:

@@ -85,3 +85,15 @@ def test_kernel_categories(kernel: str, kind: str) -> None:
     from moa_search.bench.run import _category
 
     assert _category(kernel) == kind
+
+
+def test_speedups_compare_like_with_like() -> None:
+    rows = {
+        c: {"config": c, "tok_s": t}
+        for c, t in [("dense-moa", 100.0), ("dense-moa-compiled", 125.0), ("hf-dynamic", 20.0),
+                     ("dense-sdpa", 10.0), ("plan", 150.0), ("plan-compiled", 250.0)]
+    }  # fmt: skip
+    compiled = report._speedups(rows["plan-compiled"], rows.get)
+    assert compiled["dense-moa"] == pytest.approx(2.0)  # over dense-moa-compiled
+    assert compiled["best-hf"] == pytest.approx(12.5) and compiled["best-hf-config"] == "hf-dynamic"
+    assert report._speedups(rows["plan"], rows.get)["dense-moa"] == pytest.approx(1.5)
