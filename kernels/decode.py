@@ -436,3 +436,143 @@ def mixed_decode(
     if split:
         merge_partials(part_m, part_l, part_acc, count, out, head_ids, n_list, group)
     return out
+
+
+@triton.jit
+def _decode_append_kernel(
+    KNew,
+    VNew,
+    K,
+    V,
+    Lengths,
+    Pos,
+    Off,
+    Sink,
+    Ring,
+    SpanA,
+    SpanB,
+    SpanOut,
+    SeqLenOut,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_kb,
+    stride_kn,
+    stride_vb,
+    stride_vn,
+    HKV: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+    D: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_SPAN: tl.constexpr,
+):
+    """One program per sequence: store the new token of every KV head, advance the length,
+    write the int32 seq_len and spans the attention kernel reads. One program owns a
+    sequence's length, so reading it and advancing it cannot race."""
+    b = tl.program_id(0)
+    b64 = b.to(tl.int64)
+    n_old = tl.load(Lengths + b)
+    p = tl.load(Pos + b) if HAS_POS else n_old
+    real = p >= 0
+    h = tl.arange(0, HKV_PAD)
+    hmask = h < HKV
+    off = tl.load(Off + h, mask=hmask, other=0).to(tl.int64)
+    sink = tl.load(Sink + h, mask=hmask, other=0).to(tl.int64)
+    ring = tl.maximum(tl.load(Ring + h, mask=hmask, other=1).to(tl.int64), 1)
+    pp = tl.maximum(p, 0) + tl.zeros([HKV_PAD], tl.int64)
+    slot = off + tl.where(pp < sink, pp, sink + (pp - sink) % ring)
+    d = tl.arange(0, D)
+    store = (hmask & real)[:, None]
+    k = tl.load(KNew + b64 * stride_knb + h[:, None] * stride_knh + d[None, :], mask=store)
+    v = tl.load(VNew + b64 * stride_vnb + h[:, None] * stride_vnh + d[None, :], mask=store)
+    tl.store(K + b64 * stride_kb + slot[:, None] * stride_kn + d[None, :], k, mask=store)
+    tl.store(V + b64 * stride_vb + slot[:, None] * stride_vn + d[None, :], v, mask=store)
+    n = n_old + real.to(n_old.dtype)
+    tl.store(Lengths + b, n)
+    tl.store(SeqLenOut + b, n.to(tl.int32))
+    if HAS_SPAN:  # span_at(n) = clamp(floor(a + b*n + 1/2), 1, n), as the cache computes it
+        a = tl.load(SpanA + h, mask=hmask, other=0.0)
+        slope = tl.load(SpanB + h, mask=hmask, other=0.0)
+        nf = n.to(tl.float64)
+        span = tl.floor(a + slope * nf + 0.5)
+        span = tl.minimum(tl.maximum(span, 1.0), nf)
+        tl.store(SpanOut + b * HKV + h, span.to(tl.int32), mask=hmask)
+
+
+def decode_append(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    head_offset: torch.Tensor,
+    head_sink: torch.Tensor,
+    head_ring: torch.Tensor,
+    seq_len_out: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    span_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+    span_out: torch.Tensor | None = None,
+) -> None:
+    """Store one decode token per sequence and update the step's metadata, one launch.
+
+    Replaces the PyTorch scatter + length update + span arithmetic of a decode step
+    (about thirty small kernels per layer) with one small kernel; no host sync.
+
+    Args:
+        k_new, v_new: (B, Hkv, D) the new token's keys / values (last dim contiguous).
+        k_cache, v_cache: (B, C_total, D) packed caches (layout in the module doc).
+        lengths: int64 (B,) tokens held per sequence; advanced in place by one per real
+            token.
+        head_offset, head_sink, head_ring: int32 (Hkv,) slot geometry.
+        seq_len_out: int32 (B,) written with the new lengths.
+        positions: optional int64 (B,) position of the new token, -1 for padding (not
+            stored, length kept); default: the current length.
+        span_affine: optional float64 (Hkv,) tables (a, b) of every head's
+            ``span_at(n) = clamp(floor(a + b*n + 1/2), 1, n)``; with ``span_out`` (int32
+            (B, Hkv), contiguous) the spans at the new lengths are written there.
+    """
+    batch, hkv, dim = k_new.shape
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"v_new {tuple(v_new.shape)} != k_new {tuple(k_new.shape)}")
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+    if dim & (dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {dim}")
+    has_span = span_affine is not None
+    if has_span and (span_out is None or not span_out.is_contiguous()):
+        raise ValueError("span_affine needs a contiguous int32 span_out (B, Hkv)")
+    if batch == 0:
+        return
+    _decode_append_kernel[(batch,)](
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        lengths,
+        positions if positions is not None else lengths,
+        head_offset,
+        head_sink,
+        head_ring,
+        span_affine[0] if has_span else lengths,
+        span_affine[1] if has_span else lengths,
+        span_out if has_span else seq_len_out,
+        seq_len_out,
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        HKV=hkv,
+        HKV_PAD=next_pow2(hkv),
+        D=dim,
+        HAS_POS=positions is not None,
+        HAS_SPAN=has_span,
+        num_warps=1,
+        enable_fp_fusion=False,  # a + b*n rounded as PyTorch does (no fma): same spans
+    )

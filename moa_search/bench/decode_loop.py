@@ -1,5 +1,7 @@
-"""Static-shape decode loops for the benchmark: dense (transformers StaticCache + SDPA) and a
-plan (MoACache preallocated to ``max_cache_len``), each step optionally one CUDA-graph replay.
+"""Decode loops for the benchmark: dense (transformers StaticCache + SDPA, optionally with
+transformers' torch.compile recipe), transformers' default DynamicCache, and a plan
+(MoACache preallocated to ``max_cache_len``, optionally with the non-attention work
+compiled); static-shape loops make each step one CUDA-graph replay.
 
 A step is: forward of one token per sequence (``logits_to_keep=1``), greedy argmax, the
 token written to an output buffer, and the input / position buffers advanced -- all on the
@@ -20,10 +22,17 @@ the captured graph stays valid across prefill / fill / set_length.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from moa_search.bench.compiled import (
+    CompiledPieces,
+    CompileSettings,
+    compile_callable,
+    compile_non_attention,
+)
 from moa_search.errors import MoaSearchError
 from moa_search.plan import Plan
 
@@ -93,6 +102,9 @@ class DecodeLoop:
             torch.cuda.synchronize(self.device)
             return torch.cuda.memory_allocated(self.device) - before
         return self.kv_nbytes()
+
+    #: False where the cache grows by concatenation (no fixed buffers: no prediction to check)
+    preallocates = True
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
         return self.model(
@@ -238,7 +250,12 @@ class DecodeLoop:
 
 class DenseLoop(DecodeLoop):
     """transformers ``StaticCache`` with the model's own attention (``attn_implementation``,
-    default SDPA): what a user gets from ``generate(cache_implementation="static")``."""
+    default SDPA): what a user gets from ``generate(cache_implementation="static")``.
+
+    ``compile``: transformers' documented fast path on top, ``model.forward =
+    torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` (here a compiled
+    copy the loop calls; the model itself is left alone). That mode makes its own CUDA
+    graphs, so the loop then runs without one of its own."""
 
     name = "dense"
 
@@ -249,14 +266,47 @@ class DenseLoop(DecodeLoop):
         max_cache_len: int,
         *,
         attn_implementation: str = "sdpa",
+        compile: CompileSettings | None = None,
         **kwargs: Any,
     ):
         if getattr(model, "_moa_runtime", None) is not None:
             raise MoaSearchError("DenseLoop: remove the plan from the model first")
+        if compile is not None and compile.mode == "reduce-overhead":
+            kwargs["use_graph"] = False
         super().__init__(model, batch, max_cache_len, **kwargs)
         self._saved_impl = model.config._attn_implementation
         if attn_implementation != self._saved_impl:
             model.set_attn_implementation(attn_implementation)
+        self._compile = compile
+        self._compiled = compile_callable(model.forward, compile) if compile else None
+        self._compiled_once = False
+        #: set when fullgraph tracing failed and the loop fell back to graph breaks
+        self.compile_note: str | None = None
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
+        if self._compiled is None or self.cache is None or not self._static_layers():
+            return super()._forward(ids, pos, cache_pos)  # the first call sizes the cache
+        kwargs = dict(
+            input_ids=ids,
+            position_ids=pos,
+            cache_position=cache_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if self._compiled_once or not self._compile.fullgraph:
+            return self._compiled(**kwargs)
+        try:
+            out = self._compiled(**kwargs)
+        except Exception as exc:  # transformers' own generate compiles with fullgraph=False
+            first = (str(exc).splitlines() or [""])[0][:120]
+            self.compile_note = f"fullgraph failed ({type(exc).__name__}: {first}); graph breaks"
+            torch._dynamo.reset()
+            self._compile = replace(self._compile, fullgraph=False)
+            self._compiled = compile_callable(self.model.forward, self._compile)
+            out = self._compiled(**kwargs)
+        self._compiled_once = True
+        return out
 
     def _new_cache(self) -> Any:
         from transformers import StaticCache  # noqa: PLC0415
@@ -292,6 +342,109 @@ class DenseLoop(DecodeLoop):
         super().close()
         if self.model.config._attn_implementation != self._saved_impl:
             self.model.set_attn_implementation(self._saved_impl)
+        if self._compiled is not None:
+            self._compiled = None
+            release_compiled()
+
+
+def release_compiled() -> None:
+    """Drop dynamo's compiled code and inductor's CUDA-graph pools, so the memory a compiled
+    config held is free for the next one."""
+    torch._dynamo.reset()
+    try:
+        from torch._inductor import cudagraph_trees  # noqa: PLC0415
+
+        cudagraph_trees.reset_cudagraph_trees()
+    except (ImportError, AttributeError):
+        pass
+
+
+class DynamicLoop(DecodeLoop):
+    """transformers' default: ``DynamicCache`` + SDPA, what plain ``model.generate`` runs.
+
+    No CUDA graph (the cache grows by ``torch.cat`` every step, so shapes change) and no
+    mask at decode (no padding: transformers skips it, so SDPA gets ``enable_gqa``); each
+    step also grows the attention mask by a column, as generate does."""
+
+    name = "dynamic"
+    preallocates = False
+
+    def __init__(self, model: Any, batch: int, max_cache_len: int, **kwargs: Any):
+        if getattr(model, "_moa_runtime", None) is not None:
+            raise MoaSearchError("DynamicLoop: remove the plan from the model first")
+        kwargs["use_graph"] = False
+        super().__init__(model, batch, max_cache_len, **kwargs)
+        self._saved_impl = model.config._attn_implementation
+        if self._saved_impl != "sdpa":
+            model.set_attn_implementation("sdpa")
+        self.mask = torch.ones(self.batch, 0, dtype=torch.long, device=self.device)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.batch, ids.shape[1])], 1)
+        return self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=pos,
+            cache_position=cache_pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    def _layers(self) -> list[Any]:
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
+    def _set_cache_length(self, n: int) -> None:
+        """Every layer keeps its first ``n`` tokens (zero tokens added if it holds fewer)."""
+        for layer in self._layers():
+            have = layer.keys.shape[2] if layer.keys.dim() == 4 else 0
+            if have > n:
+                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+            elif have < n:
+                shape = (self.batch, layer.keys.shape[1], n, layer.keys.shape[3])
+                layer.keys = layer.keys.new_zeros(shape)
+                layer.values = layer.values.new_zeros(shape)
+        self.mask = torch.ones(self.batch, n, dtype=torch.long, device=self.device)
+
+    def _randomize_cache(self, generator: torch.Generator) -> None:
+        for layer in self._layers():
+            layer.keys.normal_(generator=generator)
+            layer.values.normal_(generator=generator)
+
+    @torch.no_grad()
+    def fill_synthetic(self, length: int, seed: int = 0) -> None:
+        """Every layer holds ``length`` random tokens, as after a prompt of that length."""
+        if self.cache is None:
+            self.allocate()
+        for layer in self._layers():  # fresh tensors, so the same seed gives the same cache
+            shape = (self.batch, layer.keys.shape[1], length, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+        super().fill_synthetic(length, seed)
+
+    def kv_nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self._layers()
+            for t in (layer.keys, layer.values)
+        )
+
+    def predicted_kv_bytes(self) -> int:
+        from moa_search.plan import dense_plan  # noqa: PLC0415
+
+        dtype_bytes = torch.finfo(self.model.dtype).bits // 8
+        layers = self._layers()
+        held = layers[0].keys.shape[2] if layers and layers[0].keys.dim() == 4 else 0
+        return dense_plan(self.model).dense_kv_bytes(held, self.batch, dtype_bytes)
+
+    def close(self) -> None:
+        super().close()
+        if self.model.config._attn_implementation != self._saved_impl:
+            self.model.set_attn_implementation(self._saved_impl)
 
 
 class PlanLoop(DecodeLoop):
@@ -308,6 +461,7 @@ class PlanLoop(DecodeLoop):
         max_cache_len: int,
         *,
         backend: str = "auto",
+        compile_settings: CompileSettings | None = None,
         **kwargs: Any,
     ):
         from moa_search.runtime import apply_plan  # noqa: PLC0415
@@ -315,6 +469,13 @@ class PlanLoop(DecodeLoop):
         super().__init__(model, batch, max_cache_len, **kwargs)
         self.plan = plan
         self.runtime = apply_plan(model, plan, backend=backend, max_cache_len=max_cache_len)
+        self.compiled: CompiledPieces | None = None
+        if compile_settings is not None:
+            try:
+                self.compiled = compile_non_attention(model, compile_settings)
+            except BaseException:
+                self.runtime.remove()
+                raise
 
     def _new_cache(self) -> Any:
         return self.runtime.new_cache(self.max_cache_len)
@@ -345,4 +506,8 @@ class PlanLoop(DecodeLoop):
 
     def close(self) -> None:
         super().close()
+        if self.compiled is not None:
+            self.compiled.remove()
+            self.compiled = None
+            release_compiled()
         self.runtime.remove()

@@ -2,14 +2,29 @@
 latency (CUDA-graph replays), peak GPU memory, KV bytes measured vs predicted -- over
 batch x context, plus the equal-memory mode (largest batch within a budget, and its speed).
 
-Configurations (``configs``):
+Configurations (``configs``; :data:`CONFIG_SPECS`):
 
-- ``dense-sdpa``: transformers StaticCache + SDPA, what a user runs
-  (``generate(cache_implementation="static")``); with a static cache transformers passes a
-  mask, so SDPA repeats K/V for GQA.
+- ``dense-sdpa``: transformers StaticCache + SDPA, eager, in our CUDA graph
+  (``generate(cache_implementation="static")`` without compile). With a static cache
+  transformers always builds a mask at decode (``create_causal_mask`` drops its skip for
+  compileable caches when the query length is 1), and SDPA's GQA path needs no mask
+  (``use_gqa_in_sdpa``), so ``repeat_kv`` copies every layer's K and V to all query heads
+  over the whole cache every step: at B=8, 32k on the 8B shape 4.3 GB written per layer,
+  the 150 ms of "other" kernels measured on an H200, and SDPA then reads 4x the bytes.
+- ``hf-static-compiled``: transformers' documented fast path, StaticCache + ``torch.compile
+  (model.forward, mode="reduce-overhead", fullgraph=True)`` (its own CUDA graphs); the same
+  mask, so the same repeat_kv, now in inductor's copy kernels.
+- ``hf-dynamic``: transformers' default ``generate``: DynamicCache + SDPA, eager, no CUDA
+  graph; no mask at decode, so SDPA runs GQA directly, but every step ``torch.cat`` copies
+  every layer's cache.
 - ``dense-moa``: a uniform dense plan through the moa runtime (same Triton kernel as the
   plan): the like-for-like dense baseline.
 - ``plan``: the plan file, or a synthetic plan at ``synthetic`` density made for each context.
+- ``dense-moa-compiled``, ``plan-compiled``: the same, with the norms, MLPs and rotary
+  compiled (:mod:`moa_search.bench.compiled`) inside the same CUDA graph.
+
+Each config is measured in its own try block: a failure is the row's ``status``, and the
+run goes on.
 
 Decode runs start from a synthetic cache (random K/V, every sequence at ``context``): decode
 speed depends on lengths, not values, and a real prefill of B x 32k tokens would dominate
@@ -30,7 +45,8 @@ from typing import Any
 
 import torch
 
-from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, PlanLoop
+from moa_search.bench.compiled import CompileSettings
+from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, DynamicLoop, PlanLoop
 from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_max_batch
 from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
@@ -38,6 +54,29 @@ from moa_search.errors import MoaSearchError
 from moa_search.files import write_json
 from moa_search.plan import Plan, load_plan, uniform_plan
 
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """How a bench config decodes: ``cache`` ``"static"`` / ``"dynamic"`` (transformers'
+    caches, the model's own SDPA) or ``"moa"`` (the runtime); ``plan`` ``"dense"`` or
+    ``"plan"`` for moa; ``compile``: ``"hf"`` (transformers' torch.compile recipe) or
+    ``"pieces"`` (:func:`moa_search.bench.compiled.compile_non_attention`)."""
+
+    cache: str
+    plan: str | None = None
+    compile: str | None = None
+
+
+CONFIG_SPECS: dict[str, ConfigSpec] = {
+    "dense-sdpa": ConfigSpec("static"),
+    "hf-static-compiled": ConfigSpec("static", compile="hf"),
+    "hf-dynamic": ConfigSpec("dynamic"),
+    "dense-moa": ConfigSpec("moa", "dense"),
+    "plan": ConfigSpec("moa", "plan"),
+    "dense-moa-compiled": ConfigSpec("moa", "dense", compile="pieces"),
+    "plan-compiled": ConfigSpec("moa", "plan", compile="pieces"),
+}
+#: what ``bench`` runs unless told otherwise
 CONFIGS = ("dense-sdpa", "dense-moa", "plan")
 GIB = 2**30
 EXTRA_SLOTS = 32  # cache room past context + new tokens for warm-up / profiling steps
@@ -68,6 +107,7 @@ class Bench:
         out: Path | None,
         configs: Sequence[str],
         dtype_bytes: int,
+        compile_backend: str = "inductor",
     ):
         self.model = model
         self.plan_for = plan_for
@@ -76,6 +116,7 @@ class Bench:
         self.out = out
         self.configs = list(configs)
         self.dtype_bytes = dtype_bytes
+        self.compile_backend = compile_backend
         self.weights = weight_bytes(model)
         self.rows: list[dict[str, Any]] = []
         self.capacity = (
@@ -84,9 +125,10 @@ class Bench:
 
     # --- helpers -----------------------------------------------------------------------
     def plan_of(self, config: str, context: int) -> Plan | None:
-        if config == "dense-sdpa":
+        spec = CONFIG_SPECS[config]
+        if spec.cache != "moa":
             return None
-        if config == "dense-moa":
+        if spec.plan == "dense":
             return uniform_plan(self.model, "dense")
         return self.plan_for(context)
 
@@ -97,10 +139,20 @@ class Bench:
 
     def make_loop(self, config: str, batch: int, context: int) -> DecodeLoop:
         max_len = context + self.new_tokens + EXTRA_SLOTS
+        spec = CONFIG_SPECS[config]
+        cap = self.new_tokens + 8
+        if spec.cache == "dynamic":
+            return DynamicLoop(self.model, batch, max_len, out_capacity=cap)
+        backend = self.compile_backend
+        if spec.cache == "static":
+            hf = spec.compile == "hf"
+            return DenseLoop(
+                self.model, batch, max_len, out_capacity=cap,
+                compile=CompileSettings(backend, "reduce-overhead") if hf else None,
+            )  # fmt: skip
         plan = self.plan_of(config, context)
-        if plan is None:
-            return DenseLoop(self.model, batch, max_len, out_capacity=self.new_tokens + 8)
-        return PlanLoop(self.model, plan, batch, max_len, out_capacity=self.new_tokens + 8)
+        pieces = CompileSettings(backend) if spec.compile == "pieces" else None
+        return PlanLoop(self.model, plan, batch, max_len, out_capacity=cap, compile_settings=pieces)
 
     def emit(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -137,15 +189,22 @@ class Bench:
             loop.capture()
             row["setup_s"] = round(time.perf_counter() - t0, 3)
             loop.fill_synthetic(context)
-            loop.run(4)  # warm replays
+            t0 = time.perf_counter()
+            loop.run(4)  # warm replays (compiled configs compile and record here)
+            row["warm_s"] = round(time.perf_counter() - t0, 3)
             loop.fill_synthetic(context)
             seconds = loop.run(self.new_tokens)
             row.update(self._timing(loop, batch, context, seconds, plan))
             row["graph"] = loop.graph is not None
-            row["kv_bytes"] = loop.kv_nbytes()
-            row["kv_alloc_bytes"] = kv_alloc
-            row["kv_pred_bytes"] = loop.predicted_kv_bytes()
-            row["kv_err_pct"] = round(100 * (kv_alloc / row["kv_pred_bytes"] - 1), 3)
+            if getattr(loop, "compile_note", None):
+                row["compile_note"] = loop.compile_note
+            if loop.preallocates:
+                row["kv_bytes"] = loop.kv_nbytes()
+                row["kv_alloc_bytes"] = kv_alloc
+                row["kv_pred_bytes"] = loop.predicted_kv_bytes()
+                row["kv_err_pct"] = round(100 * (kv_alloc / row["kv_pred_bytes"] - 1), 3)
+            else:  # a growing cache: what it holds now (context + new tokens)
+                row["kv_bytes"] = loop.kv_nbytes()
             if self.device.type == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
                 row["peak_gib"] = round(row["peak_bytes"] / GIB, 3)
@@ -156,10 +215,13 @@ class Bench:
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         except Exception as exc:  # keep the sweep going; the row says what broke
-            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row["status"] = _error(exc)
         finally:
             if loop is not None:
-                loop.close()
+                try:
+                    loop.close()
+                except Exception as exc:  # a failed close must not lose the row
+                    row["close_error"] = _error(exc)
             del loop
             _free(self.device)
         return row
@@ -260,7 +322,7 @@ class Bench:
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         except Exception as exc:
-            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row["status"] = _error(exc)
         finally:
             if runtime is not None:
                 runtime.remove()
@@ -306,6 +368,12 @@ class Bench:
         self.emit(row)
 
 
+def _error(exc: BaseException) -> str:
+    """A row's status for a failure: the type and the first line of the message."""
+    lines = str(exc).splitlines() or [""]
+    return f"error: {type(exc).__name__}: {lines[0][:160]}"
+
+
 def _category(name: str) -> str:
     low = name.lower()
     if any(
@@ -327,7 +395,9 @@ def _category(name: str) -> str:
         for s in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "matmul", "cublas", "splitk", "sm90")
     ):
         return "gemm"
-    if "memcpy" in low or "memset" in low:
+    # PyTorch's copy kernels (casts, torch.cat, repeat_kv's expand + reshape, index_copy_);
+    # inductor's fused kernels may say "_to_copy" in their names and stay "other"
+    if "memcpy" in low or "memset" in low or ("copy" in low and not low.startswith("triton")):
         return "copy"
     return "other"
 
@@ -348,11 +418,12 @@ class BenchConfig:
     for each context (:func:`moa_search.bench.synthetic.synthetic_plan`) when no plan file
     is given. ``batch`` x ``context``: the sweep (lists or "1,8,32"); ``new_tokens``: decode
     steps timed per point; ``memory_budget``: the equal-memory mode's budget ("60GiB"; None
-    skips it); ``configs``: any of ``dense-sdpa``, ``dense-moa``, ``plan``;
+    skips it); ``configs``: names in :data:`CONFIG_SPECS`;
     ``prefill_batch``: sequences per timed prefill (None: no prefill timing);
     ``overhead_at``: (batch, context) where eager vs graph time and the kernel-time
     breakdown are measured (skipped when not in the sweep); ``max_tries``: batch sizes the
-    equal-memory search tries past the first estimate.
+    equal-memory search tries past the first estimate; ``compile_backend``: torch.compile
+    backend of the compiled configs (``aot_eager`` traces without code generation: tests).
     """
 
     synthetic: float | str | None = None
@@ -367,6 +438,7 @@ class BenchConfig:
     device: str = "cuda"
     seed: int = 0
     max_tries: int = 4
+    compile_backend: str = "inductor"
 
 
 def bench(
@@ -390,9 +462,9 @@ def bench(
     new_tokens, memory_budget, prefill_batch = cfg.new_tokens, cfg.memory_budget, cfg.prefill_batch
     if (plan is None) == (synthetic is None):
         raise MoaSearchError("give exactly one of plan or synthetic")
-    bad = [c for c in configs if c not in CONFIGS]
+    bad = [c for c in configs if c not in CONFIG_SPECS]
     if bad:
-        raise MoaSearchError(f"unknown config {bad[0]!r} (known: {', '.join(CONFIGS)})")
+        raise MoaSearchError(f"unknown config {bad[0]!r} (known: {', '.join(CONFIG_SPECS)})")
     if new_tokens < 1:
         raise MoaSearchError("new_tokens must be >= 1")
     batches, contexts = _as_list(cfg.batch), _as_list(cfg.context)
@@ -440,6 +512,7 @@ def bench(
         out=out_dir,
         configs=configs,
         dtype_bytes=dtype_bytes,
+        compile_backend=cfg.compile_backend,
     )
     meta = {
         "model": model,
@@ -462,8 +535,13 @@ def bench(
 
     for ctx in contexts:
         if prefill_batch:
-            for config in configs:
-                b.emit(b.prefill(config, ctx, prefill_batch))
+            timed: set[tuple[str, str | None]] = set()
+            for config in configs:  # compile and cache choices are decode-only: time once
+                spec = CONFIG_SPECS[config]
+                key = (spec.cache == "moa", spec.plan)
+                if key not in timed:
+                    timed.add(key)
+                    b.emit(b.prefill(config, ctx, prefill_batch))
         for bs in batches:
             for config in configs:
                 need = b.weights + bs * b.kv_per_seq(config, ctx)

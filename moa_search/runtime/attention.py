@@ -95,15 +95,18 @@ def moa_attention(
 
     out = torch.empty_like(query)
     if layer is not None:
+        # The Triton kernels know sinks and recent spans, not the model's own window.
+        kernels = runtime.use_kernels(query, q_len, layer, window, logits.softcap)
         if q_len == 1 and mask2d is None:  # decode without padding: position = length
-            q_pos = layer.lengths[:, None].clone()
+            q_pos = None if kernels else layer.lengths[:, None].clone()  # the kernel reads it
         else:
             real = _real_mask(mask2d, batch, q_len, query.device)
             q_pos = _positions(real, layer.lengths)
-        # The Triton kernels know sinks and recent spans, not the model's own window.
-        if runtime.use_kernels(query, q_len, layer, window, logits.softcap):
-            layer.append(key, value, q_pos)
-            decode_layer(runtime.kernels, layer, query, out, logits, window)
+        if kernels:
+            decode_layer(
+                runtime.kernels, layer, query, out, logits, window,
+                key=key, value=value, positions=q_pos,
+            )  # fmt: skip
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
             fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
             layer.append(key, value, q_pos)

@@ -12,6 +12,7 @@ prefill), so lengths are per sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +197,40 @@ class MoALayerCache(CacheLayerMixin):
         self.lengths.copy_(new_lengths)  # in place: a captured CUDA graph keeps advancing it
         self.processed += key_states.shape[2]
 
+    def append_decode(
+        self,
+        append_kernel: Callable[..., None],
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Store one decode token per sequence with ``append_kernel`` (the fused
+        ``decode_append`` of ``moa_search.kernels``) and return :meth:`decode_metadata` at
+        the new lengths, written by the same launch into buffers kept for the layout.
+
+        key/value: (B, Hkv, 1, D); positions: (B, 1), -1 for padding, or None (no padding:
+        every sequence's new token sits at its length). Same cache contents as
+        :meth:`append`, in one launch instead of a few dozen small kernels; no host sync.
+        """
+        self._ensure_capacity(self.processed + 1, key_states)
+        pos = positions[:, 0] if positions is not None else None
+        if self.sparq_heads:
+            v = value_states[:, :, 0].index_select(1, self._sparq_index).float()
+            self.v_sum += v if pos is None else v * (pos >= 0)[:, None, None]
+        geom = self._geom
+        ints, meta = geom["int32"], geom["meta"]
+        affine = geom.get("span_affine")
+        append_kernel(
+            key_states[:, :, 0], value_states[:, :, 0], self.keys, self.values, self.lengths,
+            ints["head_offset"], ints["head_sink"], ints["head_ring"], meta["seq_len"],
+            positions=pos, span_affine=None if affine is None else (affine[0, 0], affine[1, 0]),
+            span_out=meta["span"],
+        )  # fmt: skip
+        self.processed += 1
+        if affine is None:
+            return self.decode_metadata()
+        return {**ints, **meta}
+
     @staticmethod
     def _write(keys, values, geom, k_new, v_new, positions, end_lengths) -> None:
         """Scatter new entries to their slots; only entries still alive at the end are written,
@@ -234,6 +269,10 @@ class MoALayerCache(CacheLayerMixin):
         layout = HeadLayout.build(self.patterns, max_len, self.window)
         geom = _geometry(layout, self.device)
         geom["span_affine"] = _span_affine(self.patterns, self.device)
+        geom["meta"] = {  # what append_decode writes each step; kept, so graphs stay valid
+            "span": torch.zeros(batch, self.num_heads, dtype=torch.int32, device=self.device),
+            "seq_len": torch.zeros(batch, dtype=torch.int32, device=self.device),
+        }
         keys = torch.zeros(batch, layout.total_slots, dim, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
         if self.layout is not None:  # move live entries into the larger layout

@@ -1,6 +1,7 @@
-"""Route one decode step of a layer to the Triton kernels: one launch for all dense /
-window / elastic heads, one SparQ pipeline per distinct SparQ setting. No host syncs, so a
-decode step can be captured in a CUDA graph."""
+"""Route one decode step of a layer to the Triton kernels: one small launch that stores the
+new token and writes the step's lengths and spans, one launch for all dense / window /
+elastic heads, one SparQ pipeline per distinct SparQ setting. No host syncs, so a decode
+step can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -20,15 +21,31 @@ def decode_layer(
     out: torch.Tensor,
     logits: Logits,
     window: int | None = None,
+    *,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> None:
-    """query / out: (B, Hq, 1, D). The new token must already be appended to ``layer``.
+    """query / out: (B, Hq, 1, D); out's last dim contiguous (the kernels write into it).
 
-    ``logits``: the layer's scale and logit cap; ``window``: its own sliding window (the
-    runtime routes SparQ layers with a window or a cap to the reference)."""
+    ``key`` / ``value`` (B, Hkv, 1, D): the new token, stored first in one fused launch
+    (``kernels.decode.decode_append``); ``positions`` (B, 1): its positions, -1 for
+    padding, None when every sequence's token sits at its length. Without ``key`` the new
+    token must already be appended to ``layer``. ``logits``: the layer's scale and logit
+    cap; ``window``: its own sliding window (the runtime routes SparQ layers with a window
+    or a cap to the reference)."""
     scale, softcap = logits.scale, logits.softcap
     q = query[:, :, 0].contiguous()
-    o = torch.empty_like(q)
-    meta = layer.decode_metadata()
+    o = out[:, :, 0]  # a view: the kernels write the layer output in place (no copy back)
+    # moa_search.kernels.decode holds the fused append; test doubles of the module lack it
+    fused = getattr(getattr(kernels, "decode", None), "decode_append", None)
+    if key is not None and fused is not None:
+        meta = layer.append_decode(fused, key, value, positions)
+    else:
+        if key is not None:
+            pos = positions if positions is not None else layer.lengths[:, None].clone()
+            layer.append(key, value, pos)
+        meta = layer.decode_metadata()
     max_len = layer.layout.max_len
     static_ids = layer.static_head_ids()
     if static_ids.numel():
@@ -49,4 +66,3 @@ def decode_layer(
             layer.v_sum.index_select(1, rows), min(pattern.r, q.shape[-1]), k, pattern.local,
             scale, head_ids, out=o, max_len=max_len, k_max=k_max,
         )  # fmt: skip
-    out[:, :, 0] = o

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa_search.bench.decode_loop import DenseLoop, PlanLoop
+from moa_search.bench.compiled import CompileSettings
+from moa_search.bench.decode_loop import DenseLoop, DynamicLoop, PlanLoop
 from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import synthetic_plan
 from moa_search.plan import uniform_plan
@@ -82,6 +83,7 @@ def test_synthetic_fill_and_run(model):
     plan = synthetic_plan(model, density=0.5, length=32, sink=4, tolerance=0.1)
     makers = (
         lambda: DenseLoop(model, 3, 48),
+        lambda: DynamicLoop(model, 3, 48),
         lambda: PlanLoop(model, plan, 3, 48, backend="reference"),
     )
     for make in makers:
@@ -99,3 +101,126 @@ def test_synthetic_fill_and_run(model):
             assert torch.equal(loop.out_tokens[:, :5], first)
         finally:
             loop.close()
+
+
+# aot_eager: dynamo traces and partitions exactly as for inductor, without code generation
+# (minutes on a CPU); what inductor generates is exercised in tests/bench/test_compiled.py.
+TRACE_ONLY = CompileSettings(backend="aot_eager")
+
+
+def test_dynamic_loop_matches_generate(model):
+    """transformers' default cache in the loop: the tokens generate gives, the mask grown by
+    a column per step, and the cache growing by one token per step (nothing preallocated)."""
+    ids = _prompt(model)
+    want = _generate(model, ids, 12)
+    loop = DynamicLoop(model, batch=2, max_cache_len=64)
+    try:
+        loop.allocate()
+        loop.capture()
+        got = loop.generate(ids, 12)
+        assert loop.graph is None and not loop.preallocates
+        assert loop.mask.shape == (2, 40 + 11)
+        assert loop.kv_nbytes() == loop.predicted_kv_bytes() > 0
+        assert loop.cache.layers[0].keys.shape[2] == 40 + 11
+    finally:
+        loop.close()
+    assert torch.equal(got, want)
+
+
+def test_compiled_static_loop_matches_generate(model):
+    """transformers' torch.compile recipe (fullgraph over model.forward with a StaticCache)
+    traces in one graph and gives generate's tokens; the model's own forward is untouched."""
+    ids = _prompt(model)
+    want = _generate(model, ids, 10)
+    settings = CompileSettings(backend="aot_eager", mode="reduce-overhead")
+    loop = DenseLoop(model, batch=2, max_cache_len=64, compile=settings)
+    try:
+        loop.allocate()
+        loop.capture()
+        got = loop.generate(ids, 10)
+        assert loop._compiled is not None
+    finally:
+        loop.close()
+    assert "forward" not in model.__dict__
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "sparq-plan"])
+def test_plan_loop_with_compiled_pieces_matches_eager(model, kind):
+    """Norms, MLPs and rotary compiled around the eager moa attention: the same tokens as
+    the plan's own generate, and every compiled piece taken off again on close."""
+    if kind == "synthetic":
+        plan = synthetic_plan(model, density=0.5, length=64, sink=4, tolerance=0.1)
+    else:
+        plan = uniform_plan(model, "sparq:r=4,k=8,local=2")
+    ids = _prompt(model, length=48)
+    with apply_plan(model, plan, backend="reference"):
+        want = _generate(model, ids, 10)
+    loop = PlanLoop(
+        model, plan, batch=2, max_cache_len=64, backend="reference", compile_settings=TRACE_ONLY
+    )
+    try:
+        assert loop.compiled.pieces == 3 * model.config.num_hidden_layers + 3
+        loop.allocate()
+        got = loop.generate(ids, 10)
+    finally:
+        loop.close()
+    layer = model.model.layers[0]
+    assert "forward" not in layer.mlp.__dict__ and "forward" not in layer.input_layernorm.__dict__
+    assert getattr(model, "_moa_runtime", None) is None
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("make", "repeats"), [(DenseLoop, True), (DynamicLoop, False)])
+def test_static_cache_decode_repeats_kv_over_the_whole_cache(model, monkeypatch, make, repeats):
+    """Why dense-sdpa is slow at long context: with a StaticCache transformers keeps a mask
+    at decode, so its SDPA path copies K/V to every query head over all max_cache_len
+    slots (repeat_kv) each step; with a DynamicCache there is no mask and SDPA runs GQA."""
+    from transformers.integrations import sdpa_attention
+
+    seen: list[tuple[int, ...]] = []
+    original = sdpa_attention.repeat_kv
+
+    def counting(hidden, n_rep):
+        seen.append(tuple(hidden.shape))
+        return original(hidden, n_rep)
+
+    loop = make(model, batch=2, max_cache_len=64)
+    try:
+        loop.allocate()
+        loop.fill_synthetic(32)
+        monkeypatch.setattr(sdpa_attention, "repeat_kv", counting)
+        loop.run(1)
+    finally:
+        loop.close()
+    layers = model.config.num_hidden_layers
+    if repeats:  # K and V of every layer, all 64 slots (not the 33 tokens held)
+        assert seen == [(2, 2, 64, 16)] * (2 * layers)
+    else:
+        assert seen == []
+
+
+def test_compiled_static_loop_falls_back_to_graph_breaks(model, monkeypatch):
+    """If transformers' forward does not trace in one graph (another torch or transformers
+    version), the loop compiles with graph breaks, as generate's own compile does, and
+    says so instead of failing the row."""
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.repeat_kv
+
+    def breaking(hidden, n_rep):
+        torch._dynamo.graph_break()
+        return original(hidden, n_rep)
+
+    ids = _prompt(model)
+    want = _generate(model, ids, 6)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", breaking)
+    loop = DenseLoop(model, batch=2, max_cache_len=64, compile=TRACE_ONLY)
+    try:
+        loop.allocate()
+        got = loop.generate(ids, 6)
+        note = loop.compile_note
+    finally:
+        loop.close()
+    assert note is not None and note.startswith("fullgraph failed")
+    assert torch.equal(got, want)
