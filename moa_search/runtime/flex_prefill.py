@@ -171,7 +171,7 @@ class _MaskCache:
         self.lock = threading.Lock()
 
     def get(self, patterns, length, window, group, device):
-        key = (tuple(p.spec() for p in patterns), window, length, group, str(device))
+        key = (tuple(patterns), window, length, group, str(device))  # frozen: hashable
         with self.lock:
             hit = self.entries.get(key)
             if hit is not None:
@@ -205,16 +205,22 @@ MASKS = _MaskCache()
 
 
 @functools.cache
-def _compiled_flex():
+def compiled_flex(dynamic: bool | None = None):
+    """``flex_attention`` under torch.compile. ``dynamic=None`` (torch's default): the first
+    shape compiles static, the first change of length or head count recompiles with those
+    sizes symbolic, and every later one reuses it (so an eval over many lengths stays under
+    dynamo's recompile limit). ``False``: one static compile per shape (the benchmark's
+    ``flex-static``, to show what the symbolic sizes cost)."""
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
 
-    return torch.compile(flex_attention, fullgraph=True)
+    return torch.compile(flex_attention, fullgraph=True, dynamic=dynamic)
 
 
-def _flex(q, k, v, block_mask, logits: Logits, compiled: bool) -> torch.Tensor:
+def _flex(q, k, v, block_mask, logits: Logits, compiled: bool | str) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
 
-    fn = _compiled_flex() if compiled else flex_attention
+    fn = (compiled_flex(False if compiled == "static" else None) if compiled
+          else flex_attention)  # fmt: skip
     score_mod = softcap_mod(logits.softcap) if logits.softcap else None
     group = q.shape[1] // k.shape[1]
     return fn(
@@ -233,15 +239,16 @@ def flex_prefill(
     window: int | None = None,
     *,
     full_heads: list[int] | None = None,
-    compiled: bool | None = None,
+    compiled: bool | str | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached) into ``out``.
 
     query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head.
     ``full_heads``: KV heads that see every earlier key; given, they run in one causal SDPA
     (the fused flash path) and the others in one flex launch ("split"); None: every head
-    in the one flex launch. ``compiled``: torch.compile the flex kernel (default: on CUDA;
-    eager flex materialises the scores, fine for tests only).
+    in the one flex launch. ``compiled``: torch.compile the flex kernel (``compiled_flex``;
+    "static": one compile per shape; default: on CUDA; eager flex materialises the
+    scores, fine for tests only).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]

@@ -30,6 +30,7 @@ Exact: same keys and softmax as the reference, up to floating-point summation or
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import Counter
@@ -61,7 +62,13 @@ class _Band:
 
 
 def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
-    """True when every query of a prompt of ``length`` tokens sees all earlier keys."""
+    """True when every query of a prompt of ``length`` tokens sees all earlier keys.
+    Memoised: asked for every head of every layer on each prefill."""
+    return _covers_all(pattern, length, window)
+
+
+@functools.lru_cache(maxsize=4096)
+def _covers_all(pattern: Pattern, length: int, window: int | None) -> bool:
     if window is not None and window < length:
         return False
     if isinstance(pattern, Dense) or not pattern.static:
@@ -94,12 +101,12 @@ def fresh_prefill(
     if out is None:
         out = torch.empty_like(query)
     full: list[int] = []
-    sparse: dict[str, tuple[Pattern, list[int]]] = {}
+    sparse: dict[Pattern, tuple[Pattern, list[int]]] = {}
     for h, p in enumerate(patterns):
         if covers_all(p, length, window):
             full.append(h)
         else:
-            sparse.setdefault(p.spec(), (p, []))[1].append(h)
+            sparse.setdefault(p, (p, []))[1].append(h)  # frozen: equal patterns group
 
     flex = _flex_method(method, query) if sparse else None
     if flex is not None:

@@ -12,12 +12,18 @@ import warnings
 import pytest
 import torch
 
+from moa_search import apply_plan
 from moa_search.patterns import parse
 from moa_search.runtime import flex_prefill as fp
 from moa_search.runtime import prefill
 from moa_search.runtime.attention import _clamp
 from moa_search.runtime.reference import attend_head
 from moa_search.runtime.scores import Logits
+from tests.families import TINY, VOCAB, tiny_family_model
+from tests.runtime.bruteforce import bruteforce_logits
+from tests.runtime.test_runtime_families import MIXED as FAMILY_MIXED
+from tests.runtime.test_runtime_families import WITH_SPARQ, _plan
+from tests.runtime.test_runtime_families import N as FAMILY_N
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -173,13 +179,8 @@ def test_mask_cache_reuses_and_stays_bounded():
     assert cache.bytes <= cache.limit and len(cache.entries) == 1
 
 
-def test_fresh_prefill_dispatches_to_flex_and_falls_back(monkeypatch):
-    """The dispatch (CUDA only in real runs) with the eager flex: right heads, right output;
-    a flex failure warns once and the banded path still returns the exact result."""
-    q, k, v = inputs(1, 4, 2, 200, 16, torch.float32)
-    patterns = patterns_of("mixed", 4)
-    logits = Logits(0.25)
-    want = reference(q, k, v, patterns, logits, None)
+def _eager_flex(monkeypatch, method: str) -> list:
+    """Route fresh_prefill to the flex path on CPU (eager flex); returns the calls made."""
     calls, real = [], fp.flex_prefill
 
     def eager(*args, **kwargs):
@@ -188,6 +189,36 @@ def test_fresh_prefill_dispatches_to_flex_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(fp, "flex_prefill", eager)
     monkeypatch.setattr(prefill, "_FLEX_FAILED", [])
+    monkeypatch.setattr(prefill, "_flex_method", lambda m, query: method)
+    return calls
+
+
+@pytest.mark.parametrize("model_type", list(TINY))
+@pytest.mark.parametrize("method", ["flex", "flex-split"])
+@pytest.mark.parametrize("rows", [FAMILY_MIXED, WITH_SPARQ], ids=["mixed", "sparq"])
+@torch.no_grad()
+def test_model_prefill_through_flex_matches_bruteforce(model_type, method, rows, monkeypatch):
+    """Each family's real attention call (its strides, scaling, softcap, native window)."""
+    model = tiny_family_model(model_type, seed=1)
+    ids = torch.randint(3, VOCAB, (2, FAMILY_N))
+    expected = bruteforce_logits(model, ids, rows)
+    calls = _eager_flex(monkeypatch, method)
+    with apply_plan(model, _plan(model, rows)) as runtime:
+        got = model(ids, use_cache=True).logits
+    banded = [any(not prefill.covers_all(p, FAMILY_N, w) for p in heads)
+              for heads, w in zip(runtime.plan.heads, runtime.windows)]  # fmt: skip
+    assert len(calls) == sum(banded)  # flex ran where a head drops keys, SDPA elsewhere
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_fresh_prefill_dispatches_to_flex_and_falls_back(monkeypatch):
+    """The dispatch (CUDA only in real runs) with the eager flex: right heads, right output;
+    a flex failure warns once and the banded path still returns the exact result."""
+    q, k, v = inputs(1, 4, 2, 200, 16, torch.float32)
+    patterns = patterns_of("mixed", 4)
+    logits = Logits(0.25)
+    want = reference(q, k, v, patterns, logits, None)
+    calls = _eager_flex(monkeypatch, "flex")
     for method, full in (("flex", None), ("flex-split", [0, 3])):
         monkeypatch.setattr(prefill, "_flex_method", lambda m, query, name=method: name)
         got = prefill.fresh_prefill(q, k, v, patterns, logits)
