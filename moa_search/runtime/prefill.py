@@ -20,10 +20,12 @@ becomes a band of ``window`` keys, a sink only counts while it is inside the win
 ``softcap`` (Gemma 2's attention logit cap) is applied to every logit before the mask.
 
 On CUDA, ``MOA_PREFILL=flex`` (or ``flex-split``, ``auto``) runs a layer with some banded
-heads through FlexAttention instead (``runtime/flex_prefill.py``: one fused launch visiting
-only each head's sink + band key blocks; ``flex-split`` keeps full heads in the causal SDPA
-call and the others in one flex launch). The default, ``banded``, is the chunked path
-below; on CPU, or if the flex path raises (a warning says so once), it is used too.
+heads, for a prompt of at least ``MIN_FLEX_LENGTH`` tokens, through FlexAttention instead
+(``runtime/flex_prefill.py``: one fused launch visiting only each head's sink + band key
+blocks; ``flex-split`` keeps full heads in the causal SDPA call and the others in one flex
+launch). The default, ``banded``, is the chunked path below; on CPU, for shorter prompts,
+or once the flex path has raised (a warning says so), it is used too. Padded prompts and
+prompts after cached tokens never come here (attention.py's per-head path).
 
 Exact: same keys and softmax as the reference, up to floating-point summation order.
 """
@@ -45,6 +47,8 @@ DEFAULT_CHUNK = 2048
 #: ``MOA_PREFILL`` values: the chunked banded path, FlexAttention for every head of a layer,
 #: FlexAttention for the banded heads with SDPA for the full ones, or flex where it runs
 METHODS = ("banded", "flex", "flex-split", "auto")
+#: shortest prompt the flex methods take (see ``_flex_method``)
+MIN_FLEX_LENGTH = 1024
 #: layer prefills per path taken ("sdpa", "banded", "flex", "flex-split", "flex-failed"):
 #: lets benchmarks and users check which path really ran
 PATH_COUNTS: Counter[str] = Counter()
@@ -150,11 +154,15 @@ def fresh_prefill(
 
 
 def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
-    """ "flex" / "flex-split" when that path should run for ``query``, else None."""
+    """ "flex" / "flex-split" when that path should run for ``query``, else None. Prompts
+    under ``MIN_FLEX_LENGTH`` stay banded: one chunk per pattern is cheap there, and short
+    queries would take flex's separate decoding kernel (one more compile, less tested)."""
     name = method or os.environ.get("MOA_PREFILL", "").strip().lower() or "banded"
     if name not in METHODS:
         raise ValueError(f"MOA_PREFILL / method must be one of {', '.join(METHODS)}, got {name!r}")
     if name == "banded" or not query.is_cuda or _FLEX_FAILED:
+        return None
+    if query.shape[2] < MIN_FLEX_LENGTH:
         return None
     if name == "auto":
         try:

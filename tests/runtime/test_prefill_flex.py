@@ -8,6 +8,7 @@ GPU the compiled kernel reads exactly those tables.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -247,3 +248,11 @@ def test_prefill_method_setting(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prefill._flex_method("banded", q) is None
+    long, short = (SimpleNamespace(is_cuda=True, shape=(1, 2, n, 8)) for n in (4096, 100))
+    monkeypatch.delenv("MOA_PREFILL")
+    assert prefill._flex_method(None, long) is None  # the default stays banded
+    assert prefill._flex_method("auto", long) == "flex"
+    assert prefill._flex_method("flex-split", long) == "flex-split"
+    assert prefill._flex_method("flex", short) is None
+    monkeypatch.setattr(prefill, "_FLEX_FAILED", ["broken"])
+    assert prefill._flex_method("flex", long) is None
