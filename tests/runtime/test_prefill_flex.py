@@ -256,3 +256,19 @@ def test_prefill_method_setting(monkeypatch):
     assert prefill._flex_method("flex", short) is None
     monkeypatch.setattr(prefill, "_FLEX_FAILED", ["broken"])
     assert prefill._flex_method("flex", long) is None
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_flex_on_cpu_skips_blocks_and_matches_reference():
+    """The compiled kernel (Inductor's CPU template, which honours the block tables like the
+    GPU one): lengths that change (the dynamic recompile), GQA, softcap, window, split."""
+    for length, window, softcap, split in ((300, None, None, False), (700, 250, 3.0, True)):
+        q, k, v = inputs(1, 4, 2, length, 32, torch.float32, seed=length)
+        patterns = patterns_of("mixed", 4)
+        logits = Logits(32**-0.5, softcap)
+        full = [h for h, p in enumerate(patterns) if prefill.covers_all(p, length, window)]
+        got = fp.flex_prefill(q, k, v, patterns, logits, torch.empty_like(q), window,
+                              full_heads=full if split else None, compiled=True)  # fmt: skip
+        want = reference(q, k, v, patterns, logits, window)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
