@@ -122,6 +122,8 @@ def fresh_prefill(
                          full_heads=full if split else None)  # fmt: skip
             PATH_COUNTS[flex] += 1
             return out
+        except torch.OutOfMemoryError:  # the prompt's own size: no reason to switch flex off
+            raise
         except Exception as exc:  # compile / kernel trouble: the banded path still works
             PATH_COUNTS["flex-failed"] += 1
             _FLEX_FAILED.append(f"{type(exc).__name__}: {exc}")

@@ -236,6 +236,15 @@ def test_fresh_prefill_dispatches_to_flex_and_falls_back(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert prefill.PATH_COUNTS["flex-failed"] == before + 1
 
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("too long a prompt")
+
+    monkeypatch.setattr(fp, "flex_prefill", out_of_memory)
+    monkeypatch.setattr(prefill, "_FLEX_FAILED", [])
+    with pytest.raises(torch.OutOfMemoryError):
+        prefill.fresh_prefill(q, k, v, patterns, logits)
+    assert prefill._FLEX_FAILED == []  # flex stays on for the next prompt
+
 
 def test_prefill_method_setting(monkeypatch):
     q = torch.zeros(1, 2, 4, 8)
