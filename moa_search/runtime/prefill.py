@@ -19,11 +19,23 @@ becomes a band of ``window`` keys, a sink only counts while it is inside the win
 
 ``softcap`` (Gemma 2's attention logit cap) is applied to every logit before the mask.
 
+On CUDA, ``MOA_PREFILL=flex`` (or ``flex-split``, ``auto``) runs a layer with some banded
+heads, for a prompt of at least ``MIN_FLEX_LENGTH`` tokens, through FlexAttention instead
+(``runtime/flex_prefill.py``: one fused launch visiting only each head's sink + band key
+blocks; ``flex-split`` keeps full heads in the causal SDPA call and the others in one flex
+launch). The default, ``banded``, is the chunked path below; on CPU, for shorter prompts,
+or once the flex path has raised (a warning says so), it is used too. Padded prompts and
+prompts after cached tokens never come here (attention.py's per-head path).
+
 Exact: same keys and softmax as the reference, up to floating-point summation order.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +44,15 @@ from moa_search.patterns import Dense, Pattern
 from moa_search.runtime.scores import Logits, sdpa
 
 DEFAULT_CHUNK = 2048
+#: ``MOA_PREFILL`` values: the chunked banded path, FlexAttention for every head of a layer,
+#: FlexAttention for the banded heads with SDPA for the full ones, or flex where it runs
+METHODS = ("banded", "flex", "flex-split", "auto")
+#: shortest prompt the flex methods take (see ``_flex_method``)
+MIN_FLEX_LENGTH = 1024
+#: layer prefills per path taken ("sdpa", "banded", "flex", "flex-split", "flex-failed"):
+#: lets benchmarks and users check which path really ran
+PATH_COUNTS: Counter[str] = Counter()
+_FLEX_FAILED: list[str] = []  # the first error of the flex path; later calls skip it
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,13 @@ class _Band:
 
 
 def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
-    """True when every query of a prompt of ``length`` tokens sees all earlier keys."""
+    """True when every query of a prompt of ``length`` tokens sees all earlier keys.
+    Memoised: asked for every head of every layer on each prefill."""
+    return _covers_all(pattern, length, window)
+
+
+@functools.lru_cache(maxsize=4096)
+def _covers_all(pattern: Pattern, length: int, window: int | None) -> bool:
     if window is not None and window < length:
         return False
     if isinstance(pattern, Dense) or not pattern.static:
@@ -63,13 +90,14 @@ def fresh_prefill(
     out: torch.Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
     window: int | None = None,
+    method: str | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
 
     query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head;
-    logits: the layer's scale and logit cap; window: its own sliding window, if any.
-    Returns ``out`` (B, Hq, L, D),
-    same dtype as query.
+    logits: the layer's scale and logit cap; window: its own sliding window, if any;
+    method: one of ``METHODS`` (None: ``$MOA_PREFILL``, else "banded").
+    Returns ``out`` (B, Hq, L, D), same dtype as query.
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -77,12 +105,35 @@ def fresh_prefill(
     if out is None:
         out = torch.empty_like(query)
     full: list[int] = []
-    sparse: dict[str, tuple[Pattern, list[int]]] = {}
+    sparse: dict[Pattern, tuple[Pattern, list[int]]] = {}
     for h, p in enumerate(patterns):
         if covers_all(p, length, window):
             full.append(h)
         else:
-            sparse.setdefault(p.spec(), (p, []))[1].append(h)
+            sparse.setdefault(p, (p, []))[1].append(h)  # frozen: equal patterns group
+
+    flex = _flex_method(method, query) if sparse else None
+    if flex is not None:
+        from moa_search.runtime.flex_prefill import flex_prefill  # noqa: PLC0415
+
+        try:
+            split = flex == "flex-split" and full
+            flex_prefill(query, key, value, patterns, logits, out, window,
+                         full_heads=full if split else None)  # fmt: skip
+            PATH_COUNTS[flex] += 1
+            return out
+        except torch.OutOfMemoryError:  # the prompt's own size: no reason to switch flex off
+            raise
+        except Exception as exc:  # compile / kernel trouble: the banded path still works
+            PATH_COUNTS["flex-failed"] += 1
+            _FLEX_FAILED.append(f"{type(exc).__name__}: {exc}")
+            warnings.warn(
+                f"FlexAttention prefill failed, using the banded path from now on: "
+                f"{_FLEX_FAILED[0][:300]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    PATH_COUNTS["banded" if sparse else "sdpa"] += 1
 
     if full:
         qi = _q_heads(full, group)
@@ -102,6 +153,26 @@ def fresh_prefill(
     for pattern, heads in sparse.values():
         _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk))
     return out
+
+
+def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
+    """ "flex" / "flex-split" when that path should run for ``query``, else None. Prompts
+    under ``MIN_FLEX_LENGTH`` stay banded: one chunk per pattern is cheap there, and short
+    queries would take flex's separate decoding kernel (one more compile, less tested)."""
+    name = method or os.environ.get("MOA_PREFILL", "").strip().lower() or "banded"
+    if name not in METHODS:
+        raise ValueError(f"MOA_PREFILL / method must be one of {', '.join(METHODS)}, got {name!r}")
+    if name == "banded" or not query.is_cuda or _FLEX_FAILED:
+        return None
+    if query.shape[2] < MIN_FLEX_LENGTH:
+        return None
+    if name == "auto":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401, PLC0415
+        except ImportError:
+            return None
+        return "flex"
+    return name
 
 
 def _q_heads(kv_heads: list[int], group: int) -> list[int]:

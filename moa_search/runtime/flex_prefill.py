@@ -1,0 +1,276 @@
+"""Prefill with FlexAttention: every head of a layer in one fused launch that visits, per
+query block, only the key blocks its pattern can reach (sink blocks + band blocks).
+
+Why: the banded path (``prefill._banded``) loops over query chunks and distinct patterns
+with explicit (chunk x band) masks and no flash kernel; at 32k tokens that made a 25% plan
+slower to prefill than dense. Here each layer gets a :class:`BlockMask` computed directly
+from the heads' bounds (no L x L mask is ever formed, and no mask_mod is evaluated to build
+it), cached per (layer patterns, length), and ``flex_attention`` (compiled on CUDA) runs a
+flash kernel that skips blocks outside the mask and evaluates the exact rule only on the
+edge blocks.
+
+The rule, per KV head and query ``q`` (``n = q + 1`` tokens seen): key ``k <= q`` is seen
+when ``k >= band_lo[q]`` (``band_lo = n - span``, span clamped to the layer's own
+``window``) or when ``k < sink`` and, with a window, ``q - k < window``. Dense and SparQ
+heads (SparQ is dense in prefill) are ``band_lo = 0``. Softcap is a ``score_mod``. Exact
+like the reference, up to summation order.
+
+Applies to a fresh, unpadded prompt (what ``fresh_prefill`` handles); anything else keeps
+the existing paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moa_search.patterns import Pattern
+from moa_search.runtime.scores import Logits, sdpa
+
+#: query / key block of the BlockMask (FlexAttention's default sparse block)
+BLOCK = 128
+#: bytes of BlockMask index tensors kept across calls (one entry per (patterns, length));
+#: a mask larger than this is built per call (~ms at 128k, small next to its attention)
+CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class HeadBounds:
+    """Per KV head: ``band_lo`` (Hkv, >= L) int32, the first band key of every query (padded
+    to whole blocks);
+    ``sink`` (Hkv,) int32, keys below it count while inside ``window`` (None: no window)."""
+
+    band_lo: torch.Tensor
+    sink: torch.Tensor
+    window: int | None
+
+
+def head_bounds(
+    patterns: list[Pattern], length: int, window: int | None, device: torch.device | str
+) -> HeadBounds:
+    """The bounds of the per-head rule above for a prompt of ``length`` tokens."""
+    n = torch.arange(1, length + 1, dtype=torch.long, device=device)
+    rows, sinks = [], []
+    for p in patterns:
+        span = torch.as_tensor(p.span_at(n), device=device) if p.static else n
+        if window is not None:
+            span = span.clamp(max=window)
+        rows.append(n - span)
+        sinks.append(min(p.sink, length) if p.static else 0)
+    band_lo = torch.stack(rows).to(torch.int32)
+    # Padded to whole blocks: the kernel may evaluate the mask on rows past the end.
+    pad = -(-length // BLOCK) * BLOCK - length
+    if pad:
+        band_lo = torch.cat([band_lo, band_lo[:, -1:].expand(-1, pad)], 1)
+    return HeadBounds(band_lo, torch.tensor(sinks, dtype=torch.int32, device=device), window)
+
+
+def mask_mod_for(bounds: HeadBounds, group: int):
+    """FlexAttention ``mask_mod`` of the rule; ``h`` is the query head (GQA: h // group)."""
+    band_lo, sink, window = bounds.band_lo, bounds.sink, bounds.window
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kv = h // group
+        band = kv_idx >= band_lo[kv, q_idx]
+        sunk = kv_idx < sink[kv]
+        if window is not None:
+            sunk = sunk & (q_idx - kv_idx < window)
+        return (band | sunk) & (kv_idx <= q_idx)
+
+    return mask_mod
+
+
+def softcap_mod(softcap: float):
+    """``score_mod`` capping every logit as ``softcap * tanh(s / softcap)`` (Gemma 2)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+def block_tables(bounds: HeadBounds, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visit, full): (Hkv, QB, KB) bool per (query block, key block).
+
+    ``visit`` holds every block with a seen pair (a superset is safe: the kernel masks it);
+    ``full`` only complete blocks whose every pair is seen (the kernel skips the mask
+    there, so it must be exact). Built from per-block min / max of the bounds, O(QB x KB)."""
+    band_lo, sink, window = bounds.band_lo, bounds.sink, bounds.window
+    dev = band_lo.device
+    nb = -(-length // BLOCK)
+    pad = nb * BLOCK - length
+    lo = band_lo[:, :length].long()
+    lo_min = F.pad(lo, (0, pad), value=length).view(-1, nb, BLOCK).amin(-1)[:, :, None]
+    lo_max = F.pad(lo, (0, pad), value=-1).view(-1, nb, BLOCK).amax(-1)[:, :, None]
+    start = torch.arange(nb, device=dev) * BLOCK
+    last = (start + BLOCK).clamp(max=length) - 1
+    complete = (last - start + 1) == BLOCK
+    q_first, q_last = start[None, :, None], last[None, :, None]
+    k0, k1 = start[None, None, :], last[None, None, :]
+    s = sink.long()[:, None, None]
+    band_any = (k0 <= q_last) & (k1 >= lo_min)
+    sink_any = (k0 < s) & (k0 <= q_last)
+    band_full = (k1 <= q_first) & (k0 >= lo_max)
+    sink_full = (k1 < s) & (k1 <= q_first)
+    if window is not None:
+        sink_any = sink_any & (torch.minimum(k1, s - 1) > q_first - window)
+        sink_full = sink_full & (q_last - k0 < window)
+    visit = band_any | sink_any
+    full = (band_full | sink_full) & complete[None, :, None] & complete[None, None, :]
+    return visit, full
+
+
+def _ordered(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) of a (Hkv, QB, KB) bool block mask in BlockMask layout, one row of
+    heads per query head: (1, Hq, QB) int32 and (1, Hq, QB, KB) int32, set blocks first in
+    ascending order (what the kernel reads; the rest of a row is never read)."""
+    count = mask.sum(-1, dtype=torch.int32)
+    order = torch.sort(mask.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    count = count.repeat_interleave(group, dim=0)[None]
+    return count, order.to(torch.int32).repeat_interleave(group, dim=0)[None].contiguous()
+
+
+_FROM_KV = None
+
+
+def build_block_mask(bounds: HeadBounds, length: int, group: int):
+    """The layer's BlockMask (query heads = KV heads x ``group``) with the exact mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask  # noqa: PLC0415
+
+    global _FROM_KV
+    if _FROM_KV is None:
+        _FROM_KV = set(inspect.signature(BlockMask.from_kv_blocks).parameters)
+    visit, full = block_tables(bounds, length)
+    partial = visit & ~full
+    kv_num, kv_idx = _ordered(partial, group)
+    full_num, full_idx = _ordered(full, group)
+    extra = {}
+    if "seq_lengths" in _FROM_KV:
+        extra["seq_lengths"] = (length, length)
+    if "compute_q_blocks" in _FROM_KV:
+        extra["compute_q_blocks"] = False  # forward only: no backward index
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(BLOCK, BLOCK),
+        mask_mod=mask_mod_for(bounds, group), **extra,
+    )  # fmt: skip
+
+
+class _MaskCache:
+    """LRU of BlockMasks by (patterns, window, length, group, device), bounded in bytes."""
+
+    def __init__(self, limit: int = CACHE_BYTES):
+        self.limit = limit
+        self.entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, patterns, length, window, group, device):
+        key = (tuple(patterns), window, length, group, str(device))  # frozen: hashable
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit[0]
+        bounds = head_bounds(patterns, length, window, device)
+        mask = build_block_mask(bounds, length, group)
+        size = _mask_bytes(mask)
+        if size <= self.limit:
+            with self.lock:
+                self.entries[key] = (mask, size)
+                self.bytes += size
+                while self.bytes > self.limit:
+                    _, (_, old) = self.entries.popitem(last=False)
+                    self.bytes -= old
+        return mask
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.bytes = 0
+
+
+def _mask_bytes(mask) -> int:
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    tensors = [getattr(mask, n, None) for n in names]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+MASKS = _MaskCache()
+
+
+@functools.cache
+def compiled_flex(dynamic: bool | None = None):
+    """``flex_attention`` under torch.compile. ``dynamic=None`` (torch's default): the first
+    shape compiles static, the first change of length or head count recompiles with those
+    sizes symbolic, and every later one reuses it (so an eval over many lengths stays under
+    dynamo's recompile limit). ``False``: one static compile per shape (the benchmark's
+    ``flex-static``, to show what the symbolic sizes cost)."""
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+
+    return torch.compile(flex_attention, fullgraph=True, dynamic=dynamic)
+
+
+def _flex(q, k, v, block_mask, logits: Logits, compiled: bool | str) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+
+    fn = (compiled_flex(False if compiled == "static" else None) if compiled
+          else flex_attention)  # fmt: skip
+    score_mod = softcap_mod(logits.softcap) if logits.softcap else None
+    group = q.shape[1] // k.shape[1]
+    return fn(
+        q, k.to(q.dtype), v.to(q.dtype), score_mod=score_mod, block_mask=block_mask,
+        scale=logits.scale, enable_gqa=group > 1,
+    )  # fmt: skip
+
+
+def flex_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    patterns: list[Pattern],
+    logits: Logits,
+    out: torch.Tensor,
+    window: int | None = None,
+    *,
+    full_heads: list[int] | None = None,
+    compiled: bool | str | None = None,
+) -> torch.Tensor:
+    """Attention of a prompt at positions 0..L-1 (no padding, nothing cached) into ``out``.
+
+    query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head.
+    ``full_heads``: KV heads that see every earlier key; given, they run in one causal SDPA
+    (the fused flash path) and the others in one flex launch ("split"); None: every head
+    in the one flex launch. ``compiled``: torch.compile the flex kernel (``compiled_flex``;
+    "static": one compile per shape; default: on CUDA; eager flex materialises the
+    scores, fine for tests only).
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    if compiled is None:
+        compiled = query.is_cuda
+    sparse = list(range(kv_heads))
+    if full_heads:
+        dense = set(full_heads)
+        sparse = [h for h in sparse if h not in dense]
+        qi = [h * group + g for h in full_heads for g in range(group)]
+        out[:, qi] = sdpa(
+            query[:, qi], key[:, full_heads].to(query.dtype), value[:, full_heads].to(query.dtype),
+            is_causal=True, scale=logits.scale, enable_gqa=group > 1, softcap=logits.softcap,
+        )  # fmt: skip
+    if not sparse:
+        return out
+    picked = [patterns[h] for h in sparse]
+    mask = MASKS.get(picked, length, window, group, query.device)
+    if len(sparse) == kv_heads:
+        out.copy_(_flex(query, key, value, mask, logits, compiled))
+    else:
+        qi = [h * group + g for h in sparse for g in range(group)]
+        out[:, qi] = _flex(query[:, qi], key[:, sparse], value[:, sparse], mask, logits, compiled)
+    return out
