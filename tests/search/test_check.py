@@ -131,12 +131,47 @@ def test_balance_trades_towards_the_task_the_plan_loses_on(setup):
     checker.balance(report, caps, w, [baseline])
     steps = report.history[before:]
     assert steps and steps[0]["weights"]["text"] == 2 * checker.weights["text"]
-    assert all(s["worse_than_baseline"] in ([], ["text"]) for s in steps)
+    assert all(s["worse_than_baseline"] in ([], [f"text@{N}"]) for s in steps)
     final = checker.measure(report.choice)
     assert final.by_task["text"]["kl"] <= start.by_task["text"]["kl"] + 1e-12
     for cap in caps:
         used = problem.bytes_per_head(cap.kind, cap.length)[report.choice].sum()
         assert used <= cap.limit * (1 + 1e-9)
+
+
+def test_balance_finds_the_lengths_a_plan_loses_at_and_weighs_only_those():
+    from types import SimpleNamespace
+
+    from moa_search.search.check import Measured
+
+    checker = PlanChecker.__new__(PlanChecker)  # only the weighing logic, no model
+    checker.weights = {"text": 1.0, "retrieval": 1.0, "self": 0.0}
+    checker.problem = SimpleNamespace(lengths=[2048, 4096])
+    per = lambda a, b: {"kl": (a + b) / 2, "kl_by_length": {"2048": a, "4096": b}}  # noqa: E731
+    plan = Measured(0.0, {"text": per(0.40, 0.60), "retrieval": per(0.1, 0.1), "self": per(9, 9)})
+    window = {
+        "measured_by_task": {"text": per(0.45, 0.55), "retrieval": per(2, 2), "self": per(0, 0)}
+    }
+    assert checker._losses(plan, [window]) == [("text", 4096)]  # wins at 2k, loses at 4k
+    # a retrieval answer dense gets right and the plan drops is a loss, whatever the window
+    plan.by_task["retrieval"]["match_by_length"] = {"2048": 1.0, "4096": 0.5}
+    plan.by_task["retrieval"]["dense_match_by_length"] = {"2048": 1.0, "4096": 1.0}
+    plan.by_task["self"]["match_by_length"] = {"2048": 0.0, "4096": 0.0}  # long answers:
+    plan.by_task["self"]["dense_match_by_length"] = {"2048": 1.0, "4096": 1.0}  # not judged
+    assert checker._losses(plan, [window]) == [("retrieval", 4096), ("text", 4096)]
+    del plan.by_task["retrieval"]["match_by_length"]
+    means_only = {"measured_by_task": {"text": {"kl": 0.45}}}
+    assert checker._losses(plan, [means_only]) == [("text", 2048), ("text", 4096)]
+    values = {t: np.arange(12.0).reshape(2, 3, 2) for t in ("text", "retrieval")}
+    values["text"][1, 2] = np.inf  # not allowed
+    lw = np.array([0.5, 0.5])
+    got = checker._combine(values, {"text": np.array([1.0, 4.0]), "retrieval": np.ones(2)}, lw)
+    want = values["text"] @ (lw * [1, 4]) + values["retrieval"] @ lw
+    assert np.isinf(got[1, 2]) and np.allclose(got[np.isfinite(want)], want[np.isfinite(want)])
+    assert checker._weights_record({"text": np.array([2.0, 2.0])}) == {"text": 2.0}
+    assert checker._weights_record({"text": np.array([1.0, 2.0])}) == {
+        "text": {"2048": 1.0, "4096": 2.0}
+    }
 
 
 def test_the_window_baseline_holds_the_memory_the_plan_holds_at_each_length(setup):
