@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import moa_search.kernels as mk
 import torch
 import torch.nn.functional as F
+
+import moa_search.kernels as mk
 from moa_search.kernels import decode as decode_mod
 from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels.testing import HeadGeom
-
 from moa_search.patterns import sectors_touched
 
 HQ, HKV, D = 32, 8, 128

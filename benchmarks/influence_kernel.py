@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from moa_search.kernels.influence import static_influence
 
+from moa_search.kernels.influence import static_influence
 from moa_search.profile.candidates import default_candidates, split_static
 from moa_search.profile.influence import (
     LayerAttention,

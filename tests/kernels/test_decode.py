@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+
 from moa_search.kernels import mixed_decode, mixed_decode_ref, sparq_decode, sparq_decode_ref
 from moa_search.kernels.sparq import sparq_kt_from_cache
 from moa_search.kernels.testing import HeadGeom, build_layer, random_heads

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moa_search.kernels.decode import decode_append
 
 import moa_search as ms
+from moa_search.kernels.decode import decode_append
 from moa_search.patterns import parse
 from moa_search.runtime.cache import MoALayerCache
 from tests.conftest import tiny_llama

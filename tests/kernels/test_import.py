@@ -10,9 +10,10 @@ KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 
 def test_coexists_with_transformers() -> None:
-    import moa_search.kernels as mk
     import transformers
     from transformers.utils import is_kernels_available
+
+    import moa_search.kernels as mk
 
     assert callable(mk.mixed_decode) and callable(mk.sparq_decode)
     assert Path(mk.__file__).resolve().parent == KERNELS_DIR

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moa_search.kernels.influence import MAX_CANDIDATES, static_influence, tile_events
 
+from moa_search.kernels.influence import MAX_CANDIDATES, static_influence, tile_events
 from moa_search.patterns import Dense, Elastic, Window
 from moa_search.profile.influence import dropped_range
 
