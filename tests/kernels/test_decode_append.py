@@ -27,21 +27,23 @@ def _pair(window: int | None, max_len: int = 40):
     return [MoALayerCache(patterns, max_len, window) for _ in range(2)]
 
 
-def _token(gen, batch, heads, dim, dtype):
+def _token(gen, batch, heads, dim, dtype, device="cpu"):
     # (B, Hkv, 1, D) laid out as the model makes it: a transpose of (B, 1, Hkv, D)
-    x = torch.randn(batch, 1, heads, dim, generator=gen).to(dtype)
+    x = torch.randn(batch, 1, heads, dim, generator=gen).to(device, dtype)
     return x.transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
-def test_fused_append_matches_pytorch_append(dtype: torch.dtype, window: int | None) -> None:
+def test_fused_append_matches_pytorch_append(
+    dtype: torch.dtype, window: int | None, device: torch.device
+) -> None:
     batch, dim, steps = 3, 16, 23
     gen = torch.Generator().manual_seed(0)
     torch_cache, fused_cache = _pair(window)
     heads = len(HEADS)
     for step in range(steps):
-        k, v = _token(gen, batch, heads, dim, dtype), _token(gen, batch, heads, dim, dtype)
+        k, v = (_token(gen, batch, heads, dim, dtype, device) for _ in range(2))
         for cache in (torch_cache, fused_cache):
             if not cache.is_initialized:
                 cache.lazy_initialization(k, v)
@@ -66,11 +68,11 @@ def test_fused_append_matches_pytorch_append(dtype: torch.dtype, window: int | N
     assert torch_cache.lengths.tolist() == [steps, steps - steps // 4, steps]
 
 
-def test_fused_append_keeps_its_metadata_buffers() -> None:
+def test_fused_append_keeps_its_metadata_buffers(device: torch.device) -> None:
     """A CUDA graph replays fixed addresses: every step writes the same span / seq_len."""
     cache = MoALayerCache([parse(s) for s in HEADS], 16)
     gen = torch.Generator().manual_seed(1)
-    k = _token(gen, 2, len(HEADS), 16, torch.float32)
+    k = _token(gen, 2, len(HEADS), 16, torch.float32, device)
     cache.lazy_initialization(k, k)
     first = cache.append_decode(decode_append, k, k)
     second = cache.append_decode(decode_append, k, k)
@@ -81,11 +83,13 @@ def test_fused_append_keeps_its_metadata_buffers() -> None:
 
 @pytest.mark.parametrize("padded", [False, True])
 @torch.no_grad()
-def test_generate_through_the_fused_append_matches_the_reference(padded: bool) -> None:
+def test_generate_through_the_fused_append_matches_the_reference(
+    padded: bool, device: torch.device
+) -> None:
     """The whole decode path (fused append, then the kernels reading its metadata) gives
     the reference backend's greedy tokens, with and without left padding."""
-    model = tiny_llama(seed=3)
-    ids = torch.randint(3, 128, (2, 19))
+    model = tiny_llama(seed=3).to(device)
+    ids = torch.randint(3, 128, (2, 19)).to(device)
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :4] = 0
