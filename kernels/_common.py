@@ -33,6 +33,44 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=8)
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+def fit_tiles_to(
+    budget: int, block_n: int, dim: int, elem_bytes: int, stages: int, tiles: int = 2
+) -> tuple[int, int]:
+    """(block_n, num_stages) whose pipelined tiles fit ``budget`` bytes of shared memory:
+    pipelining keeps ``stages - 1`` copies of ``tiles`` (block_n, dim) tiles in flight;
+    stages drop first, then the block halves (down to 16)."""
+
+    def need(b: int, s: int) -> int:
+        return max(1, s - 1) * tiles * b * dim * elem_bytes
+
+    while stages > 1 and need(block_n, stages) > budget:
+        stages -= 1
+    while block_n > 16 and need(block_n, stages) > budget:
+        block_n //= 2
+    return block_n, stages
+
+
+def fit_tiles(
+    device: torch.device, block_n: int, dim: int, elem_bytes: int, stages: int, tiles: int = 2
+) -> tuple[int, int]:
+    """The tuned (block_n, num_stages), shrunk where the device's shared memory is short.
+
+    Why: the tuning was chosen for bf16 at d <= 128; fp32 caches at d = 256 (Gemma in
+    fp32) need 4x the bytes per tile, and Triton then refuses to launch (out of shared
+    memory, seen on an H200). Unchanged on the CPU interpreter and wherever the tuned
+    values fit (32 KiB are left for the query block and the partials)."""
+    if device.type != "cuda" or interpreting():
+        return block_n, stages
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return fit_tiles_to(_smem_limit(index) - 32 * 1024, block_n, dim, elem_bytes, stages, tiles)
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_common, interpreting, next_pow2, pick_chunk
+from ._common import cdiv, check_common, fit_tiles, interpreting, next_pow2, pick_chunk
 
 LOG2E = 1.4426950408889634
 
@@ -372,7 +372,9 @@ def mixed_decode(
         return out
     span = span.contiguous()
     dev = q.device
-    block_n = TUNING["block_n"]
+    block_n, stages = fit_tiles(
+        dev, TUNING["block_n"], dim, k_cache.element_size(), TUNING["num_stages"]
+    )
     bound = max_len if max_len is not None else k_cache.shape[1]
     if chunk is None:
         chunk = pick_chunk(
@@ -431,7 +433,7 @@ def mixed_decode(
         SOFTCAP=bool(softcap),
         WINDOW=window is not None,
         num_warps=TUNING["num_warps"],
-        num_stages=TUNING["num_stages"],
+        num_stages=stages,
     )
     if split:
         merge_partials(part_m, part_l, part_acc, count, out, head_ids, n_list, group)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import sparq_query_components
-from ._common import cdiv, check_common, interpreting, next_pow2, pick_chunk
+from ._common import cdiv, check_common, fit_tiles, interpreting, next_pow2, pick_chunk
 from .decode import LOG2E, _attend_block, merge_partials
 
 TUNING: dict[str, int] = {
@@ -458,7 +458,9 @@ def sparq_decode(
     top = torch.topk(sel, kmax, dim=-1, sorted=k_tensor).indices.to(torch.int32)
 
     # 5. exact attention over the chosen rows + merge with mean(V)
-    block_c = tn["attend_block"]
+    block_c, stages_c = fit_tiles(
+        dev, tn["attend_block"], dim, k_cache.element_size(), tn["num_stages"]
+    )
     chunk_c = pick_chunk(kmax, rows, dev, block_c, tn["attend_chunk_lo"], tn["attend_chunk_hi"])
     splits_c = cdiv(kmax, chunk_c)
     pm = torch.empty(rows, splits_c, group, dtype=torch.float32, device=dev)
@@ -506,7 +508,7 @@ def sparq_decode(
         UPCAST=upcast,
         IEEE=k_cache.dtype == torch.float32,
         num_warps=tn["num_warps"],
-        num_stages=tn["num_stages"],
+        num_stages=stages_c,
     )
     merge_partials(
         pm,

@@ -353,3 +353,16 @@ def test_random_sweep(kind: str, sweep_size: int, device: torch.device) -> None:
         with open(log, "a") as fh:
             fh.write(json.dumps(summary) + "\n")
     assert not bad, f"{len(bad)} of {len(results)} cases over tolerance, e.g. {bad[:3]}"
+
+
+def test_launch_tiles_fit_shared_memory() -> None:
+    """fp32 K/V at d=256 with the bf16-tuned tiles needed 282 KB of shared memory on an
+    H200 (limit 227 KB) and the launch failed: the tiles now shrink to fit."""
+    from moa_search.kernels._common import fit_tiles_to
+
+    budget = 227 * 1024 - 32 * 1024
+    assert fit_tiles_to(budget, 64, 128, 2, 3) == (64, 3)  # the tuned bf16 case: unchanged
+    block, stages = fit_tiles_to(budget, 64, 256, 4, 3)
+    assert (stages - 1 or 1) * 2 * block * 256 * 4 <= budget and (block, stages) == (64, 2)
+    block, stages = fit_tiles_to(99 * 1024 - 32 * 1024, 64, 256, 4, 3)  # a consumer card
+    assert stages == 1 and block == 32
