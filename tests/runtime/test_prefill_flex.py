@@ -259,7 +259,7 @@ def test_prefill_method_setting(monkeypatch):
         assert prefill._flex_method("banded", q) is None
     long, short = (SimpleNamespace(is_cuda=True, shape=(1, 2, n, 8)) for n in (4096, 100))
     monkeypatch.delenv("MOA_PREFILL")
-    assert prefill._flex_method(None, long) is None  # the default stays banded
+    assert prefill._flex_method(None, long) == "flex"  # the default on CUDA: auto
     assert prefill._flex_method("auto", long) == "flex"
     assert prefill._flex_method("flex-split", long) == "flex-split"
     assert prefill._flex_method("flex", short) is None
