@@ -501,7 +501,7 @@ def quickstart(
     ),
     budget: Annotated[str, typer.Option(help="KV budget of the searched plan.")] = "memory=0.25",
     profile_lengths: Annotated[str, typer.Option(help="Profiled lengths.")] = "1024",
-    profile_samples: Annotated[int, typer.Option(help="Calibration samples per length.")] = 6,
+    profile_samples: Annotated[int, typer.Option(help="Calibration samples per length.")] = 8,
     trials: Annotated[int, typer.Option(help="Optuna trials.")] = 60,
     eval_lengths: Annotated[str, typer.Option(help="Eval lengths.")] = "1024",
     eval_samples: Annotated[int, typer.Option(help="Samples per eval cell and depth.")] = 2,
