@@ -37,6 +37,18 @@ from moa_search.errors import MoaSearchError
 from moa_search.plan import Plan
 
 
+def _randomize_layers(layers: list[Any], generator: torch.Generator) -> None:
+    """Random K/V in transformers cache layers (decode speed depends on lengths only)."""
+    for layer in layers:
+        layer.keys.normal_(generator=generator)
+        layer.values.normal_(generator=generator)
+
+
+def _layers_nbytes(layers: list[Any]) -> int:
+    """Bytes of K and V held by transformers cache layers."""
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+
+
 class DecodeLoop:
     """Shared machinery; subclasses own the cache. ``ids``/``pos``: (B, 1) long,
     ``cache_pos``: (1,) long, ``out_tokens``: (B, capacity) long, ``step_idx``: (1,) long."""
@@ -106,8 +118,8 @@ class DecodeLoop:
     #: False where the cache grows by concatenation (no fixed buffers: no prediction to check)
     preallocates = True
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
-        return self.model(
+    def _step_kwargs(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor):
+        return dict(
             input_ids=ids,
             position_ids=pos,
             cache_position=cache_pos,
@@ -115,6 +127,9 @@ class DecodeLoop:
             use_cache=True,
             logits_to_keep=1,
         )
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
+        return self.model(**self._step_kwargs(ids, pos, cache_pos))
 
     def _step(self) -> None:
         logits = self._forward(self.ids, self.pos, self.cache_pos).logits
@@ -286,14 +301,7 @@ class DenseLoop(DecodeLoop):
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache_pos: torch.Tensor) -> Any:
         if self._compiled is None or self.cache is None or not self._static_layers():
             return super()._forward(ids, pos, cache_pos)  # the first call sizes the cache
-        kwargs = dict(
-            input_ids=ids,
-            position_ids=pos,
-            cache_position=cache_pos,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        kwargs = self._step_kwargs(ids, pos, cache_pos)
         if self._compiled_once or not self._compile.fullgraph:
             return self._compiled(**kwargs)
         try:
@@ -321,16 +329,10 @@ class DenseLoop(DecodeLoop):
             layer.cumulative_length.fill_(n)
 
     def _randomize_cache(self, generator: torch.Generator) -> None:
-        for layer in self._static_layers():
-            layer.keys.normal_(generator=generator)
-            layer.values.normal_(generator=generator)
+        _randomize_layers(self._static_layers(), generator)
 
     def kv_nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self._static_layers()
-            for t in (layer.keys, layer.values)
-        )
+        return _layers_nbytes(self._static_layers())
 
     def predicted_kv_bytes(self) -> int:
         from moa_search.plan import dense_plan  # noqa: PLC0415
@@ -412,9 +414,7 @@ class DynamicLoop(DecodeLoop):
         self.mask = torch.ones(self.batch, n, dtype=torch.long, device=self.device)
 
     def _randomize_cache(self, generator: torch.Generator) -> None:
-        for layer in self._layers():
-            layer.keys.normal_(generator=generator)
-            layer.values.normal_(generator=generator)
+        _randomize_layers(self._layers(), generator)
 
     @torch.no_grad()
     def fill_synthetic(self, length: int, seed: int = 0) -> None:
@@ -427,11 +427,7 @@ class DynamicLoop(DecodeLoop):
         super().fill_synthetic(length, seed)
 
     def kv_nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for layer in self._layers()
-            for t in (layer.keys, layer.values)
-        )
+        return _layers_nbytes(self._layers())
 
     def predicted_kv_bytes(self) -> int:
         from moa_search.plan import dense_plan  # noqa: PLC0415
