@@ -222,13 +222,11 @@ class PlanChecker:
             rows = [r for r in per_sample if r[1] == t]
             if not rows:
                 continue
-            kl_at = {
-                n: float(np.mean(v)) for n in lengths if (v := [r[2] for r in rows if r[0] == n])
-            }
+            kl_at = _mean_by_length(rows, 2, lengths)
             dnll = float(np.mean([r[3] for r in rows]))
             by_task[t] = {
                 "kl": float(np.mean(list(kl_at.values()))),
-                "kl_by_length": {str(n): v for n, v in kl_at.items()},
+                "kl_by_length": kl_at,
                 "dnll": dnll,
                 "ppl_ratio": float(math.exp(dnll)),
                 "match": float(np.mean([r[4] for r in rows])),
@@ -323,11 +321,6 @@ class PlanChecker:
             for t in self.weights
         }
 
-    @staticmethod
-    def _weighted(values: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-        total = sum(w * values[t] for t, w in weights.items() if w)
-        return np.where(np.isfinite(total), total, np.inf)
-
     # --- refinement ---------------------------------------------------------------
     def _solve(self, values: np.ndarray, caps: Sequence[UserCap]) -> np.ndarray:
         p = self.problem
@@ -372,7 +365,7 @@ class PlanChecker:
                 if "refine" not in report.stopped:
                     report.stopped.append("refine")
                 break
-            heads = self._pick(self._weighted(values, self.weights) @ length_weights, best, seen)
+            heads = self._pick(self._combine(values, self.weights, length_weights), best, seen)
             if not heads:
                 break
             seen.update(heads)
@@ -381,7 +374,7 @@ class PlanChecker:
             if self.cut_short and "refine" not in report.stopped:
                 report.stopped.append("refine")
             try:
-                new = self._solve(self._weighted(values, self.weights) @ length_weights, caps)
+                new = self._solve(self._combine(values, self.weights, length_weights), caps)
             except Infeasible:
                 break
             m = self.measure(new)
@@ -450,7 +443,8 @@ class PlanChecker:
         length_weights: np.ndarray,
     ) -> np.ndarray:
         """(heads, candidates) values: per-task (heads, candidates, lengths) values weighted
-        per task and length (``inf`` where a candidate is not allowed)."""
+        per task (a number, or one per length) and by ``length_weights`` (``inf`` where a
+        candidate is not allowed)."""
         total = sum(
             (values[t] * (np.asarray(w, float) * length_weights)).sum(-1)
             for t, w in weights.items()
