@@ -97,6 +97,13 @@ def profile(
     candidates: Annotated[
         str | None, typer.Option(help="';'-separated pattern specs (default: built-in grid).")
     ] = None,
+    patterns: Annotated[
+        str | None,
+        typer.Option(
+            help="Families of the default grid to profile (dense always), e.g. "
+            "window,elastic for a memory budget: SparQ stores every key."
+        ),
+    ] = None,
     sparq_rows: Annotated[
         int, typer.Option(help="Query rows per sample that price SparQ candidates (0: all).")
     ] = 256,
@@ -126,7 +133,8 @@ def profile(
 
     config = ProfileConfig(
         method=method, lengths=tuple(_lengths(lengths)), samples=samples, candidates=candidates,
-        seed=seed, loss=loss, dtype=dtype, device=device, devices=devices, storage=storage,
+        families=tuple(_items(patterns)) if patterns else None, seed=seed, loss=loss,
+        dtype=dtype, device=device, devices=devices, storage=storage,
         block_size=block_size, sparq_rows=sparq_rows,
         gradient_checkpointing=gradient_checkpointing, validate=validate,
         measure=MeasureConfig(fidelity, row_batch, max_scored), plots=plots,

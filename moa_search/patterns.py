@@ -281,18 +281,30 @@ class Elastic(Pattern):
 
     @classmethod
     def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
-        """measured: four (alpha, beta) spans (sink 32); gradient: alpha 0 .. 16k x beta
-        0 .. 0.5 (sink 64); alphas from half the longest length up are left out."""
+        """measured: (alpha, beta) = (256, 1/8), (512, 1/4) and, over several lengths, the
+        proportional twin (0, s / shortest) of every window span s from 32 to half the
+        shortest length (sink 32); gradient: alpha 0 .. 16k x beta 0 .. 0.5 (sink 64).
+        Alphas from half the longest length up are left out.
+
+        Why twins: a fraction-of-dense budget always binds at the shortest length (no
+        pattern's share of dense grows with n), where a twin costs what its window costs,
+        while at the longer lengths it keeps the same share of the context, as the
+        equal-memory uniform baseline does. One length has no twins: there they are the
+        windows."""
         half = max(lengths) // 2
         if grid == "gradient":
             pairs = [(a, b) for a in (0, 512, 1024, 2048, 4096, 8192, 16384) if not a or a < half
                      for b in (0.0, 0.125, 0.25, 0.5) if a or b]  # fmt: skip
-            sink = GRADIENT_SINK
-        else:
-            pairs = [(a, b) for a, b in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25))
-                     if a < half]  # fmt: skip
-            sink = MEASURED_SINK
-        return [cls(sink=sink, alpha=float(a), beta=b) for a, b in pairs]
+            return [cls(sink=GRADIENT_SINK, alpha=float(a), beta=b) for a, b in pairs]
+        pairs = [(a, b) for a, b in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25))
+                 if a < half]  # fmt: skip
+        if len(set(lengths)) > 1:
+            shortest, span = min(lengths), 32
+            while span <= shortest // 2:
+                pairs.append((0, span / shortest))
+                span *= 2
+        unique = sorted(set((float(a), b) for a, b in pairs))
+        return [cls(sink=MEASURED_SINK, alpha=a, beta=b) for a, b in unique]
 
     def scaled(self, factor: float, n: int) -> Pattern:
         beta = min(1.0, round(self.beta * factor, 4))

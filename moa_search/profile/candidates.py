@@ -46,6 +46,18 @@ def resolve_candidates(
     return list(unique.values())
 
 
+def keep_families(cands: Sequence[Pattern], families: Sequence[str]) -> list[Pattern]:
+    """The default grid cut to ``families`` (dense always stays): e.g. a memory budget can
+    never pick SparQ, which stores every key, so profiling it for one is wasted time."""
+    unknown = [f for f in families if f not in PATTERNS]
+    if unknown:
+        raise MoaSearchError(
+            f"families: unknown pattern family {unknown[0]!r} (expected some of "
+            f"{', '.join(PATTERNS)})"
+        )
+    return [c for c in cands if c.name == Dense.name or c.name in families]
+
+
 def split_static(cands: Sequence[Pattern]) -> tuple[list[Pattern], list[SparQ]]:
     """Candidates priced by their mask and those priced as SparQ (``Pattern.pricing``), each
     in the given order; a dynamic pattern with neither has no gradient estimate."""

@@ -29,7 +29,7 @@ from moa_search.profile import calib as calib_mod
 from moa_search.profile import measured as measured_mod
 from moa_search.profile import store
 from moa_search.profile.ablation import AblationEngine
-from moa_search.profile.candidates import resolve_candidates, split_static
+from moa_search.profile.candidates import keep_families, resolve_candidates, split_static
 from moa_search.profile.capture import InfluenceRecorder, profile_sample
 from moa_search.profile.table import PRIMARY, build_table, count_against_windows, mean_blocks
 
@@ -56,13 +56,15 @@ class ProfileConfig:
     running the same profile against it claims (length, sample) units. ``validate=M``
     (gradient) measures M single-head ablations and stores the Spearman correlation with
     the prediction. SparQ candidates are priced at ``sparq_rows`` evenly spaced query rows
-    (0: every row; see ``influence.py``).
+    (0: every row; see ``influence.py``). ``families`` keeps only those pattern families of
+    the default grid (dense always), e.g. ``("window", "elastic")`` for a memory budget.
     """
 
     method: str = "measured"
     lengths: Sequence[int] | str = DEFAULT_LENGTHS
     samples: int = 8
     candidates: Sequence[str | Pattern] | str | None = None
+    families: Sequence[str] | None = None
     seed: int = 0
     loss: str = "all"
     dtype: str | torch.dtype | None = None
@@ -400,12 +402,17 @@ def profile(
         cands = measured_mod.measured_candidates(lengths, identity.head_dim)
     else:
         cands = resolve_candidates(cfg.candidates, lengths, cfg.block_size, identity.head_dim)
+    if cfg.families is not None:
+        if cfg.candidates is not None:
+            raise MoaSearchError("families: give either candidates or families, not both")
+        cands = keep_families(cands, cfg.families)
     split_static(cands)
     cfg = replace(
         cfg,
         lengths=tuple(lengths),
         dtype=_dtype_name(cfg.dtype, device_list[0]),
         candidates=tuple(c.spec() for c in cands),
+        families=None,  # applied: the candidates say it all from here on
         # text and code samples score every token; answers only their answer
         loss="answer" if cfg.method == "measured" else cfg.loss,
     )

@@ -125,3 +125,31 @@ def test_default_grid_spans_every_family():
     assert names == {"dense", "window", "elastic", "sparq"}
     spans = sorted(c.span for c in cands if c.name == "window")
     assert spans[0] == 32 and spans[-1] == 2048
+
+
+def test_several_lengths_add_a_proportional_twin_of_every_short_window():
+    """A fraction budget binds at the shortest length, where a twin costs its window's
+    bytes; at the longer ones it keeps the window's share of the context."""
+    cands = measured_candidates([2048, 4096], 64)
+    twins = [c for c in cands if c.name == "elastic" and c.alpha == 0]
+    windows = [c.span for c in cands if c.name == "window" and c.span <= 1024]
+    assert sorted(round(c.beta * 2048) for c in twins) == windows
+    for c in twins:
+        w = parse(f"window:sink=32,span={round(c.beta * 2048)}", 64)
+        assert c.span_at(2048) == w.span_at(2048) and c.span_at(4096) == 2 * w.span_at(2048)
+    assert len({c.spec() for c in cands}) == len(cands)
+    one = measured_candidates([2048], 64)
+    assert not [c for c in one if c.name == "elastic" and c.alpha == 0 and c.beta < 0.125]
+
+
+def test_families_cut_the_default_grid_and_keep_dense(model, tmp_path):
+    res = profile(
+        model, out=tmp_path / "f", calib=_samples(), lengths=[N], samples=4, progress=False,
+        plots=False, families=("window",), measure=MeasureConfig(max_scored=0, row_batch=8),
+    )  # fmt: skip
+    names = {spec.split(":")[0] for spec in res.meta["config"]["candidates"]}
+    assert names == {"dense", "window"}
+    with pytest.raises(MoaSearchError, match="families: unknown pattern family 'windw'"):
+        _run(model, tmp_path / "g", candidates=None, families=("windw",))
+    with pytest.raises(MoaSearchError, match="either candidates or families"):
+        _run(model, tmp_path / "h", families=("window",))
