@@ -109,7 +109,7 @@ def moa_attention(
             )  # fmt: skip
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
             fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
-            layer.append(key, value, q_pos)
+            layer.append(key, value, q_pos, fresh=True)
         else:
             for h, pattern in enumerate(patterns):
                 k_old, v_old, pos_old = layer.gather(h)

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_search.patterns import Pattern, SparQ
 from moa_search.plan import Plan
+from moa_search.runtime.constants import device_tensor
 
 
 @dataclass(frozen=True)
@@ -159,15 +160,8 @@ class MoALayerCache(CacheLayerMixin):
         """(B, cap) position stored in each slot of ``head``; -1 where the slot is empty."""
         layout = self.layout
         sink, ring = layout.sinks[head], layout.rings[head]
-        n = self.lengths[:, None]
-        local = torch.arange(sink + ring, device=self.device)[None, :]
-        in_sink = local < sink
-        r = local - sink
-        last = n - 1 - sink - r  # distance back from the newest position to slot r's class
-        ring_pos = sink + r + ring * torch.div(last, ring, rounding_mode="floor")
-        pos = torch.where(in_sink, local.expand_as(ring_pos), ring_pos)
-        valid = torch.where(in_sink, local < n, last >= 0)
-        return torch.where(valid, pos, torch.full_like(pos, -1))
+        local = torch.arange(sink + ring, device=self.device)
+        return _stored_positions(local, sink, ring, self.lengths)
 
     def gather(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys (B, cap, D), values (B, cap, D) and positions (B, cap) of ``head``."""
@@ -179,18 +173,32 @@ class MoALayerCache(CacheLayerMixin):
         stop = start + self.layout.capacity(head)
         return self.keys[:, start:stop], self.values[:, start:stop], self.slot_positions(head)
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor):
+    def append(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        fresh: bool = False,
+    ):
         """Store new tokens. key/value: (B, Hkv, L, D); positions: (B, L), -1 for padding.
 
+        ``fresh``: the caller vouches that the cache is empty and the chunk unpadded
+        (positions 0..L-1 in every row, a prompt's prefill): each slot then gathers the one
+        token it keeps, with no host synchronisation and no index lists.
         Decode steps (L == 1) make no host synchronisation, so they can be CUDA-graph captured.
         """
         real = positions >= 0
         new_lengths = self.lengths + real.sum(1)  # before the write: alive-ness needs the end
         # processed + L bounds every sequence's length without reading device memory.
         self._ensure_capacity(self.processed + key_states.shape[2], key_states)
-        self._write(
-            self.keys, self.values, self._geom, key_states, value_states, positions, new_lengths
-        )
+        if fresh and self.processed == 0:
+            self._write_fresh(key_states, value_states)
+        else:
+            self._write(
+                self.keys, self.values, self._geom, key_states, value_states, positions,
+                new_lengths,
+            )  # fmt: skip
         if self.sparq_heads:
             v = value_states.index_select(1, self._sparq_index).float() * real[:, None, :, None]
             self.v_sum += v.sum(2)
@@ -230,6 +238,23 @@ class MoALayerCache(CacheLayerMixin):
         if affine is None:
             return self.decode_metadata()
         return {**ints, **meta}
+
+    def _write_fresh(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write a prompt of L tokens at positions 0..L-1 into the empty cache: every slot
+        takes the token it holds at length L (``_stored_positions``), one gather per tensor.
+
+        Why: the general ``_write`` lists the surviving (row, head, token) triples with
+        ``nonzero`` (a host sync per layer) and scatters through them; on a prefill this
+        is the cache's whole cost and the triples are known in closed form."""
+        batch, heads, length, dim = k_new.shape
+        slot_head, local, sink, ring = _slot_geometry(self._geom, self.layout.total_slots)
+        pos = _stored_positions(local, sink, ring, length)
+        keep = (pos >= 0)[None, :, None]
+        index = (slot_head * length + pos.clamp(min=0))[None, :, None]
+        index = index.expand(batch, -1, dim)
+        for store, new in ((self.keys, k_new), (self.values, v_new)):
+            taken = new.reshape(batch, heads * length, dim).gather(1, index)
+            store.copy_(torch.where(keep, taken.to(store.dtype), store))
 
     @staticmethod
     def _write(keys, values, geom, k_new, v_new, positions, end_lengths) -> None:
@@ -281,7 +306,7 @@ class MoALayerCache(CacheLayerMixin):
                 one = {key: geom[key][:, h : h + 1] for key in ("offsets", "sinks", "rings")}
                 self._write(keys, values, one, k[:, None], v[:, None], pos, self.lengths)
         else:
-            self._sparq_index = torch.tensor(self.sparq_heads, dtype=torch.long, device=self.device)
+            self._sparq_index = device_tensor(self.sparq_heads, torch.long, self.device)
             if self.sparq_heads:
                 self.v_sum = torch.zeros(
                     batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
@@ -293,7 +318,7 @@ class MoALayerCache(CacheLayerMixin):
         built once per cache, on its device."""
         if self._static_ids is None:
             ids = [h for h, p in enumerate(self.patterns) if p.static]
-            self._static_ids = torch.tensor(ids, dtype=torch.int32, device=self.device)
+            self._static_ids = device_tensor(ids, torch.int32, self.device)
         return self._static_ids
 
     def sparq_groups(self) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
@@ -307,8 +332,8 @@ class MoALayerCache(CacheLayerMixin):
             self._sparq_groups = [
                 (
                     p,
-                    torch.tensor(heads, dtype=torch.int32, device=dev),
-                    torch.tensor([self.sparq_heads.index(h) for h in heads], device=dev),
+                    device_tensor(heads, torch.int32, dev),
+                    device_tensor([self.sparq_heads.index(h) for h in heads], torch.long, dev),
                 )
                 for p, heads in groups.items()
             ]
@@ -331,20 +356,44 @@ class MoALayerCache(CacheLayerMixin):
         return meta
 
 
+def _stored_positions(
+    local: torch.Tensor,
+    sink: int | torch.Tensor,
+    ring: int | torch.Tensor,
+    length: int | torch.Tensor,
+) -> torch.Tensor:
+    """Position held by slot ``local`` of a head with ``sink`` + ``ring`` slots after
+    ``length`` tokens (positions 0..length-1 written in order); -1 where none is.
+
+    local / sink / ring: broadcastable (per slot or per head); length: an int or (B,) ->
+    the result gains a leading batch dim. Sink slot j holds position j; ring slot r holds
+    the newest position p >= sink with p = sink + r (mod ring)."""
+    n = length[:, None] if torch.is_tensor(length) else length
+    in_sink = local < sink
+    r = local - sink
+    last = n - 1 - sink - r  # distance back from the newest position to slot r's class
+    step = ring.clamp(min=1) if torch.is_tensor(ring) else max(ring, 1)  # a sink-only head
+    ring_pos = sink + r + ring * torch.div(last, step, rounding_mode="floor")
+    pos = torch.where(in_sink, local, ring_pos)
+    valid = torch.where(in_sink, local < n, last >= 0)
+    return torch.where(valid, pos, torch.full_like(pos, -1))
+
+
 def _span_affine(patterns: list[Pattern], device: torch.device) -> torch.Tensor | None:
     """(2, 1, Hkv) float64 table of every head's ``Pattern.span_affine`` (a, b); None when a
     pattern has no affine span (then each pattern's span_at is called)."""
     rows = [p.span_affine() for p in patterns]
     if any(r is None for r in rows):
         return None
-    return torch.tensor(rows, dtype=torch.float64, device=device).T[:, None, :].contiguous()
+    return device_tensor(rows, torch.float64, device).T[:, None, :].contiguous()
 
 
 def _geometry(layout: HeadLayout, device: torch.device) -> dict:
-    """Layout as device tensors, built once per layout (not per step)."""
+    """Layout as device tensors: shared constants (``device_tensor``), so a new cache for
+    a layout seen before makes no host-to-device copy."""
 
     def t(values: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return device_tensor(values, dtype, device)
 
     return {
         "offsets": t(layout.offsets, torch.long)[None, :, None],
@@ -356,6 +405,17 @@ def _geometry(layout: HeadLayout, device: torch.device) -> dict:
             "head_ring": t(layout.rings, torch.int32),
         },
     }
+
+
+def _slot_geometry(geom: dict, total_slots: int) -> tuple[torch.Tensor, ...]:
+    """(head, place in the head's sink + ring, sink, ring) of every slot, (S,) each, built
+    on the device from the per-head geometry (no host sync: the output size is known)."""
+    offsets, sinks, rings = (geom[k][0, :, 0] for k in ("offsets", "sinks", "rings"))
+    heads = torch.repeat_interleave(
+        torch.arange(len(offsets), device=offsets.device), sinks + rings, output_size=total_slots
+    )
+    local = torch.arange(total_slots, device=offsets.device) - offsets[heads]
+    return heads, local, sinks[heads], rings[heads]
 
 
 class MoACache(Cache):
