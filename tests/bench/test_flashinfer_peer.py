@@ -302,10 +302,13 @@ def _gpu_model():
 @pytest.mark.parametrize("kind", ["dense", "plan"])
 def test_peer_loop_graph_replays_match_eager(kind) -> None:
     """Captured in our CUDA graph, a FlashInfer step gives the eager step's tokens."""
-    from moa_search.bench.synthetic import synthetic_plan  # noqa: PLC0415
-
     model = _gpu_model()
-    plan = synthetic_plan(model, density=0.5, length=512, sink=16, tolerance=0.05)
+    plan = types.SimpleNamespace(  # both layers, every kind of head
+        heads=[
+            [Dense(), Window(sink=16, span=64)],
+            [Elastic(sink=16, alpha=32.0, beta=0.25), Dense()],
+        ]
+    )
     make = fp.peer_factory(kind, plan if kind == "plan" else None, plan_length=512 + 4)
     loop = PeerLoop(model, make, batch=2, max_cache_len=512 + 16, out_capacity=8)
     try:
