@@ -21,11 +21,18 @@ the host and re-capture the graph. Steps before the final length therefore read 
 planned key range: up to ``plan_length - n`` slots not yet written (dense heads and the
 elastic part of a span), the over-read the rows' notes state. Prefill (prompts; tests)
 stores K/V the same way and attends with the PyTorch reference, untimed.
+
+Kernel choices: the decode wrapper runs its tensor-core kernels (FlashInfer's fa2 paged
+prefill) from a GQA group of 4, as sglang's FlashInfer backend does, and the block-sparse
+wrapper runs fa2 too, so both peers need one JIT-compiled attention module (each new
+module costs minutes of nvcc on first use). ``MOA_FLASHINFER_TENSOR_CORES=0|1`` and
+``MOA_FLASHINFER_SPARSE_BACKEND=auto|fa2|fa3`` override them; the row's note says which ran.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -46,6 +53,13 @@ WORKSPACE_BYTES = 128 * 2**20
 #: GQA group from which the decode wrapper runs its tensor-core (prefill) kernels, as
 #: sglang's FlashInfer backend chooses for bf16 / fp16 caches
 TENSOR_CORE_GROUP = 4
+#: the block-sparse wrapper's backend: fa2 shares the decode wrapper's JIT module
+SPARSE_BACKEND = "fa2"
+
+
+def _tensor_cores(group: int) -> bool:
+    env = os.environ.get("MOA_FLASHINFER_TENSOR_CORES")
+    return group >= TENSOR_CORE_GROUP if env in (None, "") else env not in ("0", "false")
 
 
 def require_flashinfer(device: torch.device) -> ModuleType:
@@ -211,8 +225,6 @@ class _Peer:
     policy's body. ``positions``: the loop's (B, 1) long buffer of the new token's
     position, advanced on the device by each step (so steps replay from a CUDA graph)."""
 
-    kind = "peer"
-
     def __init__(
         self, shape: PeerShape, batch: int, max_len: int, plan_length: int,
         positions: torch.Tensor,
@@ -291,8 +303,6 @@ class _Peer:
 class DensePagedPeer(_Peer):
     """``flashinfer-dense``: paged cache + BatchDecodeWithPagedKVCacheWrapper."""
 
-    kind = "flashinfer-dense"
-
     def __init__(self, shape: PeerShape, batch: int, max_len: int, plan_length: int,
                  positions: torch.Tensor, *, tensor_cores: bool | None = None):  # fmt: skip
         super().__init__(shape, batch, max_len, plan_length, positions)
@@ -314,7 +324,7 @@ class DensePagedPeer(_Peer):
             *(t.to(dev) for t in (full.indptr, full.indices, full.last_page_len))
         )
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-        tc = s.group >= TENSOR_CORE_GROUP if tensor_cores is None else bool(tensor_cores)
+        tc = _tensor_cores(s.group) if tensor_cores is None else bool(tensor_cores)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tc,
             paged_kv_indptr_buffer=self.indptr, paged_kv_indices_buffer=self.indices,
@@ -385,8 +395,6 @@ class BlockSparsePeer(_Peer):
     """``flashinfer-plan``: dense per-head K/V + one VariableBlockSparseAttentionWrapper
     per layer holding that layer's block mask at ``plan_length``."""
 
-    kind = "flashinfer-plan"
-
     def __init__(self, shape: PeerShape, batch: int, max_len: int, plan_length: int,
                  positions: torch.Tensor, plan: Plan):  # fmt: skip
         check_blockable(plan)
@@ -404,9 +412,10 @@ class BlockSparsePeer(_Peer):
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self.wrappers = []
+        backend = os.environ.get("MOA_FLASHINFER_SPARSE_BACKEND") or SPARSE_BACKEND
         for layer in range(s.num_layers):
             mask, row_sz, col_sz = block_mask(plan.heads[layer], batch, plan_length, max_len)
-            wrapper = fi.sparse.VariableBlockSparseAttentionWrapper(self.workspace)
+            wrapper = fi.sparse.VariableBlockSparseAttentionWrapper(self.workspace, backend=backend)
             wrapper.plan(
                 mask.to(dev), row_sz.to(dev), col_sz.to(dev), batch * s.q_heads, rows,
                 s.head_dim, causal=False, pos_encoding_mode="NONE", sm_scale=s.scale,
@@ -415,7 +424,7 @@ class BlockSparsePeer(_Peer):
             self.wrappers.append(wrapper)
         self._b = torch.arange(batch, device=dev)[:, None].expand(batch, s.kv_heads)
         self._h = torch.arange(s.kv_heads, device=dev)[None, :].expand(batch, s.kv_heads)
-        backend = getattr(self.wrappers[0], "_backend", "?")
+        backend = getattr(self.wrappers[0], "_backend", backend)  # "auto" resolves in plan
         self.note = (
             f"flashinfer {fi.__version__} VariableBlockSparseAttentionWrapper, backend "
             f"{backend}, batch folded into heads, dense K/V store; block mask for the final "
