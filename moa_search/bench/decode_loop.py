@@ -574,13 +574,31 @@ class PeerLoop(DecodeLoop):
         super().__init__(model, batch, max_cache_len, **kwargs)
         self._make_peer = make_peer
         self.peer: Any = None
+        self._capture_note = ""
         self._policy = attention_policy(model, "moa-peer", _peer_attention, state=self)
         self._policy.install()
 
     @property
     def note(self) -> str:
         """What the bench row says about the peer (library, version, backend, choices)."""
-        return getattr(self.peer, "note", "") if self.peer is not None else ""
+        peer = getattr(self.peer, "note", "") if self.peer is not None else ""
+        return "; ".join(n for n in (peer, self._capture_note) if n)
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """As :meth:`DecodeLoop.capture`; if the peer's kernels cannot be captured (say a
+        library launching on a stream of its own), the loop decodes eagerly and says so."""
+        try:
+            super().capture(warmup)
+        except Exception as exc:
+            if not self.use_graph:
+                raise
+            torch.cuda.synchronize(self.device)
+            self.graph, self.use_graph = None, False
+            self.cache.reset()
+            self.set_length(0)
+            first = (str(exc).splitlines() or [""])[0][:120]
+            self._capture_note = f"eager: CUDA-graph capture failed ({type(exc).__name__}: {first})"
 
     def _new_cache(self) -> Any:
         from moa_search import families  # noqa: PLC0415

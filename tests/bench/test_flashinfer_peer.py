@@ -224,6 +224,36 @@ def test_peer_loop_decodes_like_the_dense_loop() -> None:
     assert model.config._attn_implementation == impl
 
 
+def test_peer_loop_falls_back_to_eager_when_capture_fails(monkeypatch) -> None:
+    """A peer whose kernels cannot be captured still decodes, eagerly, and the row says so."""
+    from moa_search.bench import decode_loop  # noqa: PLC0415
+
+    model = build_model("tiny-llama", dtype=torch.float32, device="cpu", seed=0)
+
+    def make(m, batch, max_len, positions):
+        return _TorchPeer(fp.PeerShape.of(m), batch, max_len, max_len, positions)
+
+    def refuse(self, warmup=2):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(decode_loop.DecodeLoop, "capture", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    loop = PeerLoop(model, make, batch=1, max_cache_len=32)
+    try:
+        loop.allocate()
+        loop.use_graph = True  # as on a GPU
+        loop.capture()
+        assert loop.graph is None and not loop.use_graph
+        assert loop.note == (
+            "eager: CUDA-graph capture failed (RuntimeError: operation not permitted when "
+            "stream is capturing)"
+        )
+        loop.fill_synthetic(8)
+        assert loop.run(3) >= 0 and loop.length == 11
+    finally:
+        loop.close()
+
+
 # --- GPU: FlashInfer against the reference ------------------------------------------------
 def _reference(query, keys, values, length, patterns, scale):
     """(B, Hq, 1, D) attention of a query at position length - 1 over keys 0..length-1."""
