@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_search.bench.compiled import (
     CompiledPieces,
@@ -507,3 +508,125 @@ class PlanLoop(DecodeLoop):
             self.compiled = None
             release_compiled()
         self.runtime.remove()
+
+
+class _PassLayer(CacheLayerMixin):
+    """A cache layer that stores nothing: ``update`` hands the new K/V straight to the
+    attention policy, whose peer keeps its own cache."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner: PassCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.owner.length = 0
+
+
+class PassCache(Cache):
+    """transformers Cache of :class:`_PassLayer`; ``length``: tokens held (host copy)."""
+
+    def __init__(self, num_layers: int):
+        self.length = 0
+        super().__init__(layers=[_PassLayer(self) for _ in range(num_layers)])
+
+
+def _peer_attention(call: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    return call.state.peer.forward(call.layer, query, key, value)
+
+
+class PeerLoop(DecodeLoop):
+    """Our decode step with another library's attention and KV cache (a *peer*, e.g.
+    :mod:`moa_search.bench.flashinfer_peer`): the model's projections, norms, rotary and
+    MLPs run exactly as in the other loops, and each layer's attention call goes to
+    ``peer.forward(layer, q, k, v)``, which stores the new K/V in the peer's own cache at
+    the loop's ``pos`` buffer (advanced on the device, so a step stays one graph replay)
+    and attends. ``make_peer(model, batch, max_cache_len, positions)`` builds the peer in
+    :meth:`allocate`, so its cache and workspaces count in the measured allocation."""
+
+    name = "peer"
+
+    def __init__(self, model: Any, make_peer: Any, batch: int, max_cache_len: int, **kwargs):
+        from moa_search.takeover import attention_policy  # noqa: PLC0415
+
+        if getattr(model, "_moa_runtime", None) is not None:
+            raise MoaSearchError("PeerLoop: remove the plan from the model first")
+        super().__init__(model, batch, max_cache_len, **kwargs)
+        self._make_peer = make_peer
+        self.peer: Any = None
+        self._capture_note = ""
+        self._policy = attention_policy(model, "moa-peer", _peer_attention, state=self)
+        self._policy.install()
+
+    @property
+    def note(self) -> str:
+        """What the bench row says about the peer (library, version, backend, choices)."""
+        peer = getattr(self.peer, "note", "") if self.peer is not None else ""
+        return "; ".join(n for n in (peer, self._capture_note) if n)
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """As :meth:`DecodeLoop.capture`; if the peer's kernels cannot be captured (say a
+        library launching on a stream of its own), the loop decodes eagerly and says so."""
+        try:
+            super().capture(warmup)
+        except Exception as exc:
+            if not self.use_graph:
+                raise
+            torch.cuda.synchronize(self.device)
+            self.graph, self.use_graph = None, False
+            self.cache.reset()
+            self.set_length(0)
+            first = (str(exc).splitlines() or [""])[0][:120]
+            self._capture_note = f"eager: CUDA-graph capture failed ({type(exc).__name__}: {first})"
+
+    def _new_cache(self) -> Any:
+        from moa_search import families  # noqa: PLC0415
+
+        if self.peer is None:
+            self.peer = self._make_peer(self.model, self.batch, self.max_cache_len, self.pos)
+        return PassCache(len(families.attention_modules(self.model)))
+
+    def _set_cache_length(self, n: int) -> None:
+        self.peer.set_length(n)
+        if self.cache is not None:
+            self.cache.length = n
+
+    def _set_cache_host_length(self, n: int) -> None:
+        self._set_cache_length(n)
+
+    def _randomize_cache(self, generator: torch.Generator) -> None:
+        self.peer.randomize(generator)
+
+    def kv_nbytes(self) -> int:
+        return self.peer.nbytes()
+
+    def predicted_kv_bytes(self) -> int:
+        return self.peer.predicted_nbytes()
+
+    def close(self) -> None:
+        super().close()
+        self._policy.remove()
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None

@@ -134,3 +134,19 @@ def search_max_batch(
             break
         batch = nxt
     return FitResult(best, start, tries)
+
+
+def paged_kv_bytes(
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    batch: int,
+    max_len: int,
+    page_size: int,
+) -> int:
+    """Bytes of a paged KV cache (FlashInfer's, vLLM's) sized for ``max_len`` tokens per
+    sequence: whole pages of K and V, so ``max_len`` rounds up to ``page_size``."""
+    slots = max(1, math.ceil(max_len / page_size)) * page_size
+    return layers * batch * slots * kv_heads * head_dim * 2 * dtype_bytes

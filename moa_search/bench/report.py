@@ -32,7 +32,7 @@ def _md_row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-#: transformers' own decoding configs: those of bench.run.CONFIG_SPECS whose cache is not moa's
+#: transformers' own decoding configs: those of bench.run.CONFIG_SPECS with a transformers cache
 HF_CONFIGS = ("dense-sdpa", "hf-static-compiled", "hf-dynamic")
 
 
@@ -108,6 +108,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                  _best_hf_cell(sp), _fmt(r.get("peak_gib")), _fmt(kv_gib),
                  f"{_fmt(r.get('kv_err_pct'), 3)}%", r.get("status")]  # fmt: skip
         lines.append(_md_row(cells))
+    notes = {r["config"]: r["note"] for r in sweep if r.get("note")}
+    if notes:  # peers' library, version, backend and planning choice, once per config
+        lines += ["", *(f"- `{c}`: {n}" for c, n in notes.items())]
     eq = [r for r in rows if r.get("mode") == "equal-memory"]
     if eq:
         lines += [

@@ -22,6 +22,10 @@ Configurations (``configs``; :data:`CONFIG_SPECS`):
 - ``plan``: the plan file, or a synthetic plan at ``synthetic`` density made for each context.
 - ``dense-moa-compiled``, ``plan-compiled``: the same, with the norms, MLPs and rotary
   compiled (:mod:`moa_search.bench.compiled`) inside the same CUDA graph.
+- ``flashinfer-dense``, ``flashinfer-plan``: FlashInfer's paged-cache decode and its
+  per-KV-head block-sparse attention on the plan, as the attention + cache of our own
+  decode step (:mod:`moa_search.bench.flashinfer_peer`, :class:`PeerLoop`): everything
+  else in the step is what dense-moa / plan run. Decode only (no prefill rows).
 
 Each config is measured in its own try block: a failure is the row's ``status``, and the
 run goes on.
@@ -46,7 +50,7 @@ from typing import Any
 import torch
 
 from moa_search.bench.compiled import CompileSettings
-from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, DynamicLoop, PlanLoop
+from moa_search.bench.decode_loop import DecodeLoop, DenseLoop, DynamicLoop, PeerLoop, PlanLoop
 from moa_search.bench.memory import FitResult, fit_margin, parse_bytes, search_max_batch
 from moa_search.bench.models import build_model, weight_bytes
 from moa_search.bench.synthetic import parse_synthetic, synthetic_plan
@@ -58,8 +62,9 @@ from moa_search.plan import Plan, load_plan, uniform_plan
 @dataclass(frozen=True)
 class ConfigSpec:
     """How a bench config decodes: ``cache`` ``"static"`` / ``"dynamic"`` (transformers'
-    caches, the model's own SDPA) or ``"moa"`` (the runtime); ``plan`` ``"dense"`` or
-    ``"plan"`` for moa; ``compile``: ``"hf"`` (transformers' torch.compile recipe) or
+    caches, the model's own SDPA), ``"moa"`` (the runtime) or ``"flashinfer"`` (the peer's
+    cache and kernels in our step); ``plan`` ``"dense"`` or ``"plan"`` for moa and
+    flashinfer; ``compile``: ``"hf"`` (transformers' torch.compile recipe) or
     ``"pieces"`` (:func:`moa_search.bench.compiled.compile_non_attention`)."""
 
     cache: str
@@ -75,6 +80,8 @@ CONFIG_SPECS: dict[str, ConfigSpec] = {
     "plan": ConfigSpec("moa", "plan"),
     "dense-moa-compiled": ConfigSpec("moa", "dense", compile="pieces"),
     "plan-compiled": ConfigSpec("moa", "plan", compile="pieces"),
+    "flashinfer-dense": ConfigSpec("flashinfer", "dense"),
+    "flashinfer-plan": ConfigSpec("flashinfer", "plan"),
 }
 #: what ``bench`` runs unless told otherwise
 CONFIGS = ("dense-sdpa", "dense-moa", "plan")
@@ -126,14 +133,21 @@ class Bench:
     # --- helpers -----------------------------------------------------------------------
     def plan_of(self, config: str, context: int) -> Plan | None:
         spec = CONFIG_SPECS[config]
-        if spec.cache != "moa":
+        if spec.cache not in ("moa", "flashinfer"):
             return None
         if spec.plan == "dense":
+            if spec.cache == "flashinfer":
+                return None  # no plan: the row is dense, like transformers' rows
             return uniform_plan(self.model, "dense")
         return self.plan_for(context)
 
     def kv_per_seq(self, config: str, context: int) -> int:
         max_len = context + self.new_tokens + EXTRA_SLOTS
+        spec = CONFIG_SPECS[config]
+        if spec.cache == "flashinfer":  # the peer's own cache: paged, or dense per head
+            from moa_search.bench.flashinfer_peer import predicted_bytes  # noqa: PLC0415
+
+            return predicted_bytes(spec.plan, self.model, 1, max_len)
         plan = self.plan_of(config, context) or uniform_plan(self.model, "dense")
         return plan.kv_bytes(max_len, 1, self.dtype_bytes)
 
@@ -151,6 +165,12 @@ class Bench:
                 compile=CompileSettings(backend, "reduce-overhead") if hf else None,
             )  # fmt: skip
         plan = self.plan_of(config, context)
+        if spec.cache == "flashinfer":
+            from moa_search.bench.flashinfer_peer import peer_factory  # noqa: PLC0415
+
+            # planned once for the timed run's final length (see flashinfer_peer)
+            make = peer_factory(spec.plan, plan, plan_length=context + self.new_tokens)
+            return PeerLoop(self.model, make, batch, max_len, out_capacity=cap)
         pieces = CompileSettings(backend) if spec.compile == "pieces" else None
         return PlanLoop(self.model, plan, batch, max_len, out_capacity=cap, compile_settings=pieces)
 
@@ -177,7 +197,9 @@ class Bench:
             "new_tokens": self.new_tokens,
             "weights_bytes": self.weights,
             "kv_density": (
-                plan.memory_density(context, self.dtype_bytes) if plan is not None else 1.0
+                plan.memory_density(context, self.dtype_bytes)
+                if plan is not None and CONFIG_SPECS[config].cache == "moa"
+                else 1.0  # transformers' and FlashInfer's caches store every token
             ),
         }
         _free(self.device)
@@ -198,6 +220,8 @@ class Bench:
             row["graph"] = loop.graph is not None
             if getattr(loop, "compile_note", None):
                 row["compile_note"] = loop.compile_note
+            if getattr(loop, "note", None):
+                row["note"] = loop.note
             if loop.preallocates:
                 row["kv_bytes"] = loop.kv_nbytes()
                 row["kv_alloc_bytes"] = kv_alloc
@@ -538,6 +562,8 @@ def bench(
             timed: set[tuple[str, str | None]] = set()
             for config in configs:  # compile and cache choices are decode-only: time once
                 spec = CONFIG_SPECS[config]
+                if spec.cache == "flashinfer":
+                    continue  # decode-only peers: a prompt would run transformers' SDPA
                 key = (spec.cache == "moa", spec.plan)
                 if key not in timed:
                     timed.add(key)
