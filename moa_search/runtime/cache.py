@@ -143,6 +143,9 @@ class MoALayerCache(CacheLayerMixin):
         self.lengths = self.lengths.index_select(0, idx)
         if self.v_sum is not None:
             self.v_sum = self.v_sum.index_select(0, idx)
+        if self.sparq_kt is not None:  # fp8 has no index kernels everywhere: move bytes
+            kt = self.sparq_kt.view(torch.uint8).index_select(0, idx)
+            self.sparq_kt = kt.view(self.sparq_kt.dtype)
 
     # --- storage ------------------------------------------------------------------
     @property
