@@ -329,11 +329,12 @@ class MoALayerCache(CacheLayerMixin):
         self._geom["side_ring"] = torch.tensor(
             [layout.rings[h] for h in order], dtype=torch.int32, device=self.device
         )
-        self._fill_side()
+        self.sync_side()
 
-    def _fill_side(self) -> None:
-        """Side buffer := the SparQ heads' K slots, transposed and rounded (after a prefill
-        chunk: one pass over those heads, cheaper than scattering every token)."""
+    def sync_side(self) -> None:
+        """Side buffer := the SparQ heads' K slots, transposed and rounded: after a prefill
+        chunk (one pass over those heads, cheaper than scattering every token) and after
+        anything that writes ``keys`` directly (the benchmarks' random caches)."""
         kt = self.sparq_kt.view(torch.uint8)  # fp8 index/copy kernels are not on every device
         for i, h in enumerate(self._side_order()):
             start = self.layout.offsets[h]
@@ -344,7 +345,7 @@ class MoALayerCache(CacheLayerMixin):
         """Mirror a stored chunk in the side buffer: a prefill chunk refills it from K, a
         decode token (L == 1) writes its slot (pos % ring; padding, pos < 0, is skipped)."""
         if key_states.shape[2] != 1:
-            self._fill_side()
+            self.sync_side()
             return
         kt = self.sparq_kt.view(torch.uint8)
         heads, ring = self._geom["side_heads"].long(), self._geom["side_ring"].long()
