@@ -99,9 +99,9 @@ def _round_side(x, ROUND: tl.constexpr):
 @triton.jit
 def _query_setup(Q, b64, h, stride_qb, stride_qh, R, G: tl.constexpr, G_P2: tl.constexpr,
                  R_PAD: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """Top-r components of |q| summed over the group (ties: lower index), the gathered
+    """Top-r components of |q| summed over the group (ties: lower index) and the gathered
     query scaled by log2(e) / sqrt(D * sum|q[idx]| / sum|q|) per head (so dots are s_hat in
-    log2 units), and the same as a dense masked (G_P2, D) query for the attend step."""
+    log2 units)."""
     g = tl.arange(0, G_P2)
     gmask = g < G
     d = tl.arange(0, D)
@@ -109,8 +109,11 @@ def _query_setup(Q, b64, h, stride_qb, stride_qh, R, G: tl.constexpr, G_P2: tl.c
     q = tl.load(q_rows + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
     qa = tl.abs(q)
     tot = tl.sum(qa, 0)
-    key = (tot.to(tl.int32, bitcast=True).to(tl.int64) << 9) | (D - 1 - d).to(tl.int64)
-    rank = tl.sum((key[None, :] > key[:, None]).to(tl.int32), 1)  # (D,): 0 = largest
+    key = tot.to(tl.int32, bitcast=True)  # a non-negative float's bits order like it
+    ahead = (key[None, :] > key[:, None]) | (
+        (key[None, :] == key[:, None]) & (d[None, :] < d[:, None])
+    )
+    rank = tl.sum(ahead.to(tl.int32), 1)  # (D,): 0 = largest
     chosen = rank < R
     jj = tl.arange(0, R_PAD)
     rmask = jj < R
@@ -120,9 +123,7 @@ def _query_setup(Q, b64, h, stride_qb, stride_qh, R, G: tl.constexpr, G_P2: tl.c
     approx = tl.sqrt(D * q_sel / tl.maximum(tl.sum(qa, 1), 1e-30))
     fac = 1.4426950408889634 / tl.maximum(approx, 1e-30)
     qr = tl.load(q_rows + idx[None, :], mask=gmask[:, None] & rmask[None, :], other=0.0)
-    qr = qr.to(tl.float32) * fac[:, None]
-    qm = tl.where(chosen[None, :], q, 0.0) * fac[:, None]
-    return idx, qr, qm
+    return idx, qr.to(tl.float32) * fac[:, None]
 
 
 @triton.jit
@@ -147,7 +148,6 @@ def _lse_kernel(
     SeqLen,
     Idx,
     Qr,
-    Qm,
     Hist,
     PartM,
     PartL,
@@ -175,7 +175,7 @@ def _lse_kernel(
     h = tl.load(HeadIds + i)
     n = tl.load(SeqLen + b)
     b64 = b.to(tl.int64)
-    idx, qr, qm = _query_setup(Q, b64, h, stride_qb, stride_qh, R, G, G_P2, R_PAD, D)
+    idx, qr = _query_setup(Q, b64, h, stride_qb, stride_qh, R, G, G_P2, R_PAD, D)
     g = tl.arange(0, G_P2)
     gmask = g < G
     rmask = tl.arange(0, R_PAD) < R
@@ -183,8 +183,6 @@ def _lse_kernel(
         jj = tl.arange(0, R_PAD)
         tl.store(Idx + pid * R_PAD + jj, idx)
         tl.store(Qr + (pid * G_P2 + g)[:, None] * R_PAD + jj[None, :], qr)
-        d = tl.arange(0, D)
-        tl.store(Qm + (pid * G_P2 + g)[:, None] * D + d[None, :], qm)
         tl.store(Hist + pid * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
     off = tl.load(Off + h).to(tl.int64)
     base = Src + b64 * stride_sb + i.to(tl.int64) * stride_si + off * stride_so
@@ -430,7 +428,8 @@ def _attend_kernel(
     SeqLen,
     Top,
     KTensor,
-    Qm,
+    Idx,
+    Qr,
     Lse,
     PartM,
     PartL,
@@ -460,6 +459,7 @@ def _attend_kernel(
     ROUND: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -480,14 +480,17 @@ def _attend_kernel(
         mask=gmask[:, None],
         other=0.0,
     ).to(K.dtype.element_ty)
-    qm = tl.load(Qm + (pid * G_P2 + g)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-    lse = tl.load(Lse + pid * G_P2 + g, mask=gmask, other=0.0)
+    g2 = tl.arange(0, G_P2)
+    jj = tl.arange(0, R_PAD)
+    idx = tl.load(Idx + pid * R_PAD + jj)
+    qr = tl.load(Qr + (pid * G_P2 + g2)[:, None] * R_PAD + jj[None, :])  # 0 past G and r
+    lse = tl.load(Lse + pid * G_P2 + g2)
     k_base = K + b64 * stride_kb + off * stride_kn
     v_base = V + b64 * stride_vb + off * stride_vn
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    asum = tl.zeros([G_PAD], tl.float32)
+    asum = tl.zeros([G_P2], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         valid = j < hi
@@ -503,17 +506,19 @@ def _attend_kernel(
         v = tl.load(v_base + pos[:, None] * stride_vn + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
-        # the chosen rows' approximate mass, from the rows already loaded
-        ka = _round_side(k.to(tl.float32), ROUND)
-        sa = tl.dot(qm, tl.trans(ka), input_precision="ieee")
-        asum += tl.sum(tl.where(valid[None, :], tl.exp2(sa - lse[:, None]), 0.0), 1)
+        # the chosen rows' approximate mass: their r components (cache lines just loaded),
+        # rounded as the side buffer holds them
+        kr = tl.load(k_base + pos[None, :] * stride_kn + idx[:, None], mask=valid[None, :])
+        sa = tl.sum(qr[:, :, None] * _round_side(kr.to(tl.float32), ROUND)[None, :, :], 1)
+        p_hat = tl.where(valid[None, :], tl.exp2(sa - lse[:, None]), 0.0)  # (G_P2, BLOCK_N)
+        asum += tl.sum(p_hat, 1)
     if sid == 0:
         tl.store(Count + pid, tl.cdiv(lim, chunk))
     if lo < lim:
         row = pid * num_splits + sid
         tl.store(PartM + row * G + g, m_i, mask=gmask)
         tl.store(PartL + row * G + g, l_i, mask=gmask)
-        tl.store(PartAlpha + row * G + g, asum, mask=gmask)
+        tl.store(PartAlpha + row * G + g2, asum, mask=g2 < G)
         tl.store(PartAcc + (row * G + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
 
@@ -696,7 +701,6 @@ class _Workspace:
         f32 = {"dtype": torch.float32, "device": dev}
         self.idx = torch.empty(rows, self.r_pad, **i32)
         self.qr = torch.empty(rows, self.g_p2, self.r_pad, **f32)
-        self.qm = torch.empty(rows, self.g_p2, dim, **f32)
         self.hist = torch.empty(rows, 4, 256, **i32)
         self.part_m = torch.empty(rows, self.splits, self.g_p2, **f32)
         self.part_l = torch.empty_like(self.part_m)
@@ -711,14 +715,15 @@ def _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws: _Workspace, r, lo
     n_s = head_ids.numel()
     common = dict(G=ws.group, G_P2=ws.g_p2, R_PAD=ws.r_pad, BLOCK_N=TUNING["score_block"])
     _lse_kernel[(ws.rows, ws.splits)](
-        q, src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.qm, ws.hist, ws.part_m,
+        q, src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.hist, ws.part_m,
         ws.part_l, q.stride(0), q.stride(1), sb, si, so, sc, sp, r, n_s, ws.chunk, ws.splits,
-        D=q.shape[-1], num_warps=TUNING["num_warps"], **common,
+        D=q.shape[-1], num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"], **common,
     )  # fmt: skip
     _keys_kernel[(ws.rows, ws.splits)](
         src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.part_m, ws.part_l, ws.lse,
         ws.keys, ws.hist, sb, si, so, sc, sp, r, n_s, ws.npad, ws.chunk, ws.splits, local,
-        BLOCK_S=min(64, max(16, next_pow2(ws.splits))), num_warps=TUNING["num_warps"], **common,
+        BLOCK_S=min(64, max(16, next_pow2(ws.splits))), num_warps=TUNING["num_warps"],
+        num_stages=TUNING["num_stages"], **common,
     )  # fmt: skip
 
 
@@ -755,13 +760,14 @@ def _attend(q, k_cache, v_cache, head_offset, head_ids, seq_len, v_sum, out, ws:
     pacc = torch.empty(rows, splits, group, dim, **f32)
     count = torch.empty(rows, dtype=torch.int32, device=dev)
     _attend_kernel[(rows, splits)](
-        q, k_cache, v_cache, head_offset, head_ids, seq_len, top, k_args[0], ws.qm, ws.lse,
+        q, k_cache, v_cache, head_offset, head_ids, seq_len, top, k_args[0], ws.idx, ws.qr,
+        ws.lse,
         pm, pl, pacc, palpha, count, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), k_args[1], head_ids.numel(),
         kmax, k_scalar, local, chunk, splits, scale * LOG2E, G=group,
-        G_PAD=max(16, next_pow2(group)), G_P2=ws.g_p2, D=dim, BLOCK_N=block,
-        K_TENSOR=k_tensor, ROUND=rnd, UPCAST=interpreting(),
-        IEEE=k_cache.dtype == torch.float32, num_warps=tn["num_warps"], num_stages=stages,
+        G_PAD=max(16, next_pow2(group)), D=dim, BLOCK_N=block, K_TENSOR=k_tensor, ROUND=rnd,
+        UPCAST=interpreting(), IEEE=k_cache.dtype == torch.float32, G_P2=ws.g_p2,
+        R_PAD=ws.r_pad, num_warps=tn["num_warps"], num_stages=stages,
     )  # fmt: skip
     merge_partials(pm, pl, pacc, count, out, head_ids, head_ids.numel(), group,
                    part_alpha=palpha, seq_len=seq_len, v_sum=v_sum)  # fmt: skip
