@@ -51,6 +51,7 @@ from .decode import LOG2E, _dot, merge_partials
 
 TUNING: dict[str, int] = {
     "score_block": 128,
+    "score_elems": 8192,
     "score_chunk_lo": 1024,
     "score_chunk_hi": 4096,
     "radix_block": 1024,
@@ -697,6 +698,9 @@ class _Workspace:
             npad, rows, dev, tn["score_block"], tn["score_chunk_lo"], tn["score_chunk_hi"]
         )
         self.splits = cdiv(npad, self.chunk)
+        # the (G, r, block) fp32 product tile of a scoring step stays within score_elems
+        fit = max(1, tn["score_elems"] // (self.g_p2 * self.r_pad))
+        self.score_block = max(16, min(tn["score_block"], 1 << (fit.bit_length() - 1)))
         i32 = {"dtype": torch.int32, "device": dev}
         f32 = {"dtype": torch.float32, "device": dev}
         self.idx = torch.empty(rows, self.r_pad, **i32)
@@ -713,7 +717,7 @@ def _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws: _Workspace, r, lo
     """Steps 1-2: query components, softmax partials, selection keys and level-0 histogram."""
     src, (sb, si, so, sc, sp) = _source(k_cache, kt)
     n_s = head_ids.numel()
-    common = dict(G=ws.group, G_P2=ws.g_p2, R_PAD=ws.r_pad, BLOCK_N=TUNING["score_block"])
+    common = dict(G=ws.group, G_P2=ws.g_p2, R_PAD=ws.r_pad, BLOCK_N=ws.score_block)
     _lse_kernel[(ws.rows, ws.splits)](
         q, src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.hist, ws.part_m,
         ws.part_l, q.stride(0), q.stride(1), sb, si, so, sc, sp, r, n_s, ws.chunk, ws.splits,
