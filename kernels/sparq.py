@@ -286,13 +286,13 @@ def _keys_kernel(
 
 
 @triton.jit
-def _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, K_TENSOR: tl.constexpr):
-    """Rows attended exactly: min(max(k, min(local, n)), n)."""
+def _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR: tl.constexpr):
+    """Rows attended exactly: min(max(k, min(local, n)), n), at most the list's k_max."""
     if K_TENSOR:  # noqa: SIM108 - constexpr branch: the load exists only with a tensor k
         kb = tl.load(KTensor + b * stride_kt + i)
     else:
         kb = k_scalar + 0 * n
-    return tl.minimum(tl.maximum(kb, tl.minimum(local, n)), n)
+    return tl.minimum(tl.minimum(tl.maximum(kb, tl.minimum(local, n)), n), k_max)
 
 
 @triton.jit
@@ -322,6 +322,7 @@ def _radix_kernel(
     stride_kt,
     n_list,
     npad,
+    k_max,
     chunk,
     num_splits,
     k_scalar,
@@ -338,7 +339,9 @@ def _radix_kernel(
     b = pid // n_list
     i = pid % n_list
     n = tl.load(SeqLen + b)
-    need = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, K_TENSOR) - tl.minimum(local, n)
+    need = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR) - tl.minimum(
+        local, n
+    )
     prefix, need = _descend(Hist, pid, need, LEVEL)
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, n)
@@ -386,7 +389,7 @@ def _compact_kernel(
     i = pid % n_list
     n = tl.load(SeqLen + b)
     n_local = tl.minimum(local, n)
-    take = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, K_TENSOR) - n_local
+    take = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR) - n_local
     thresh, ties = _descend(Hist, pid, take, 4)
     digit = thresh & 127
     # rows the earlier chunks write: those above the threshold, and ties in position order
@@ -469,7 +472,7 @@ def _attend_kernel(
     h = tl.load(HeadIds + i)
     n = tl.load(SeqLen + b)
     off = tl.load(Off + h).to(tl.int64)
-    lim = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, K_TENSOR)
+    lim = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR)
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, lim)
     g = tl.arange(0, G_PAD)
@@ -668,8 +671,8 @@ def sparq_decode(
     rnd = side_round_code(kt.dtype, k_cache.dtype) if kt is not None else 0
     r = max(1, min(int(r), dim))
     k_tensor = isinstance(k, torch.Tensor)
-    kmax = min(k_max if k_max is not None else npad, npad) if k_tensor else None
-    kmax = kmax if k_tensor else min(max(int(k), int(local), 1), npad)
+    want = (k_max if k_max is not None else npad) if k_tensor else int(k)
+    kmax = min(max(want, int(local), 1), npad)  # the list always holds the local positions
     k_arg = k.contiguous() if k_tensor else seq_len
     k_args = (k_arg, k_arg.stride(0) if k_tensor else 0)
     k_scalar = 0 if k_tensor else kmax
@@ -738,7 +741,7 @@ def _select(ws: _Workspace, seq_len, k_args, top, kmax, k_scalar, local, k_tenso
     for level in (1, 2, 3):
         shift, mask = _RADIX[level]
         _radix_kernel[(ws.rows, ws.splits)](
-            ws.keys, ws.hist, ws.ge, seq_len, *k_args, n_s, ws.npad, ws.chunk, ws.splits,
+            ws.keys, ws.hist, ws.ge, seq_len, *k_args, n_s, ws.npad, kmax, ws.chunk, ws.splits,
             k_scalar, local, LEVEL=level, SHIFT_PREV=_RADIX[level - 1][0], SHIFT=shift,
             MASK=mask, K_TENSOR=k_tensor, BLOCK_N=block, num_warps=TUNING["num_warps"],
         )  # fmt: skip
