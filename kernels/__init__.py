@@ -4,7 +4,8 @@ Installed as ``moa_search.kernels`` (setuptools package-dir), so this folder nev
 the PyPI package ``kernels``; modules here import each other relatively only.
 
 - :func:`mixed_decode`: dense / window+sink / elastic heads of a layer in one launch.
-- :func:`sparq_decode`: SparQ heads (side-buffer scoring, radix top-k, masked attend).
+- :func:`sparq_decode`: SparQ heads (side-buffer scoring, radix top-k, masked attend);
+  :mod:`.sparq_topk` keeps the previous pipeline as the benchmark's baseline.
 - :mod:`.reference`: plain PyTorch loops with the same contracts (what tests compare to).
 - :mod:`.influence`: the profiler's fused first-order influence of static patterns (imported
   from there by ``moa_search.profile``; not re-exported).
