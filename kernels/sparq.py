@@ -110,21 +110,20 @@ def _query_setup(Q, b64, h, stride_qb, stride_qh, R, G: tl.constexpr, G_P2: tl.c
     q = tl.load(q_rows + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
     qa = tl.abs(q)
     tot = tl.sum(qa, 0)
-    key = tot.to(tl.int32, bitcast=True)  # a non-negative float's bits order like it
-    ahead = (key[None, :] > key[:, None]) | (
-        (key[None, :] == key[:, None]) & (d[None, :] < d[:, None])
-    )
-    rank = tl.sum(ahead.to(tl.int32), 1)  # (D,): 0 = largest
-    chosen = rank < R
+    # rank by (sum |q|, lower index first): a non-negative float's bits order like it, so
+    # one sort of packed int64 keys (no D x D comparison: Gemma's D = 256 would not fit)
+    key = (tot.to(tl.int32, bitcast=True).to(tl.int64) << 9) | (D - 1 - d).to(tl.int64)
+    ranked = tl.sort(key, 0, descending=True)
     jj = tl.arange(0, R_PAD)
     rmask = jj < R
-    idx = tl.sum(tl.where(rank[None, :] == jj[:, None], d[None, :], 0), 1)
-    idx = tl.where(rmask, idx, 0)
-    q_sel = tl.sum(tl.where(chosen[None, :], qa, 0.0), 1)
+    first = tl.sum(tl.where(d[None, :] == jj[:, None], ranked[None, :], 0), 1)  # (R_PAD,)
+    idx = tl.where(rmask, D - 1 - (first & 511).to(tl.int32), 0)
+    qr = tl.load(q_rows + idx[None, :], mask=gmask[:, None] & rmask[None, :], other=0.0)
+    qr = qr.to(tl.float32)
+    q_sel = tl.sum(tl.abs(qr), 1)
     approx = tl.sqrt(D * q_sel / tl.maximum(tl.sum(qa, 1), 1e-30))
     fac = 1.4426950408889634 / tl.maximum(approx, 1e-30)
-    qr = tl.load(q_rows + idx[None, :], mask=gmask[:, None] & rmask[None, :], other=0.0)
-    return idx, qr.to(tl.float32) * fac[:, None]
+    return idx, qr * fac[:, None]
 
 
 @triton.jit
