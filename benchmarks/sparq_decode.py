@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import moa_search.kernels as mk
 from moa_search.kernels import sparq_topk
 from moa_search.kernels.reference import sparq_decode_ref
+from moa_search.kernels.testing import fix_interpreter_loop_bounds
 from moa_search.patterns import SparQ, Window, parse, sparq_step_bytes
 from moa_search.runtime.cache import MoALayerCache
 from moa_search.runtime.kernel_dispatch import decode_layer
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     setup = TINY if args.tiny else FULL
+    fix_interpreter_loop_bounds()  # CPU interpreter only (--tiny with TRITON_INTERPRET=1)
     if args.quick and not args.tiny:
         setup = Setup(setup.hq, setup.hkv, setup.dim, setup.shapes, setup.device, 5, ("fp8",))
         REP_MS["rep"] = 20
