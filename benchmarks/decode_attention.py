@@ -28,9 +28,7 @@ import torch.nn.functional as F
 
 import moa_search.kernels as mk
 from moa_search.kernels import decode as decode_mod
-from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels.testing import HeadGeom
-from moa_search.patterns import sectors_touched
 
 HQ, HKV, D = 32, 8, 128
 GROUP = HQ // HKV
@@ -307,7 +305,8 @@ def run_shape(batch: int, n: int, card: str, bw_copy: float, flex) -> list[dict]
         extra = {"speedup_vs_flex": round(t_flex / t, 3)} if t_flex else {}
         add(name, "triton_mixed", t, read, read / dense_bytes, **extra)
 
-    # SparQ, all 8 heads; transfer 1/4: r=32, k=N/8; 1/8: r=16, k=N/16 (patterns.SparQ costs)
+    # SparQ, all 8 heads; transfer 1/4: r=32, k=N/8; 1/8: r=16, k=N/16 (patterns.SparQ
+    # costs); benchmarks/sparq_decode.py has the stage breakdown and the old pipeline
     ids = torch.arange(HKV, dtype=torch.int32, device="cuda")
     lay = layer_tensors(plans(n)["100%"], batch, n, dense_k, dense_v)
     v_sum = torch.randn(batch, HKV, D, device="cuda", dtype=torch.float32)
@@ -316,25 +315,10 @@ def run_shape(batch: int, n: int, card: str, bw_copy: float, flex) -> list[dict]
         for layout, kt_arg in (("kt", kt), ("gather", None)):
             t = bench(functools.partial(_sparq, q, lay, v_sum, ids, r, kk, n, kt_arg,
                                         torch.empty_like(q)))  # fmt: skip
-            sectors = None if kt_arg is not None else sectors_touched(D, r, 2)
-            read = HKV * batch * mk.sparq_read_bytes(n, D, r, kk, GROUP, 2, sectors)
-            kv_only = HKV * batch * (n * r * 2 + 2 * kk * D * 2)
-            add(name, f"triton_sparq_{layout}", t, read, kv_only / dense_bytes)
-        if (batch, n) == (8, 64 * KB):  # stage breakdown of the headline case
-            profile_breakdown(functools.partial(_sparq, q, lay, v_sum, ids, r, kk, n, kt),
-                              f"{name} kt B=8 N=64k")  # fmt: skip
-            sel = torch.randn(batch * HKV, n, device="cuda")
-            t_topk = bench(functools.partial(torch.topk, sel, kk, dim=-1, sorted=False))
-            t_small = bench(functools.partial(_sparq, q, lay, v_sum, ids, r, 16, n, kt))
-            for blk in (256, 512):  # scores tile width: candidates for sparq.TUNING
-                sparq_mod.TUNING["score_block"] = blk
-                t_blk = bench(functools.partial(_sparq, q, lay, v_sum, ids, r, kk, n, kt))
-                log(f"variant {name} B=8 N=64k score_block={blk}: {t_blk * 1e3:.0f} us")
-            sparq_mod.TUNING["score_block"] = 128
-            log(
-                f"breakdown {name} B=8 N=64k: topk(k={kk}) alone {t_topk * 1e3:.0f} us; "
-                f"whole pipeline with k=16 (scores+select+tiny topk) {t_small * 1e3:.0f} us"
-            )
+            side = kt_arg.element_size() if kt_arg is not None else None
+            parts = mk.sparq_kernel_bytes(n, D, r, kk, 2, side)
+            read = HKV * batch * sum(parts.values())
+            add(name, f"triton_sparq_{layout}", t, read, read / dense_bytes)
     return rows
 
 

@@ -4,7 +4,8 @@ Installed as ``moa_search.kernels`` (setuptools package-dir), so this folder nev
 the PyPI package ``kernels``; modules here import each other relatively only.
 
 - :func:`mixed_decode`: dense / window+sink / elastic heads of a layer in one launch.
-- :func:`sparq_decode`: SparQ heads (short pipeline, optional transposed K copy).
+- :func:`sparq_decode`: SparQ heads (side-buffer scoring, radix top-k, masked attend);
+  :mod:`.sparq_topk` keeps the previous pipeline as the benchmark's baseline.
 - :mod:`.reference`: plain PyTorch loops with the same contracts (what tests compare to).
 - :mod:`.influence`: the profiler's fused first-order influence of static patterns (imported
   from there by ``moa_search.profile``; not re-exported).
@@ -15,10 +16,10 @@ if __name__ == "moa_search.kernels":
     from .reference import mixed_decode_ref, sparq_decode_ref
     from .sparq import (
         sparq_decode,
-        sparq_kt_append,
+        sparq_kernel_bytes,
         sparq_kt_from_cache,
-        sparq_kt_nbytes,
-        sparq_read_bytes,
+        sparq_side_append,
+        to_side,
     )
 # else: imported as top-level ``kernels`` because the repo root is on sys.path (e.g.
 # ``python -m pytest`` from the root; transformers probes ``kernels`` by importing it). Stay
@@ -29,8 +30,8 @@ __all__ = [
     "mixed_decode_ref",
     "sparq_decode",
     "sparq_decode_ref",
-    "sparq_kt_append",
+    "sparq_kernel_bytes",
     "sparq_kt_from_cache",
-    "sparq_kt_nbytes",
-    "sparq_read_bytes",
+    "sparq_side_append",
+    "to_side",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..patterns import sparq_side_keys
+
 
 def head_positions(n: int, sink: int, span: int, window: int | None = None) -> torch.Tensor:
     """Positions the newest query of a head attends.
@@ -78,8 +80,12 @@ def sparq_decode_ref(
     scale: float,
     head_ids: torch.Tensor,
     out: torch.Tensor | None = None,
+    score_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`moa_search.kernels.sparq_decode` (dense layout: slot = off + p).
+
+    ``score_dtype``: the side buffer's dtype; s_hat then uses K rounded to it (as the
+    kernel's step 1 reads it), everything else the cache's K.
 
     Per listed head i (KV head h = head_ids[i]) and sequence b with n tokens: the top-r
     components of |q| summed over the group; s_hat = q[idx] . K[:, idx] / sqrt(D *
@@ -100,10 +106,15 @@ def sparq_decode_ref(
             qh = q[b, sl].double()  # (G, D)
             kk = k_cache[b, off : off + n].double()  # (n, D)
             vv = v_cache[b, off : off + n].double()
+            ks = (
+                kk
+                if score_dtype is None
+                else sparq_side_keys(k_cache[b, off : off + n], score_dtype).double()
+            )
             qa = qh.abs()
             idx = qa.sum(0).topk(min(r, dim)).indices
             approx = torch.sqrt(dim * qa[:, idx].sum(1) / qa.sum(1).clamp_min(1e-30))  # (G,)
-            s_hat = (qh[:, idx] @ kk[:, idx].T) / approx.clamp_min(1e-30)[:, None]  # (G, n)
+            s_hat = (qh[:, idx] @ ks[:, idx].T) / approx.clamp_min(1e-30)[:, None]  # (G, n)
             p_hat = torch.softmax(s_hat, -1)
             sel = p_hat.sum(0)
             sel[max(0, n - local) :] = float("inf")

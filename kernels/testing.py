@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._common import interpreting
+
 
 @dataclass(frozen=True)
 class HeadGeom:
@@ -114,3 +116,30 @@ def random_heads(rng: random.Random, hkv: int, max_len: int) -> list[HeadGeom]:
                 HeadGeom.elastic(sink, rng.uniform(0, 32), rng.uniform(0.05, 1.0), max_len)
             )
     return heads
+
+
+def fix_interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them
+    for ``range(lo, hi)`` bounds, which NumPy >= 2.4 refuses; index through the element.
+    For CPU runs (tests, ``benchmarks/sparq_decode.py --tiny``); a no-op on the GPU."""
+    if not interpreting():
+        return
+    import numpy as np  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+    from triton.runtime import interpreter  # noqa: PLC0415
+
+    original = interpreter._patch_lang
+    if getattr(original, "_moa_fixed", False):
+        return
+
+    def patch_lang(fn):  # noqa: ANN001, ANN202
+        scope = original(fn)
+        scope.set_attr(
+            tl.core.tensor,
+            "__index__",
+            lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]),
+        )
+        return scope
+
+    patch_lang._moa_fixed = True
+    interpreter._patch_lang = patch_lang

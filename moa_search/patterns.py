@@ -47,6 +47,15 @@ SECTOR_BYTES = 32
 #: SparQ heads keep a running sum of V per sequence in fp32 whatever the cache's dtype
 #: (``MoALayerCache.v_sum``): head_dim of these per head, stored, and read every step.
 V_SUM_BYTES = 4
+#: SparQ heads keep their keys a second time, transposed (head_dim rows of positions) and
+#: in fp8 e4m3, in a side buffer of the runtime cache (``MoALayerCache.sparq_kt``): step 1
+#: then reads r contiguous bytes per position instead of r scattered sectors of K.
+SPARQ_SIDE_DTYPE = torch.float8_e4m3fn
+SPARQ_SIDE_BYTES = 1
+#: SparQ's decode workspace: one int32 selection key per position, written by the scoring
+#: pass and read by the three radix-select levels and the compaction (``kernels.sparq``)
+SPARQ_KEY_BYTES = 4
+SPARQ_KEY_PASSES = 4
 
 
 class PlotStyle(NamedTuple):
@@ -147,14 +156,20 @@ class Pattern:
         self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
     ) -> int:
         """Bytes one KV head of one sequence holds after ``n`` tokens: K and V, plus any side
-        buffer its pattern keeps; what ``MoACache`` allocates for ``max_cache_len=n``.
+        buffer its pattern keeps (``side_bytes``); what ``MoACache`` allocates for
+        ``max_cache_len=n``.
 
         ``window``: the model layer's own sliding window; no head then holds more than it
         (a dense head on a sliding layer is that window)."""
         entries = self.stored_entries(n)
         if window is not None:
             entries = min(entries, window)
-        return 2 * entries * head_dim * dtype_bytes
+        return 2 * entries * head_dim * dtype_bytes + self.side_bytes(n, head_dim, window)
+
+    def side_bytes(self, n: int, head_dim: int, window: int | None = None) -> int:
+        """Bytes besides K and V that the runtime cache keeps for one head of one sequence
+        after ``n`` tokens (``MoALayerCache.nbytes`` counts the same buffers). None here."""
+        return 0
 
     def bytes_read(
         self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
@@ -377,30 +392,24 @@ class SparQ(Pattern):
         return max_len
 
     def read_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
-        """K+V rows' worth of bytes one decode step reads, priced for the layout the runtime
-        decodes from: K packed row-major, (B, slots, head_dim) in ``MoALayerCache``, which
-        the Triton SparQ decode gathers from (without the optional transposed copy). Step 1
-        reads r components of every key, but memory moves in ``SECTOR_BYTES`` sectors, so
-        it costs the sectors those r touch (``sectors_touched``): most of each row once r
-        reaches the sectors per row (91% of a bf16 K row at head_dim 64, r 8). Step 2 reads
-        k full K and V rows, then the fp32 sum of V. A transposed copy of K (the kernels'
-        optional ``kt``) would read only n * r components in step 1 but store K twice.
-        The kernels' fp32 score workspace is not counted."""
+        """K+V rows' worth of bytes one decode step moves, under the layout the runtime
+        decodes from (``sparq_step_bytes``): the side buffer's r rows twice, the selection
+        keys, k full K and V rows and the fp32 sum of V."""
         return self.scan_entries(n, head_dim, dtype_bytes) + self.k_at(n)
 
     def scan_entries(self, n: int, head_dim: int, dtype_bytes: int = 2) -> float:
-        """The part of ``read_entries`` that does not depend on k: step 1's gather of r
-        components of every key, and the fp32 sum of V, in K+V rows' worth of bytes."""
-        sectors = sectors_touched(head_dim, min(self.r, head_dim), dtype_bytes)
-        step1 = n * sectors * SECTOR_BYTES
-        return (step1 + head_dim * V_SUM_BYTES) / (2 * head_dim * dtype_bytes)
+        """The part of ``read_entries`` that does not depend on k (scoring, selection, the
+        sum of V), in K+V rows' worth of bytes."""
+        parts = sparq_step_bytes(n, head_dim, min(self.r, head_dim), 0, dtype_bytes)
+        return sum(parts.values()) / (2 * head_dim * dtype_bytes)
 
-    def bytes_stored(
-        self, n: int, head_dim: int, dtype_bytes: int = 2, window: int | None = None
-    ) -> int:
-        """The full K and V, plus the running fp32 sum of V kept per sequence."""
-        kv = super().bytes_stored(n, head_dim, dtype_bytes, window)
-        return kv + (head_dim * V_SUM_BYTES if n > 0 else 0)
+    def side_bytes(self, n: int, head_dim: int, window: int | None = None) -> int:
+        """The fp32 running sum of V and the fp8 transposed copy of K (``SPARQ_SIDE_DTYPE``,
+        one slot per K slot) that step 1 reads; the full K and V are stored besides."""
+        if n <= 0:
+            return 0
+        slots = min(n, window) if window is not None else n
+        return head_dim * V_SUM_BYTES + slots * head_dim * SPARQ_SIDE_BYTES
 
     def validate(self, head_dim: int | None = None) -> None:
         if self.r <= 0:
@@ -415,6 +424,37 @@ class SparQ(Pattern):
             raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
         if self.local < 0:
             raise ValueError(f"local must be >= 0, got {self.local}")
+
+
+def sparq_side_keys(k: torch.Tensor, dtype: torch.dtype = SPARQ_SIDE_DTYPE) -> torch.Tensor:
+    """Keys as SparQ's side buffer holds them: rounded to ``dtype`` (nearest even), fp8
+    saturating at +-448 instead of turning into NaN. The one torch home of the rounding
+    the Triton kernels emulate (``kernels.sparq._round_side``)."""
+    if dtype == torch.float8_e4m3fn:
+        k = k.float().clamp(-448.0, 448.0)
+    return k.to(dtype)
+
+
+def sparq_step_bytes(
+    n: int, head_dim: int, r: int, k: int, dtype_bytes: int = 2, side_bytes: int | None = None
+) -> dict[str, int]:
+    """Bytes one SparQ decode step moves for one (sequence, KV head), by stage, as the
+    runtime's Triton pipeline runs it (``kernels.sparq``; the benchmark prints these next
+    to its own count of each launch):
+
+    - score: two passes over r rows of the side buffer (softmax normalisers, then the
+      selection keys), n int32 keys written;
+    - select: the keys read by three radix levels and the compaction;
+    - attend: k full K and V rows and the fp32 sum of V (the k int32 row indices, under 1%
+      of the rows, are left out).
+
+    ``side_bytes``: bytes per side-buffer component (default ``SPARQ_SIDE_BYTES``)."""
+    side = SPARQ_SIDE_BYTES if side_bytes is None else side_bytes
+    return {
+        "score": 2 * n * r * side + n * SPARQ_KEY_BYTES,
+        "select": SPARQ_KEY_PASSES * n * SPARQ_KEY_BYTES,
+        "attend": 2 * k * head_dim * dtype_bytes + head_dim * V_SUM_BYTES,
+    }
 
 
 @functools.lru_cache(maxsize=1024)

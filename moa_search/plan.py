@@ -188,7 +188,7 @@ class Plan:
 
     def read_density(self, n: int, dtype_bytes: int = 2) -> float:
         """Plan bytes read per decode step as a fraction of dense at length ``n`` (SparQ's
-        share depends on ``dtype_bytes``: it is priced in memory sectors)."""
+        share depends on ``dtype_bytes``: its side buffer and selection keys do not)."""
         return self.read_bytes(n, 1, dtype_bytes) / self.dense_kv_bytes(n, 1, dtype_bytes)
 
     # --- (de)serialisation ----------------------------------------------------------

@@ -70,7 +70,8 @@ def test_costs_are_consistent(spec):
     p = parse(spec)
     for n in (1, 7, 64, 1000):
         stored = p.bytes_stored(n, 64, 2)
-        side = 64 * 4 if isinstance(p, SparQ) else 0  # SparQ's running fp32 sum of V
+        side = p.side_bytes(n, 64)
+        assert side == (64 * 4 + n * 64 if isinstance(p, SparQ) else 0)  # V sum, fp8 K copy
         assert stored == 2 * p.stored_entries(n) * 64 * 2 + side
         assert p.bytes_read(n, 64, 2) > 0
         assert p.capacity(n) == p.stored_entries(n)  # a cache sized for n allocates that
@@ -109,7 +110,8 @@ def test_elastic_span_rule_and_growth():
 def test_sparq_counts_bandwidth_not_memory():
     p = SparQ(r=16, k=128, local=16)
     assert p.stored_entries(4096) == 4096, "SparQ keeps the full cache"
-    assert p.bytes_stored(4096, 128) == Dense().bytes_stored(4096, 128) + 128 * 4  # + V sum
+    side = 128 * 4 + 4096 * 128  # V sum, the fp8 transposed copy of K
+    assert p.bytes_stored(4096, 128) == Dense().bytes_stored(4096, 128) + side
     assert p.bytes_stored(0, 128) == 0  # nothing allocated yet
     assert p.bytes_read(4096, 128) < Dense().bytes_read(4096, 128) / 2
 
@@ -150,17 +152,17 @@ def test_sparq_step1_sectors_equal_every_subset_counted(head_dim, r, dtype_bytes
     assert sectors_touched(head_dim, r, dtype_bytes) == pytest.approx(mean, rel=1e-12)
 
 
-def test_sparq_reads_sectors_of_row_major_keys():
+def test_sparq_reads_the_side_buffer_and_k_rows():
+    """Step 1 reads r fp8 components of every key twice (side buffer), the selection keys
+    are written once and read four times, step 2 reads k full rows, then the V sum."""
     n, d = 4096, 64
     p = SparQ(r=8, k=100, local=16)
-    want = n * sectors_touched(d, 8, 2) * 32 + 2 * 100 * d * 2 + d * 4  # step 1, 2, V sum
-    assert p.bytes_read(n, d) == round(want)
-    assert p.bytes_read(n, d, 4) == round(
-        n * sectors_touched(d, 8, 4) * 32 + 2 * 100 * d * 4 + d * 4
-    )
-    # 91% of each bf16 K row: SparQ 1/16 reads over half of dense, not an eighth
-    assert sectors_touched(64, 8, 2) / 4 == pytest.approx(0.915, abs=0.001)
-    assert SparQ(r=8, k_ratio=1 / 16).bytes_read(n, d) > Dense().bytes_read(n, d) / 2
+    want = 2 * n * 8 + n * 4 + 4 * n * 4 + 2 * 100 * d * 2 + d * 4
+    assert p.bytes_read(n, d) == want
+    assert p.bytes_read(n, d, 4) == want + 2 * 100 * d * 2
+    assert p.bytes_read(n, d, window=1000) == SparQ(r=8, k=100, local=16).bytes_read(1000, d)
+    # the side buffer makes step 1 cost r bytes a key, not r scattered sectors of K
+    assert SparQ(r=8, k_ratio=1 / 16).bytes_read(n, d) < Dense().bytes_read(n, d) / 2
     assert sectors_touched(64, 64, 2) == 4 and sectors_touched(64, 1, 2) == 1
 
 

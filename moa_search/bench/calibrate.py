@@ -174,6 +174,7 @@ def _layer(pattern: Pattern, kv: int, batch: int, n: int, dim: int, device, dtyp
     layer.values.normal_()
     if layer.v_sum is not None:
         layer.v_sum.normal_()
+        layer.sync_side()  # SparQ scores the side buffer: it must hold these keys too
     layer.lengths.fill_(n)
     layer.processed = n
     return layer

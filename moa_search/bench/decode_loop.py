@@ -493,6 +493,7 @@ class PlanLoop(DecodeLoop):
             layer.values.normal_(generator=generator)
             if layer.v_sum is not None:
                 layer.v_sum.normal_(generator=generator)
+                layer.sync_side()  # SparQ scores the side buffer: it must hold these keys
 
     def kv_nbytes(self) -> int:
         return self.cache.nbytes()

@@ -12,9 +12,9 @@ Rules (T = target entries per KV head = density * n):
   growing part is a free choice: by default half of the non-sink budget grows with n
   (beta = (T - sink) / (2n)); pass ``elastic_beta`` to fix beta instead (clamped so alpha >= 0).
 - sparq: the SparQ paper's split, half the bytes on step 1 (r components of every key) and
-  half on the top-k rows: the largest r whose step 1 reads at most half, as the runtime's
-  row-major K prices it (``SparQ.read_entries``: whole memory sectors, so even r = 1 costs
-  a sector per key), then k_ratio fills the rest exactly.
+  half on the top-k rows: the largest r whose step 1 moves at most half, as the runtime's
+  pipeline prices it (``SparQ.scan_entries``: two reads of r fp8 components of every key
+  from the side buffer and the int32 selection keys), then k_ratio fills the rest exactly.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def baseline_method(
     plan = _uniform(identity, pattern)
     if name == "sparq" and plan.read_density(n) > target + 0.01:  # step 1 alone is more
         why = (
-            f"reads {plan.read_density(n):.1%} of dense at n={n}, the least SparQ reads "
-            f"from a row-major cache: more than the target's {target:.1%}; stores the full cache"
+            f"reads {plan.read_density(n):.1%} of dense at n={n}, the least SparQ moves per "
+            f"step: more than the target's {target:.1%}; stores the full cache"
         )
     desc = f"uniform {pattern.spec()} ({why})"
     return Method(name, plan, desc, plan.memory_density(n), plan.read_density(n))

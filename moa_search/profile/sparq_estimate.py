@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from moa_search.patterns import SparQ, sparq_query_components
+from moa_search.patterns import SparQ, sparq_query_components, sparq_side_keys
 
 
 def running_v_mean(v: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -88,7 +88,8 @@ def _select(
     del causal
     idx_r, _, approx_scale = sparq_query_components(qt, r, group_dim=1)  # idx_r: (Hkv, t, r)
     keep_r = torch.zeros_like(qt[:, 0]).scatter_(-1, idx_r, 1.0)  # (Hkv, t, D)
-    s_hat = torch.einsum("hgtd,hnd->hgtn", qt * keep_r[:, None], kt)
+    k_side = sparq_side_keys(kt).to(qt.dtype)  # step 1 reads the cache's fp8 side buffer
+    s_hat = torch.einsum("hgtd,hnd->hgtn", qt * keep_r[:, None], k_side)
     s_hat /= approx_scale[..., None]
     s_hat += bias
     p_hat = torch.softmax(s_hat, dim=-1).nan_to_num_(0.0)

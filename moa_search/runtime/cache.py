@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_search.patterns import Pattern, SparQ
+from moa_search.patterns import SPARQ_SIDE_DTYPE, Pattern, SparQ, sparq_side_keys
 from moa_search.plan import Plan
 from moa_search.runtime.constants import device_tensor
 
@@ -98,6 +98,8 @@ class MoALayerCache(CacheLayerMixin):
         self.processed = 0  # tokens seen including padding: transformers' notion of length
         self.sparq_heads = [h for h, p in enumerate(self.patterns) if isinstance(p, SparQ)]
         self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
+        # (B, n_sparq, D, ring) fp8 keys of the SparQ heads, transposed (``_side_order``)
+        self.sparq_kt: torch.Tensor | None = None
         self._geom: dict = {}
         self._sparq_index: torch.Tensor | None = None
         self._static_ids: torch.Tensor | None = None
@@ -142,6 +144,9 @@ class MoALayerCache(CacheLayerMixin):
         self.lengths = self.lengths.index_select(0, idx)
         if self.v_sum is not None:
             self.v_sum = self.v_sum.index_select(0, idx)
+        if self.sparq_kt is not None:  # fp8 has no index kernels everywhere: move bytes
+            kt = self.sparq_kt.view(torch.uint8).index_select(0, idx)
+            self.sparq_kt = kt.view(self.sparq_kt.dtype)
 
     # --- storage ------------------------------------------------------------------
     @property
@@ -149,11 +154,12 @@ class MoALayerCache(CacheLayerMixin):
         return len(self.patterns)
 
     def nbytes(self) -> int:
-        """Bytes this layer's cache allocates: K and V, plus the running V sums of its SparQ
-        heads (what ``Plan.kv_bytes`` predicts)."""
+        """Bytes this layer's cache allocates: K and V, plus its SparQ heads' running V sums
+        and transposed-K side buffer (what ``Plan.kv_bytes`` predicts)."""
         if self.keys is None:
             return 0
-        side = 0 if self.v_sum is None else self.v_sum.numel() * self.v_sum.element_size()
+        side = sum(t.numel() * t.element_size() for t in (self.v_sum, self.sparq_kt)
+                   if t is not None)  # fmt: skip
         return self.keys.numel() * self.keys.element_size() * 2 + side
 
     def slot_positions(self, head: int) -> torch.Tensor:
@@ -202,6 +208,7 @@ class MoALayerCache(CacheLayerMixin):
         if self.sparq_heads:
             v = value_states.index_select(1, self._sparq_index).float() * real[:, None, :, None]
             self.v_sum += v.sum(2)
+            self._write_side(key_states, positions)
         self.lengths.copy_(new_lengths)  # in place: a captured CUDA graph keeps advancing it
         self.processed += key_states.shape[2]
 
@@ -211,6 +218,7 @@ class MoALayerCache(CacheLayerMixin):
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         positions: torch.Tensor | None = None,
+        side_kernel: Callable[..., None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Store one decode token per sequence with ``append_kernel`` (the fused
         ``decode_append`` of ``moa_search.kernels``) and return :meth:`decode_metadata` at
@@ -219,12 +227,20 @@ class MoALayerCache(CacheLayerMixin):
         key/value: (B, Hkv, 1, D); positions: (B, 1), -1 for padding, or None (no padding:
         every sequence's new token sits at its length). Same cache contents as
         :meth:`append`, in one launch instead of a few dozen small kernels; no host sync.
+        ``side_kernel``: ``moa_search.kernels.sparq_side_append``, which stores the SparQ
+        heads' side-buffer keys in one more launch (torch ops without it).
         """
         self._ensure_capacity(self.processed + 1, key_states)
         pos = positions[:, 0] if positions is not None else None
         if self.sparq_heads:
             v = value_states[:, :, 0].index_select(1, self._sparq_index).float()
             self.v_sum += v if pos is None else v * (pos >= 0)[:, None, None]
+            side_pos = pos if pos is not None else self.lengths  # before the append advances
+            if side_kernel is None:
+                self._write_side(key_states, side_pos[:, None])
+            else:
+                side_kernel(self.sparq_kt, key_states[:, :, 0], self._geom["side_heads"],
+                            side_pos, self._geom["side_ring"])  # fmt: skip
         geom = self._geom
         ints, meta = geom["int32"], geom["meta"]
         affine = geom.get("span_affine")
@@ -312,6 +328,66 @@ class MoALayerCache(CacheLayerMixin):
                     batch, len(self.sparq_heads), dim, dtype=torch.float32, device=self.device
                 )
         self.keys, self.values, self.layout, self._geom = keys, values, layout, geom
+        if self.sparq_heads:
+            self._alloc_side()
+
+    # --- SparQ side buffer -----------------------------------------------------------
+    def _side_order(self) -> list[int]:
+        """SparQ heads in side-buffer order: grouped as ``sparq_groups`` groups them, so each
+        group's rows are one contiguous slice (``sparq_side``), never a copy."""
+        groups: dict[SparQ, list[int]] = {}
+        for h in self.sparq_heads:
+            groups.setdefault(self.patterns[h], []).append(h)
+        return [h for heads in groups.values() for h in heads]
+
+    def _alloc_side(self) -> None:
+        """(Re)allocate the side buffer for the current layout and fill it from K: one slot
+        per K slot of every SparQ head (they share a ring: sink 0, the cache's length or
+        the layer's window)."""
+        order, layout = self._side_order(), self.layout
+        ring = layout.rings[order[0]]
+        batch, _, dim = self.keys.shape
+        self.sparq_kt = torch.empty(
+            batch, len(order), dim, ring, dtype=SPARQ_SIDE_DTYPE, device=self.device
+        )
+        self._geom["side_heads"] = torch.tensor(order, dtype=torch.int32, device=self.device)
+        self._geom["side_ring"] = torch.tensor(
+            [layout.rings[h] for h in order], dtype=torch.int32, device=self.device
+        )
+        self.sync_side()
+
+    def sync_side(self) -> None:
+        """Side buffer := the SparQ heads' K slots, transposed and rounded: after a prefill
+        chunk (one pass over those heads, cheaper than scattering every token) and after
+        anything that writes ``keys`` directly (the benchmarks' random caches)."""
+        kt = self.sparq_kt.view(torch.uint8)  # fp8 index/copy kernels are not on every device
+        for i, h in enumerate(self._side_order()):
+            start = self.layout.offsets[h]
+            k = self.keys[:, start : start + kt.shape[-1]]
+            kt[:, i] = sparq_side_keys(k, self.sparq_kt.dtype).view(torch.uint8).transpose(1, 2)
+
+    def _write_side(self, key_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """Mirror a stored chunk in the side buffer: a prefill chunk refills it from K, a
+        decode token (L == 1) writes its slot (pos % ring; padding, pos < 0, is skipped)."""
+        if key_states.shape[2] != 1:
+            self.sync_side()
+            return
+        kt = self.sparq_kt.view(torch.uint8)
+        heads, ring = self._geom["side_heads"].long(), self._geom["side_ring"].long()
+        pos = positions[:, 0].long()
+        slot = torch.remainder(pos.clamp(min=0)[:, None], ring[None, :])  # (B, n_sparq)
+        new = sparq_side_keys(key_states[:, :, 0].index_select(1, heads), self.sparq_kt.dtype)
+        b = torch.arange(kt.shape[0], device=kt.device)[:, None]
+        i = torch.arange(kt.shape[1], device=kt.device)[None, :]
+        keep = (pos >= 0)[:, None, None]
+        kt[b, i, :, slot] = torch.where(keep, new.view(torch.uint8), kt[b, i, :, slot])
+
+    def sparq_side(self, group: int) -> torch.Tensor:
+        """Side-buffer rows (B, n, D, ring) of the ``group``-th of ``sparq_groups``: a view
+        (groups are contiguous in ``_side_order``)."""
+        groups = self.sparq_groups()
+        first = sum(ids.numel() for _, ids, _ in groups[:group])
+        return self.sparq_kt[:, first : first + groups[group][1].numel()]
 
     def static_head_ids(self) -> torch.Tensor:
         """int32 ids of the heads with a static pattern (one mixed-kernel launch serves them);

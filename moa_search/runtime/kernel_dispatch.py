@@ -1,7 +1,7 @@
 """Route one decode step of a layer to the Triton kernels: one small launch that stores the
 new token and writes the step's lengths and spans, one launch for all dense / window /
-elastic heads, one SparQ pipeline per distinct SparQ setting. No host syncs, so a decode
-step can be captured in a CUDA graph."""
+elastic heads, one SparQ pipeline per distinct SparQ setting (scoring from the cache's fp8
+side buffer). No host syncs, so a decode step can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def decode_layer(
     # moa_search.kernels.decode holds the fused append; test doubles of the module lack it
     fused = getattr(getattr(kernels, "decode", None), "decode_append", None)
     if key is not None and fused is not None:
-        meta = layer.append_decode(fused, key, value, positions)
+        side = getattr(kernels, "sparq_side_append", None)
+        meta = layer.append_decode(fused, key, value, positions, side_kernel=side)
     else:
         if key is not None:
             pos = positions if positions is not None else layer.lengths[:, None].clone()
@@ -54,7 +55,7 @@ def decode_layer(
             meta["head_ring"], meta["span"], meta["seq_len"], scale,
             head_ids=static_ids, out=o, max_len=max_len, window=window, softcap=softcap,
         )  # fmt: skip
-    for pattern, head_ids, rows in layer.sparq_groups():
+    for group, (pattern, head_ids, rows) in enumerate(layer.sparq_groups()):
         if pattern.k is not None:
             k, k_max = pattern.k, pattern.k
         else:
@@ -64,5 +65,5 @@ def decode_layer(
         kernels.sparq_decode(
             q, layer.keys, layer.values, meta["head_offset"], meta["seq_len"],
             layer.v_sum.index_select(1, rows), min(pattern.r, q.shape[-1]), k, pattern.local,
-            scale, head_ids, out=o, max_len=max_len, k_max=k_max,
+            scale, head_ids, out=o, max_len=max_len, k_max=k_max, kt=layer.sparq_side(group),
         )  # fmt: skip

@@ -7,7 +7,13 @@ import math
 
 import torch
 
-from moa_search.patterns import Pattern, SparQ, dense_causal, sparq_query_components
+from moa_search.patterns import (
+    Pattern,
+    SparQ,
+    dense_causal,
+    sparq_query_components,
+    sparq_side_keys,
+)
 from moa_search.runtime.scores import Logits, cap_logits, sdpa
 
 
@@ -59,7 +65,7 @@ def sparq_decode(
     the top-r components (|q| summed over the group) and the top-k positions (approximate
     softmax summed over the group); the ``local`` most recent positions are always kept.
     ``logits.softcap`` caps the exact logits; the approximate step keeps SparQ's own
-    temperature.
+    temperature and scores keys as the side buffer holds them (``sparq_side_keys``: fp8).
     """
     batch, group, _, dim = q.shape
     qf = q[:, :, 0].float()  # (B, G, D)
@@ -70,7 +76,8 @@ def sparq_decode(
 
     r = min(pattern.r, dim)
     idx_r, q_r, approx_scale = sparq_query_components(qf, r, group_dim=1)  # idx_r: (B, r)
-    k_r = kf.gather(2, idx_r[:, None, :].expand(batch, k.shape[1], r))
+    k_side = sparq_side_keys(k).float()  # step 1 reads the cache's fp8 side buffer
+    k_r = k_side.gather(2, idx_r[:, None, :].expand(batch, k.shape[1], r))
     s_hat = torch.einsum("bgr,bmr->bgm", q_r, k_r) / approx_scale[..., None]
     s_hat = s_hat.masked_fill(~valid[:, None, :], float("-inf"))
     p_hat = torch.softmax(s_hat, dim=-1).nan_to_num(0.0)  # (B, G, M)

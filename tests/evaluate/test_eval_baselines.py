@@ -44,8 +44,9 @@ def test_baselines_match_plan_budget(plan, n):
     for name in ("window", "elastic"):
         assert abs(methods[name].memory_density - plan.memory_density(n)) <= heads * one_entry
     assert abs(methods["sparq"].read_density - plan.read_density(n)) <= 2 * heads * one_entry
-    # SparQ saves reads, not memory: it keeps the full cache and an fp32 sum of V per head
-    assert methods["sparq"].memory_density == pytest.approx(1 + 1 / n)
+    # SparQ saves reads, not memory: it keeps the full cache, an fp8 transposed copy of K
+    # (a quarter of bf16 K + V) and an fp32 sum of V per head
+    assert methods["sparq"].memory_density == pytest.approx(1.25 + 1 / n)
     assert methods["dense"].plan is None and methods["plan"].plan is plan
     assert "window:sink=" in methods["window"].description
 
@@ -59,8 +60,8 @@ def test_sparq_baseline_below_its_floor_says_so(plan):
     assert sparq.read_density == pytest.approx(
         uniform_plan(tiny_llama(), least).read_density(n), abs=0.01
     )
-    assert sparq.read_density > 0.5 > plan.read_density(n)
-    assert "the least SparQ reads from a row-major cache" in sparq.description
+    assert sparq.read_density > plan.read_density(n) + 0.01
+    assert "the least SparQ moves per step" in sparq.description
 
 
 def test_uniform_patterns_store_the_target():
@@ -69,9 +70,10 @@ def test_uniform_patterns_store_the_target():
     e = uniform_elastic(n, 0.25)
     assert e.stored_entries(n) == pytest.approx(512, abs=1) and e.beta > 0
     assert uniform_elastic(n, 0.25, beta=0.0).beta == 0.0
-    # the SparQ paper's split: at most half the reads on step 1, priced in memory sectors
+    # the SparQ paper's split: at most half the reads on step 1 (side buffer and selection)
     s = uniform_sparq(n, 0.25, head_dim=64)
-    assert s.r == 1  # one component already costs a sector per key: half of the budget
+    scan = [SparQ(r=r, k=1).scan_entries(n, 64) for r in (s.r, s.r + 1)]
+    assert scan[0] <= 256 < scan[1]
     assert s.read_entries(n, 64) == pytest.approx(512, abs=1.5)
     s = uniform_sparq(4096, 0.5, head_dim=128)
     step1 = [SparQ(r=r, k=1).scan_entries(4096, 128) for r in (s.r, s.r + 1)]

@@ -36,29 +36,10 @@ if not torch.cuda.is_available():
     _use_interpreter()
 
 
-def _fix_interpreter_loop_bounds() -> None:
-    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls int() on them
-    for ``range(lo, hi)`` bounds, which NumPy >= 2.4 refuses; index through the element."""
-    import numpy as np  # noqa: PLC0415
-    import triton.language as tl  # noqa: PLC0415
-    from triton.runtime import interpreter  # noqa: PLC0415
-
-    original = interpreter._patch_lang
-
-    def patch_lang(fn):  # noqa: ANN001, ANN202
-        scope = original(fn)
-        scope.set_attr(
-            tl.core.tensor,
-            "__index__",
-            lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]),
-        )
-        return scope
-
-    interpreter._patch_lang = patch_lang
-
-
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _fix_interpreter_loop_bounds()
+    from moa_search.kernels.testing import fix_interpreter_loop_bounds
+
+    fix_interpreter_loop_bounds()
 
 
 @pytest.fixture(scope="session")

@@ -74,9 +74,10 @@ def run_sparq(
     k: int | list[list[int]],
     local: int,
     max_len: int,
-    use_kt: bool,
+    side: torch.dtype | None,
     seed: int = 0,
 ) -> float:
+    """``side``: the side buffer's dtype (None: step 1 gathers from the packed cache)."""
     heads = [HeadGeom.dense(max_len) for _ in range(hkv)]
     lay = build_layer(heads, lens, group, dim, dtype, device, seed)
     ids = torch.tensor(sparq_ids, dtype=torch.int32, device=device)
@@ -95,10 +96,12 @@ def run_sparq(
     )
     kk = torch.tensor(k, dtype=torch.int32, device=device) if isinstance(k, list) else k
     out = torch.full_like(lay["q"], SENTINEL)
-    kt = sparq_kt_from_cache(lay["k_cache"], lay["head_offset"], ids, max_len) if use_kt else None
+    kt = None
+    if side is not None:
+        kt = sparq_kt_from_cache(lay["k_cache"], lay["head_offset"], ids, max_len, side)
     k_max = max(max(row) for row in k) if isinstance(k, list) else None
     sparq_decode(**args, k=kk, out=out, max_len=max_len, k_max=k_max, kt=kt)
-    ref = sparq_decode_ref(**args, k=kk, out=torch.full_like(out, SENTINEL))
+    ref = sparq_decode_ref(**args, k=kk, out=torch.full_like(out, SENTINEL), score_dtype=side)
     keep = torch.ones(hkv, dtype=torch.bool)
     keep[sparq_ids] = False
     assert (out[:, keep.repeat_interleave(group).to(device)] == SENTINEL).all()
@@ -201,31 +204,39 @@ def test_mixed_fixed(name: str, dtype: torch.dtype, device: torch.device) -> Non
     assert err <= TOL[dtype], f"{name}: max abs err {err:.3g}"
 
 
+FP8 = torch.float8_e4m3fn
+
+
 @pytest.mark.parametrize(
-    ("dtype", "use_kt", "k"),
+    ("dtype", "side", "k"),
     [
-        (torch.float32, False, 24),
-        (torch.bfloat16, True, 24),
-        (torch.float32, True, [[30, 8], [5, 200]]),
+        (torch.float32, None, 24),
+        (torch.bfloat16, FP8, 24),
+        (torch.float32, torch.bfloat16, [[30, 8], [5, 200]]),
+        (torch.float32, FP8, [[30, 8], [5, 200]]),
+        (torch.float16, torch.float16, 24),
     ],
-    ids=["fp32_gather", "bf16_kt", "fp32_k_tensor"],
+    ids=["fp32_gather", "bf16_fp8", "fp32_bf16_k_tensor", "fp32_fp8_k_tensor", "fp16_same"],
 )
 def test_sparq_fixed(
-    dtype: torch.dtype, use_kt: bool, k: int | list[list[int]], device: torch.device
+    dtype: torch.dtype, side: torch.dtype | None, k: int | list[list[int]], device: torch.device
 ) -> None:
     err = run_sparq(
-        [120, 20], 3, [0, 2], 2, 64, dtype, device, r=16, k=k, local=4, max_len=128, use_kt=use_kt
+        [120, 20], 3, [0, 2], 2, 64, dtype, device, r=16, k=k, local=4, max_len=128, side=side
     )
     assert err <= TOL[dtype], f"max abs err {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_sparq_head_dim_256(dtype: torch.dtype, device: torch.device) -> None:
-    """Gemma's head_dim 256: SparQ heads on a global layer (no window, no cap) decode here."""
+@pytest.mark.parametrize("dim", [16, 32, 64, 128, 256])
+def test_sparq_head_dims(dim: int, device: torch.device) -> None:
+    """Every power-of-two head size, fp8 side buffer (Gemma's 256 included: SparQ heads
+    on a global layer decode through the kernels)."""
+    r = max(1, dim // 8)
     err = run_sparq(
-        [120, 37], 2, [1], 2, 256, dtype, device, r=32, k=20, local=4, max_len=128, use_kt=True
-    )
-    assert err <= TOL[dtype], f"max abs err {err:.3g}"
+        [100, 37], 2, [1], 4, dim, torch.bfloat16, device, r=r, k=20, local=4, max_len=100,
+        side=FP8, seed=dim,
+    )  # fmt: skip
+    assert err <= TOL[torch.bfloat16], f"max abs err {err:.3g}"
 
 
 def test_graph_capturable_no_sync(device: torch.device) -> None:
@@ -283,20 +294,20 @@ def _random_mixed(rng: random.Random, device: torch.device) -> tuple[dict, float
 
 def _random_sparq(rng: random.Random, device: torch.device) -> tuple[dict, float]:
     dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
-    dim = rng.choice([64, 128])
+    dim = rng.choice([16, 32, 64, 128, 256])
     group = rng.choice([1, 2, 4, 8])
     hkv = rng.randint(1, 4)
     ids = sorted(rng.sample(range(hkv), rng.randint(1, hkv)))
     max_len = rng.choice([64, 500, 2000, 6000] if device.type == "cuda" else [64, 200])
     batch = rng.randint(1, 4)
     lens = [rng.randint(1, max_len) for _ in range(batch)]
-    r = rng.choice([4, 8, 16, 32])
+    r = min(dim, rng.choice([1, 4, 8, 16, 32]))
     local = rng.choice([0, 4, 16])
     if rng.random() < 0.3:
         k: int | list[list[int]] = [[rng.randint(1, max_len) for _ in ids] for _ in lens]
     else:
         k = rng.choice([1, 16, 64, max(1, max_len // 8)])
-    use_kt = rng.random() < 0.5
+    side = rng.choice([None, FP8, FP8, torch.bfloat16, dtype])
     desc = {
         "dtype": str(dtype),
         "dim": dim,
@@ -306,7 +317,7 @@ def _random_sparq(rng: random.Random, device: torch.device) -> tuple[dict, float
         "r": r,
         "k": k if isinstance(k, int) else "tensor",
         "local": local,
-        "kt": use_kt,
+        "side": str(side),
     }
     err = run_sparq(
         lens,
@@ -320,7 +331,7 @@ def _random_sparq(rng: random.Random, device: torch.device) -> tuple[dict, float
         k=k,
         local=local,
         max_len=max_len,
-        use_kt=use_kt,
+        side=side,
         seed=rng.randint(0, 1 << 30),
     )
     return desc, err / TOL[dtype]

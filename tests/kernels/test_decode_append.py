@@ -9,6 +9,7 @@ import torch
 
 import moa_search as ms
 from moa_search.kernels.decode import decode_append
+from moa_search.kernels.sparq import sparq_side_append
 from moa_search.patterns import parse
 from moa_search.runtime.cache import MoALayerCache
 from tests.conftest import tiny_llama
@@ -56,7 +57,9 @@ def test_fused_append_matches_pytorch_append(
             pos = torch_cache.lengths[:, None].clone()
         torch_cache.append(k, v, pos)
         want = torch_cache.decode_metadata()
-        got = fused_cache.append_decode(decode_append, k, v, pos.clone() if padded else None)
+        got = fused_cache.append_decode(
+            decode_append, k, v, pos.clone() if padded else None, side_kernel=sparq_side_append
+        )
         assert torch.equal(fused_cache.lengths, torch_cache.lengths)
         for name in ("span", "seq_len", "head_offset", "head_sink", "head_ring"):
             assert torch.equal(got[name], want[name]), (step, name)
@@ -64,6 +67,12 @@ def test_fused_append_matches_pytorch_append(
         assert torch.equal(fused_cache.values, torch_cache.values), step
         assert torch.allclose(fused_cache.v_sum, torch_cache.v_sum)
         assert fused_cache.processed == torch_cache.processed
+        # the SparQ side buffer: same values either way (the interpreter stores -0 as +0),
+        # and what K rebuilds it to
+        side = fused_cache.sparq_kt.float()
+        assert torch.equal(side, torch_cache.sparq_kt.float()), step
+    torch_cache.sync_side()
+    assert torch.equal(side, torch_cache.sparq_kt.float())
     # the padded sequence fell behind by the padded steps: padding really was skipped
     assert torch_cache.lengths.tolist() == [steps, steps - steps // 4, steps]
 

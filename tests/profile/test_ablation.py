@@ -115,7 +115,9 @@ def test_scored_fidelity_is_exact_for_the_last_layer_and_close_elsewhere(make_mo
     s = scored.effects(scored.prepare(ids, mask), abl)
     # at the last layer nothing downstream reads other positions: both are the same
     assert s.kl[0].item() == pytest.approx(e.kl[0].item(), rel=1e-4)
-    assert s.kl[2].item() == pytest.approx(e.kl[2].item(), rel=1e-3)
+    # SparQ scores fp8-rounded keys (the runtime's side buffer): at r=4 of d=16 some keys
+    # tie exactly, and the two paths' topk may keep different ones of a tie
+    assert s.kl[2].item() == pytest.approx(e.kl[2].item(), rel=3e-3)
     assert e.kl[2].item() > 1e-6
     assert s.kl[1].item() > 0 and e.kl[1].item() > 0
 
