@@ -350,9 +350,9 @@ class MoALayerCache(CacheLayerMixin):
         self.sparq_kt = torch.empty(
             batch, len(order), dim, ring, dtype=SPARQ_SIDE_DTYPE, device=self.device
         )
-        self._geom["side_heads"] = torch.tensor(order, dtype=torch.int32, device=self.device)
-        self._geom["side_ring"] = torch.tensor(
-            [layout.rings[h] for h in order], dtype=torch.int32, device=self.device
+        self._geom["side_heads"] = device_tensor(order, torch.int32, self.device)
+        self._geom["side_ring"] = device_tensor(
+            [layout.rings[h] for h in order], torch.int32, self.device
         )
         self.sync_side()
 
