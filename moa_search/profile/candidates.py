@@ -52,7 +52,7 @@ def keep_families(cands: Sequence[Pattern], families: Sequence[str]) -> list[Pat
     unknown = [f for f in families if f not in PATTERNS]
     if unknown:
         raise MoaSearchError(
-            f"families: unknown pattern family {unknown[0]!r} (expected some of "
+            f"families (--patterns): unknown pattern family {unknown[0]!r} (expected some of "
             f"{', '.join(PATTERNS)})"
         )
     return [c for c in cands if c.name == Dense.name or c.name in families]

@@ -404,7 +404,9 @@ def profile(
         cands = resolve_candidates(cfg.candidates, lengths, cfg.block_size, identity.head_dim)
     if cfg.families is not None:
         if cfg.candidates is not None:
-            raise MoaSearchError("families: give either candidates or families, not both")
+            raise MoaSearchError(
+                "families (--patterns): give either candidates or families, not both"
+            )
         cands = keep_families(cands, cfg.families)
     split_static(cands)
     cfg = replace(

@@ -149,7 +149,9 @@ def test_families_cut_the_default_grid_and_keep_dense(model, tmp_path):
     )  # fmt: skip
     names = {spec.split(":")[0] for spec in res.meta["config"]["candidates"]}
     assert names == {"dense", "window"}
-    with pytest.raises(MoaSearchError, match="families: unknown pattern family 'windw'"):
+    with pytest.raises(
+        MoaSearchError, match=r"families \(--patterns\): unknown pattern family 'windw'"
+    ):
         _run(model, tmp_path / "g", candidates=None, families=("windw",))
     with pytest.raises(MoaSearchError, match="either candidates or families"):
         _run(model, tmp_path / "h", families=("window",))
