@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moa_search.patterns import Pattern
-from moa_search.runtime.constants import device_tensor
+from moa_search.runtime.prefill import head_index
 from moa_search.runtime.scores import Logits, sdpa
 
 #: query / key block of the BlockMask (FlexAttention's default sparse block)
@@ -260,7 +260,7 @@ def flex_prefill(
     if full_heads:
         dense = set(full_heads)
         sparse = [h for h in sparse if h not in dense]
-        kv_idx, q_idx = _head_index(full_heads, group, query.device)
+        kv_idx, q_idx = head_index(full_heads, group, query.device)
         out.index_copy_(1, q_idx, sdpa(
             query.index_select(1, q_idx), key.index_select(1, kv_idx).to(query.dtype),
             value.index_select(1, kv_idx).to(query.dtype), is_causal=True, scale=logits.scale,
@@ -273,16 +273,9 @@ def flex_prefill(
     if len(sparse) == kv_heads:
         out.copy_(_flex(query, key, value, mask, logits, compiled))
     else:
-        kv_idx, q_idx = _head_index(sparse, group, query.device)
+        kv_idx, q_idx = head_index(sparse, group, query.device)
         out.index_copy_(1, q_idx, _flex(
             query.index_select(1, q_idx), key.index_select(1, kv_idx),
             value.index_select(1, kv_idx), mask, logits, compiled,
         ))  # fmt: skip
     return out
-
-
-def _head_index(kv_heads: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device index tensors of ``kv_heads`` and of their query heads (shared constants:
-    indexing with a Python list copies it to the device, a host sync per call)."""
-    q_heads = [h * group + g for h in kv_heads for g in range(group)]
-    return device_tensor(kv_heads, torch.long, device), device_tensor(q_heads, torch.long, device)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from moa_search.patterns import Dense, Pattern
+from moa_search.runtime.constants import device_tensor
 from moa_search.runtime.scores import Logits, sdpa
 
 DEFAULT_CHUNK = 2048
@@ -139,11 +140,11 @@ def fresh_prefill(
     PATH_COUNTS["banded" if sparse else "sdpa"] += 1
 
     if full:
-        qi = _q_heads(full, group)
+        kv_idx, qi = head_index(full, group, query.device)
         everything = len(full) == kv_heads
-        q = query if everything else query[:, qi]
-        k = key if everything else key[:, full]
-        v = value if everything else value[:, full]
+        q = query if everything else query.index_select(1, qi)
+        k = key if everything else key.index_select(1, kv_idx)
+        v = value if everything else value.index_select(1, kv_idx)
         y = sdpa(
             q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=logits.scale,
             enable_gqa=group > 1, softcap=logits.softcap,
@@ -151,7 +152,7 @@ def fresh_prefill(
         if everything:
             out.copy_(y)
         else:
-            out[:, qi] = y
+            out.index_copy_(1, qi, y)
 
     for pattern, heads in sparse.values():
         _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk))
@@ -178,8 +179,12 @@ def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
     return name
 
 
-def _q_heads(kv_heads: list[int], group: int) -> list[int]:
-    return [h * group + g for h in kv_heads for g in range(group)]
+def head_index(kv_heads: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device index tensors of ``kv_heads`` and of their query heads (GQA: kv head h owns
+    query heads h * group .. h * group + group - 1). Shared constants: indexing with a
+    Python list copies it to the device, a host sync per call."""
+    q_heads = [h * group + g for h in kv_heads for g in range(group)]
+    return device_tensor(kv_heads, torch.long, device), device_tensor(q_heads, torch.long, device)
 
 
 def _sdpa_masked(q, k, v, mask, scale, softcap=None):
@@ -205,11 +210,11 @@ def _banded(query, key, value, pattern, heads, out, shared: _Band) -> None:
     scale, softcap = shared.logits.scale, shared.logits.softcap
     window, chunk = shared.window, shared.chunk
     dev = query.device
-    qi = _q_heads(heads, group)
+    kv_idx, qi = head_index(heads, group, dev)
     n_h = len(heads)
-    k_g = key[:, heads].to(query.dtype)  # (B, n_h, L, D)
-    v_g = value[:, heads].to(query.dtype)
-    q_g = query[:, qi]  # (B, n_h * G, L, D)
+    k_g = key.index_select(1, kv_idx).to(query.dtype)  # (B, n_h, L, D)
+    v_g = value.index_select(1, kv_idx).to(query.dtype)
+    q_g = query.index_select(1, qi)  # (B, n_h * G, L, D)
     sink = min(pattern.sink, length)
     pos = torch.arange(length, device=dev)
     spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (L,) span of query i
