@@ -281,10 +281,17 @@ class Window(Pattern):
 @register
 @dataclass(frozen=True)
 class Elastic(Pattern):
-    """MoA's elastic span: window of span(n) = floor(alpha + beta*n + 1/2), clamped to [1, n].
+    """MoA's elastic span: window of span(n) = max(floor, floor(alpha + beta*n + 1/2)),
+    clamped to [1, n]; ``floor`` is optional.
 
     Evaluated per query, so prefill and token-by-token decode agree, and the span keeps
-    growing during generation. beta <= 1 guarantees an evicted key is never needed again.
+    growing during generation. beta <= 1 guarantees an evicted key is never needed again
+    (the max of two such spans moves forward too).
+
+    Why a floor: per query, a span proportional to n gives the early positions of a long
+    context a tiny window, which costs perplexity everywhere. With ``floor`` set to its
+    span at the shortest planned length, a head is that window up to there and keeps the
+    same share of the context beyond it, at the same memory at every planned length.
     """
 
     name: ClassVar[str] = "elastic"
@@ -293,46 +300,58 @@ class Elastic(Pattern):
     sink: int = 0  # type: ignore[assignment]
     alpha: float = 0.0
     beta: float = 0.25
+    floor: int | None = None
 
     @classmethod
     def candidates(cls, lengths, head_dim, grid="measured", block_size=64) -> list[Pattern]:
         """measured: (alpha, beta) = (256, 1/8), (512, 1/4) and, over several lengths, the
-        proportional twin (0, s / shortest) of every window span s from 32 to half the
-        shortest length (sink 32); gradient: alpha 0 .. 16k x beta 0 .. 0.5 (sink 64).
+        proportional twin (0, s / shortest, floor s) of every window span s from 32 to half
+        the shortest length (sink 32); gradient: alpha 0 .. 16k x beta 0 .. 0.5 (sink 64).
         Alphas from half the longest length up are left out.
 
         Why twins: a fraction-of-dense budget always binds at the shortest length (no
         pattern's share of dense grows with n), where a twin costs what its window costs,
         while at the longer lengths it keeps the same share of the context, as the
-        equal-memory uniform baseline does. One length has no twins: there they are the
-        windows."""
+        equal-memory uniform baseline does. The floor keeps it the window up to the shortest
+        length: without it the early positions of every context see a fraction of the
+        window (measured on the default model: 35.49 against 34.34 perplexity at 2k). One
+        length has no twins: there they are the windows."""
         half = max(lengths) // 2
         if grid == "gradient":
             pairs = [(a, b) for a in (0, 512, 1024, 2048, 4096, 8192, 16384) if not a or a < half
                      for b in (0.0, 0.125, 0.25, 0.5) if a or b]  # fmt: skip
             return [cls(sink=GRADIENT_SINK, alpha=float(a), beta=b) for a, b in pairs]
-        pairs = [(a, b) for a, b in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25))
-                 if a < half]  # fmt: skip
-        if len(set(lengths)) > 1:
+        floors: dict[tuple[float, float], int | None] = {
+            (float(a), b): None
+            for a, b in ((0, 0.125), (0, 0.25), (256, 0.125), (512, 0.25))
+            if a < half
+        }
+        if len(set(lengths)) > 1:  # a twin replaces the unfloored rule of the same beta
             shortest, span = min(lengths), 32
             while span <= shortest // 2:
-                pairs.append((0, span / shortest))
+                floors[(0.0, span / shortest)] = span
                 span *= 2
-        unique = sorted(set((float(a), b) for a, b in pairs))
-        return [cls(sink=MEASURED_SINK, alpha=a, beta=b) for a, b in unique]
+        return [cls(sink=MEASURED_SINK, alpha=a, beta=b, floor=floors[(a, b)])
+                for a, b in sorted(floors)]  # fmt: skip
 
     def scaled(self, factor: float, n: int) -> Pattern:
         beta = min(1.0, round(self.beta * factor, 4))
-        return dataclasses.replace(self, alpha=round(self.alpha * factor, 3), beta=beta)
+        floor = None if self.floor is None else max(1, round(self.floor * factor))
+        return dataclasses.replace(
+            self, alpha=round(self.alpha * factor, 3), beta=beta, floor=floor
+        )
 
     def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
+        least = max(1, self.floor or 0)
         if isinstance(n, torch.Tensor):
             raw = torch.floor(self.alpha + self.beta * n.to(torch.float64) + 0.5).to(n.dtype)
-            return torch.minimum(torch.clamp(raw, min=1), n)
+            return torch.minimum(torch.clamp(raw, min=least), n)
         raw = math.floor(self.alpha + self.beta * n + 0.5)
-        return max(1, min(n, raw))
+        return max(1, min(n, max(least, raw)))
 
-    def span_affine(self) -> tuple[float, float]:
+    def span_affine(self) -> tuple[float, float] | None:
+        if self.floor:  # max(floor, a + b*n) is not affine: decode asks span_at
+            return None
         return (float(self.alpha), float(self.beta))
 
     def validate(self, head_dim: int | None = None) -> None:
@@ -340,6 +359,8 @@ class Elastic(Pattern):
             raise ValueError(f"sink must be >= 0, got {self.sink}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.floor is not None and self.floor < 0:
+            raise ValueError(f"floor must be >= 0, got {self.floor}")
         if not 0 <= self.beta <= 1:
             raise ValueError(
                 f"beta must be in [0, 1] (so evicted keys are never needed again), got {self.beta}"

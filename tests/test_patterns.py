@@ -21,6 +21,7 @@ EXAMPLES = {
         "elastic:sink=4,alpha=8,beta=0.25",
         "elastic:sink=0,alpha=0,beta=1.0",
         "elastic:sink=2,alpha=3.5,beta=0.0",
+        "elastic:sink=4,alpha=0,beta=0.25,floor=12",
     ],
     "sparq": ["sparq:r=4,k=8,local=2", "sparq:r=16,k_ratio=0.25,local=0"],
 }
@@ -107,6 +108,34 @@ def test_elastic_span_rule_and_growth():
     assert p.span_at(torch.tensor([1, 10])).tolist() == [1, 7]
 
 
+def test_elastic_floor_is_the_window_until_the_span_outgrows_it():
+    """A floored twin is window(span=floor) up to floor / beta tokens, then beta * n; its
+    span never grows by more than one per token (no evicted key is needed again)."""
+    twin = Elastic(sink=4, alpha=0, beta=0.125, floor=64)
+    window = Window(sink=4, span=64)
+    for n in (1, 10, 64, 300, 512):
+        assert twin.span_at(n) == window.span_at(n)
+        assert twin.stored_entries(n) == window.stored_entries(n)
+    assert twin.span_at(1024) == 128 and twin.stored_entries(1024) == 4 + 128
+    ns = torch.arange(1, 2000)
+    spans = twin.span_at(ns)
+    assert spans.tolist() == [twin.span_at(int(n)) for n in ns]
+    assert set(spans.diff().tolist()) <= {0, 1}
+    assert twin.span_affine() is None, "max(floor, a + b*n) is not affine"
+    assert twin.scaled(0.5, 1024) == Elastic(sink=4, alpha=0, beta=0.0625, floor=32)
+
+
+def test_measured_twins_are_floored_at_their_window():
+    """Over several lengths, every twin (0, s / shortest) has floor s: it costs its window at
+    the shortest length and keeps the window's span at every earlier position."""
+    twins = [p for p in Elastic.candidates([2048, 4096], 64) if p.floor is not None]
+    assert twins, "several lengths give twins"
+    for p in twins:
+        assert p.alpha == 0 and p.span_at(2048) == p.floor == round(p.beta * 2048)
+        assert p.span_at(4096) == 2 * p.floor
+    assert not [p for p in Elastic.candidates([2048], 64) if p.floor is not None]
+
+
 def test_sparq_counts_bandwidth_not_memory():
     p = SparQ(r=16, k=128, local=16)
     assert p.stored_entries(4096) == 4096, "SparQ keeps the full cache"
@@ -188,6 +217,8 @@ def test_static_patterns_read_whole_rows(dtype_bytes):
         ("window:span=abc", "must be a number"),
         ("window:span=2.5", "must be an integer"),
         ("elastic:beta=1.5", "beta must be in [0, 1]"),
+        ("elastic:beta=0.5,floor=-2", "floor must be >= 0"),
+        ("elastic:beta=0.5,floor=2.5", "must be an integer"),
         ("sparq:r=16", "exactly one of k or k_ratio"),
         ("sparq:r=0,k=4", "r must be > 0"),
         ("sparq:r=4,k_ratio=2", "k_ratio must be in (0, 1]"),

@@ -136,7 +136,9 @@ def test_several_lengths_add_a_proportional_twin_of_every_short_window():
     assert sorted(round(c.beta * 2048) for c in twins) == windows
     for c in twins:
         w = parse(f"window:sink=32,span={round(c.beta * 2048)}", 64)
-        assert c.span_at(2048) == w.span_at(2048) and c.span_at(4096) == 2 * w.span_at(2048)
+        assert c.floor == w.span, "the twin is its window up to the shortest length"
+        assert all(c.span_at(n) == w.span_at(n) for n in (1, 100, w.span, 2048))
+        assert c.span_at(4096) == 2 * w.span_at(2048)
     assert len({c.spec() for c in cands}) == len(cands)
     one = measured_candidates([2048], 64)
     assert not [c for c in one if c.name == "elastic" and c.alpha == 0 and c.beta < 0.125]
