@@ -90,16 +90,17 @@ def pick_chunk(
     block: int,
     lo: int = 256,
     hi: int = 1024,
+    per_sm: int = 16,
 ) -> int:
     """Positions handled by one split-K program.
 
     bound: upper bound of the valid length of any (sequence, head); programs_per_pos: how
-    many (sequence, head) pairs share the launch. Aims at ~16 programs per SM when every
+    many (sequence, head) pairs share the launch. Aims at ~``per_sm`` programs per SM when every
     pair is full length, so that plans where only a few heads are long still give each SM
     several rounds of work (a program's duration is the scheduling quantum), clamped to
     [lo, hi] and rounded to the tile size ``block``.
     """
-    want = cdiv(max(bound, 1) * max(programs_per_pos, 1), 16 * sm_count(device))
+    want = cdiv(max(bound, 1) * max(programs_per_pos, 1), per_sm * sm_count(device))
     chunk = min(max(next_pow2(want), lo), hi)
     return round_up(max(chunk, block), block)
 

@@ -49,15 +49,28 @@ from ..patterns import sparq_side_keys as to_side
 from ._common import cdiv, check_common, fit_tiles, interpreting, next_pow2, pick_chunk
 from .decode import LOG2E, _dot, merge_partials
 
+#: Launch knobs, one place (the benchmark's ``--sweep`` overrides them). Score: positions per
+#: tile (``score_block``; one (1, block) load per component, all r in flight), positions per
+#: program (``score_chunk_lo/hi``, aiming at ``score_per_sm`` programs per SM), warps, and
+#: ``fp8_decode`` (1: e4m3 bytes decoded with integer ops, 0: the hardware conversion).
+#: Select: the radix/compaction programs' own chunking (the keys are only 4 bytes a
+#: position, so their programs take more positions than the scoring ones).
 TUNING: dict[str, int] = {
-    "score_block": 128,
-    "score_elems": 8192,
-    "score_chunk_lo": 1024,
-    "score_chunk_hi": 4096,
-    "radix_block": 1024,
+    "score_block": 1024,
+    "score_chunk_lo": 2048,
+    "score_chunk_hi": 8192,
+    "score_per_sm": 16,
+    "score_warps": 4,
+    "fp8_decode": 1,
+    "radix_block": 2048,
+    "select_chunk_lo": 4096,
+    "select_chunk_hi": 16384,
+    "select_per_sm": 8,
+    "select_warps": 4,
     "attend_block": 32,
     "attend_chunk_lo": 64,
     "attend_chunk_hi": 512,
+    "attend_per_sm": 16,
     "num_warps": 4,
     "num_stages": 3,
 }
@@ -66,6 +79,8 @@ TUNING: dict[str, int] = {
 _RADIX = ((23, 255), (15, 255), (7, 255), (0, 127))
 #: side-buffer rounding codes the kernels understand (see ``_round_side``)
 _ROUND = {None: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
+#: int32 slots per row of the radix state: (prefix, keys still to take) after levels 0..L-1
+_STATE = 8
 
 
 def side_round_code(side_dtype: torch.dtype, key_dtype: torch.dtype) -> int:
@@ -94,6 +109,23 @@ def _round_side(x, ROUND: tl.constexpr):
         sub = ((a * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
         r = tl.where(a < 0.015625, sub, normal)
         x = tl.where(x < 0, -r, r)
+    return x
+
+
+@triton.jit
+def _side_f32(kc, FP8_BITS: tl.constexpr):
+    """Side-buffer values as fp32. FP8_BITS: ``kc`` holds raw e4m3 bytes (uint8), decoded
+    with integer ops and one exact multiply: the e4m3 fields moved into an fp32's place
+    times 2^120 re-bias the exponent, and turn e4m3 subnormals into fp32 subnormals of the
+    same value (NaN bytes aside, which the saturating writer never stores). Why: the
+    hardware fp8 -> fp32 conversions are quarter-rate and made the fp8 scoring pass
+    compute-bound (slower than the bf16 buffer with twice the bytes)."""
+    if FP8_BITS:
+        b = kc.to(tl.int32)
+        bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+        x = bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+    else:
+        x = kc.to(tl.float32)
     return x
 
 
@@ -127,79 +159,83 @@ def _query_setup(Q, b64, h, stride_qb, stride_qh, R, G: tl.constexpr, G_P2: tl.c
 
 
 @triton.jit
-def _approx_scores(base, idx, qr, p, valid, stride_c, stride_p, rmask):
-    """s_hat (G_P2, BLOCK) of positions p from r rows of the side buffer (or r columns of K):
-    exact fp32 products, no tensor-core rounding, so the reference can match them."""
-    kc = tl.load(
-        base + idx[:, None].to(tl.int64) * stride_c + p[None, :].to(tl.int64) * stride_p,
-        mask=rmask[:, None] & valid[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    s = tl.sum(qr[:, :, None] * kc[None, :, :], 1)
-    return tl.where(valid[None, :], s, float("-inf"))
+def _query_kernel(Q, HeadIds, Idx, Qr, Hist, stride_qb, stride_qh, R, n_list,
+                  G: tl.constexpr, G_P2: tl.constexpr, R_PAD: tl.constexpr,
+                  D: tl.constexpr):  # fmt: skip
+    """Per row (b, head): the components and scaled query (once, not in every scoring
+    program: the in-kernel sort was a large share of a short program) and zeroed
+    histograms."""
+    pid = tl.program_id(0)  # b * n_list + i
+    h = tl.load(HeadIds + pid % n_list)
+    idx, qr = _query_setup(Q, (pid // n_list).to(tl.int64), h, stride_qb, stride_qh, R, G,
+                           G_P2, R_PAD, D)  # fmt: skip
+    jj = tl.arange(0, R_PAD)
+    g = tl.arange(0, G_P2)
+    tl.store(Idx + pid * R_PAD + jj, idx)
+    tl.store(Qr + (pid * G_P2 + g)[:, None] * R_PAD + jj[None, :], qr)
+    tl.store(Hist + pid * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
 
 
 @triton.jit
-def _lse_kernel(
-    Q,
-    Src,
-    Off,
-    HeadIds,
-    SeqLen,
-    Idx,
-    Qr,
-    Hist,
-    PartM,
-    PartL,
-    stride_qb,
-    stride_qh,
-    stride_sb,
-    stride_si,
-    stride_so,
-    stride_c,
-    stride_p,
-    R,
-    n_list,
-    chunk,
-    num_splits,
-    G: tl.constexpr,
-    G_P2: tl.constexpr,
-    R_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _approx_block(base, IdxRow, QrRow, start, hi, stride_c, stride_p, R: tl.constexpr,
+                  R_PAD: tl.constexpr, G_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                  FP8_BITS: tl.constexpr):  # fmt: skip
+    """s_hat (G_P2, BLOCK_N) of positions start + [0, BLOCK_N) (-inf at and past ``hi``).
+
+    One (1, BLOCK_N) load per component row, unrolled so that all r loads are in flight
+    before the first is used; the row is contiguous in the side buffer (coalesced, vector
+    loads), and the (1, BLOCK_N) shape keeps every query head of the group in the same
+    thread's registers (the products need no shuffles or reductions). Exact fp32 products
+    in component order (no tensor cores), so the float64 reference picks the same rows.
+    """
+    p = start + tl.arange(0, BLOCK_N)[None, :]
+    valid = p < hi
+    off = p.to(tl.int64) * stride_p
+    g = tl.arange(0, G_P2)[:, None]
+    s = tl.zeros([G_P2, BLOCK_N], tl.float32)
+    for j in tl.static_range(R):
+        c = tl.load(IdxRow + j).to(tl.int64)
+        qj = tl.load(QrRow + g * R_PAD + j)  # (G_P2, 1), 0 past G
+        kc = tl.load(base + c * stride_c + off, mask=valid, other=0)
+        s += qj * _side_f32(kc, FP8_BITS)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _row_base(Src, Off, HeadIds, b, i, stride_sb, stride_si, stride_so):
+    """Where row (b, head i) of step 1's source starts (int64 offsets)."""
+    off = tl.load(Off + tl.load(HeadIds + i)).to(tl.int64)
+    return Src + b.to(tl.int64) * stride_sb + i.to(tl.int64) * stride_si + off * stride_so
+
+
+@triton.jit
+def _lse_kernel(Src, Off, HeadIds, SeqLen, Idx, Qr, PartM, PartL, stride_sb, stride_si,
+                stride_so, stride_c, stride_p, n_list, chunk, num_splits, G: tl.constexpr,
+                G_P2: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, FP8_BITS: tl.constexpr):  # fmt: skip
+    """Per (row, chunk): softmax partials (max, sum of exp2) of s_hat per query head. The
+    sum stays per element (one exp2 a score, no per-tile sum reduction) until the end."""
     pid = tl.program_id(0)  # b * n_list + i
     sid = tl.program_id(1)
     b = pid // n_list
-    i = pid % n_list
-    h = tl.load(HeadIds + i)
     n = tl.load(SeqLen + b)
-    b64 = b.to(tl.int64)
-    idx, qr = _query_setup(Q, b64, h, stride_qb, stride_qh, R, G, G_P2, R_PAD, D)
-    g = tl.arange(0, G_P2)
-    gmask = g < G
-    rmask = tl.arange(0, R_PAD) < R
-    if sid == 0:  # later launches read the components and add to zeroed histograms
-        jj = tl.arange(0, R_PAD)
-        tl.store(Idx + pid * R_PAD + jj, idx)
-        tl.store(Qr + (pid * G_P2 + g)[:, None] * R_PAD + jj[None, :], qr)
-        tl.store(Hist + pid * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
-    off = tl.load(Off + h).to(tl.int64)
-    base = Src + b64 * stride_sb + i.to(tl.int64) * stride_si + off * stride_so
+    base = _row_base(Src, Off, HeadIds, b, pid % n_list, stride_sb, stride_si, stride_so)
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, n)
     m_i = tl.full([G_P2], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_P2], tl.float32)
+    l_e = tl.zeros([G_P2, BLOCK_N], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        p = start + tl.arange(0, BLOCK_N)
-        s = _approx_scores(base, idx, qr, p, p < hi, stride_c, stride_p, rmask)
+        s = _approx_block(base, Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD, start, hi,
+                          stride_c, stride_p, R, R_PAD, G_P2, BLOCK_N, FP8_BITS)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        l_e = l_e * tl.exp2(m_i - m_use)[:, None] + tl.exp2(s - m_use[:, None])
         m_i = m_new
+    g = tl.arange(0, G_P2)
+    gmask = g < G
     row = pid * num_splits + sid
     tl.store(PartM + row * G_P2 + g, m_i, mask=gmask)  # -inf / 0 for chunks past n
-    tl.store(PartL + row * G_P2 + g, l_i, mask=gmask)
+    tl.store(PartL + row * G_P2 + g, tl.sum(l_e, 1), mask=gmask)
 
 
 @triton.jit
@@ -222,61 +258,34 @@ def _row_lse(PartM, PartL, pid, num_splits, gmask, G_P2: tl.constexpr, BLOCK_S: 
 
 
 @triton.jit
-def _keys_kernel(
-    Src,
-    Off,
-    HeadIds,
-    SeqLen,
-    Idx,
-    Qr,
-    PartM,
-    PartL,
-    Lse,
-    Keys,
-    Hist,
-    stride_sb,
-    stride_si,
-    stride_so,
-    stride_c,
-    stride_p,
-    R,
-    n_list,
-    npad,
-    chunk,
-    num_splits,
-    local,
-    G: tl.constexpr,
-    G_P2: tl.constexpr,
-    R_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+def _keys_kernel(Src, Off, HeadIds, SeqLen, Idx, Qr, PartM, PartL, Lse, Keys, Hist,
+                 stride_sb, stride_si, stride_so, stride_c, stride_p, n_list, npad, chunk,
+                 num_splits, local, G: tl.constexpr, G_P2: tl.constexpr, R: tl.constexpr,
+                 R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 FP8_BITS: tl.constexpr):  # fmt: skip
+    """Per (row, chunk): s_hat again (reading r side-buffer bytes costs less than a round
+    trip of G fp32 scores), the selection key of every position and the level-0 radix
+    histogram (fused here, so the select stage reads the keys once per remaining level)."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // n_list
-    i = pid % n_list
-    h = tl.load(HeadIds + i)
     n = tl.load(SeqLen + b)
     g = tl.arange(0, G_P2)
     gmask = g < G
-    jj = tl.arange(0, R_PAD)
-    rmask = jj < R
-    idx = tl.load(Idx + pid * R_PAD + jj)
-    qr = tl.load(Qr + (pid * G_P2 + g)[:, None] * R_PAD + jj[None, :])
     lse = _row_lse(PartM, PartL, pid, num_splits, gmask, G_P2, BLOCK_S)
     if sid == 0:
         tl.store(Lse + pid * G_P2 + g, lse)
-    off = tl.load(Off + h).to(tl.int64)
-    base = Src + b.to(tl.int64) * stride_sb + i.to(tl.int64) * stride_si + off * stride_so
+    base = _row_base(Src, Off, HeadIds, b, pid % n_list, stride_sb, stride_si, stride_so)
     n_cand = n - tl.minimum(local, n)  # the newest `local` positions are chosen anyway
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, n)
     hist = tl.zeros([256], tl.int32)
     key_row = Keys + pid.to(tl.int64) * npad
     for start in range(lo, hi, BLOCK_N):
-        p = start + tl.arange(0, BLOCK_N)
-        s = _approx_scores(base, idx, qr, p, p < hi, stride_c, stride_p, rmask)
+        s = _approx_block(base, Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD, start, hi,
+                          stride_c, stride_p, R, R_PAD, G_P2, BLOCK_N, FP8_BITS)  # fmt: skip
         sel = tl.sum(tl.where(gmask[:, None], tl.exp2(s - lse[:, None]), 0.0), 0)
+        p = start + tl.arange(0, BLOCK_N)
         cand = p < n_cand
         key = tl.where(cand, sel.to(tl.int32, bitcast=True), -1)
         tl.store(key_row + p, key, mask=p < hi)
@@ -295,53 +304,53 @@ def _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR: tl.con
 
 
 @triton.jit
-def _descend(Hist, pid, need, LEVELS: tl.constexpr):
-    """Walk the first LEVELS radix levels: (prefix of the k-th largest key, keys still to
-    take inside that prefix). A level's bin is the highest whose count from the top reaches
-    ``need``; keys in higher bins are all taken."""
-    prefix = need * 0
+def _descend_step(Hist, pid, prefix, need, LEV: tl.constexpr):
+    """One radix level: the bin of level LEV holding the ``need``-th largest key among
+    those of ``prefix`` (the highest bin whose count from the top reaches it; keys in
+    higher bins are all taken), appended to the prefix, and the keys still to take."""
     j = tl.arange(0, 256)
-    for lev in tl.static_range(LEVELS):
-        h = tl.load(Hist + pid * 1024 + lev * 256 + j)
-        c = tl.cumsum(h, 0, reverse=True)
-        bin_ = tl.maximum(tl.max(tl.where(c >= need, j, -1), 0), 0)
-        need -= tl.sum(tl.where(j == bin_, c - h, 0), 0)
-        width = 7 if lev == 3 else 8
-        prefix = (prefix << width) | bin_
+    h = tl.load(Hist + pid * 1024 + LEV * 256 + j)
+    c = tl.cumsum(h, 0, reverse=True)
+    bin_ = tl.maximum(tl.max(tl.where(c >= need, j, -1), 0), 0)
+    need -= tl.sum(tl.where(j == bin_, c - h, 0), 0)
+    width = 7 if LEV == 3 else 8
+    return (prefix << width) | bin_, need
+
+
+@triton.jit
+def _level_state(Hist, State, pid, sid, need0, LEVEL: tl.constexpr):
+    """(prefix, need) after levels 0..LEVEL-1: the previous launch's state (stored by its
+    chunk-0 programs) plus one step, instead of every program re-walking all levels (a
+    chain of dependent loads in front of a short program). Chunk 0 stores the result for
+    the next launch (a separate slot per level: no program reads what this one writes)."""
+    if LEVEL == 1:
+        prefix = need0 * 0
+        need = need0
+    else:
+        prefix = tl.load(State + pid * 8 + 2 * (LEVEL - 1))
+        need = tl.load(State + pid * 8 + 2 * (LEVEL - 1) + 1)
+    prefix, need = _descend_step(Hist, pid, prefix, need, LEVEL - 1)
+    if LEVEL < 4:  # noqa: SIM102 - a constexpr branch around a runtime one
+        if sid == 0:
+            tl.store(State + pid * 8 + 2 * LEVEL, prefix)
+            tl.store(State + pid * 8 + 2 * LEVEL + 1, need)
     return prefix, need
 
 
 @triton.jit
-def _radix_kernel(
-    Keys,
-    Hist,
-    Ge,
-    SeqLen,
-    KTensor,
-    stride_kt,
-    n_list,
-    npad,
-    k_max,
-    chunk,
-    num_splits,
-    k_scalar,
-    local,
-    LEVEL: tl.constexpr,
-    SHIFT_PREV: tl.constexpr,
-    SHIFT: tl.constexpr,
-    MASK: tl.constexpr,
-    K_TENSOR: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _radix_kernel(Keys, Hist, State, Ge, SeqLen, KTensor, stride_kt, n_list, npad, k_max, chunk,
+                  num_splits, k_scalar, local, LEVEL: tl.constexpr, SHIFT_PREV: tl.constexpr,
+                  SHIFT: tl.constexpr, MASK: tl.constexpr, K_TENSOR: tl.constexpr,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
+    """Radix level LEVEL (1-3): histogram of the next digit of the keys matching the
+    prefix; level 3 also stores, per chunk, how many keys reach each final digit."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // n_list
-    i = pid % n_list
     n = tl.load(SeqLen + b)
-    need = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR) - tl.minimum(
-        local, n
-    )
-    prefix, need = _descend(Hist, pid, need, LEVEL)
+    need0 = _k_eff(KTensor, stride_kt, b, pid % n_list, n, k_scalar, local, k_max, K_TENSOR)
+    need0 -= tl.minimum(local, n)
+    prefix, need = _level_state(Hist, State, pid, sid, need0, LEVEL)
     lo = sid * chunk
     hi = tl.minimum(lo + chunk, n)
     hist = tl.zeros([256], tl.int32)
@@ -365,6 +374,7 @@ def _radix_kernel(
 def _compact_kernel(
     Keys,
     Hist,
+    State,
     Ge,
     SeqLen,
     KTensor,
@@ -389,7 +399,7 @@ def _compact_kernel(
     n = tl.load(SeqLen + b)
     n_local = tl.minimum(local, n)
     take = _k_eff(KTensor, stride_kt, b, i, n, k_scalar, local, k_max, K_TENSOR) - n_local
-    thresh, ties = _descend(Hist, pid, take, 4)
+    thresh, ties = _level_state(Hist, State, pid, sid, take, 4)
     digit = thresh & 127
     # rows the earlier chunks write: those above the threshold, and ties in position order
     s = tl.arange(0, BLOCK_S)
@@ -605,12 +615,16 @@ def sparq_kt_from_cache(
     return torch.stack(cols, 1).contiguous()
 
 
-def _source(k_cache: torch.Tensor, kt: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
-    """(tensor, (stride_b, stride_head_row, stride_offset, stride_component, stride_pos)) of
-    what step 1 reads: the side buffer, or the packed cache's r columns."""
+def _source(k_cache: torch.Tensor, kt: torch.Tensor | None) -> tuple[torch.Tensor, tuple, bool]:
+    """(tensor, (stride_b, stride_head_row, stride_offset, stride_component, stride_pos),
+    fp8_bits) of what step 1 reads: the side buffer (an fp8 one as its raw bytes when
+    ``TUNING["fp8_decode"]`` asks for the integer decode), or the packed cache's r columns."""
     if kt is None:
-        return k_cache, (k_cache.stride(0), 0, k_cache.stride(1), 1, k_cache.stride(1))
-    return kt, (kt.stride(0), kt.stride(1), 0, kt.stride(2), kt.stride(3))
+        return k_cache, (k_cache.stride(0), 0, k_cache.stride(1), 1, k_cache.stride(1)), False
+    strides = (kt.stride(0), kt.stride(1), 0, kt.stride(2), kt.stride(3))
+    if kt.dtype == torch.float8_e4m3fn and TUNING["fp8_decode"]:
+        return kt.view(torch.uint8), strides, True
+    return kt, strides, False
 
 
 def sparq_decode(
@@ -678,7 +692,7 @@ def sparq_decode(
     note = marks or (lambda _stage: None)
     ws = _Workspace(batch * n_s, group, r, dim, npad, q.device)
     note("score")
-    _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws, r, int(local))
+    _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws, int(local))
     note("select")
     top = torch.empty(ws.rows, kmax, dtype=torch.int32, device=q.device)
     _select(ws, seq_len, k_args, top, kmax, k_scalar, int(local), k_tensor)
@@ -694,60 +708,66 @@ class _Workspace:
 
     def __init__(self, rows: int, group: int, r: int, dim: int, npad: int, dev: torch.device):
         tn = TUNING
-        self.rows, self.group, self.npad = rows, group, npad
+        self.rows, self.group, self.npad, self.r = rows, group, npad, r
         self.g_p2, self.r_pad = max(2, next_pow2(group)), max(16, next_pow2(r))
-        self.chunk = pick_chunk(
-            npad, rows, dev, tn["score_block"], tn["score_chunk_lo"], tn["score_chunk_hi"]
-        )
+        self.score_block = tn["score_block"]
+        self.chunk = pick_chunk(npad, rows, dev, self.score_block, tn["score_chunk_lo"],
+                                tn["score_chunk_hi"], tn["score_per_sm"])  # fmt: skip
         self.splits = cdiv(npad, self.chunk)
-        # the (G, r, block) fp32 product tile of a scoring step stays within score_elems
-        fit = max(1, tn["score_elems"] // (self.g_p2 * self.r_pad))
-        self.score_block = max(16, min(tn["score_block"], 1 << (fit.bit_length() - 1)))
+        self.sel_chunk = pick_chunk(npad, rows, dev, tn["radix_block"], tn["select_chunk_lo"],
+                                    tn["select_chunk_hi"], tn["select_per_sm"])  # fmt: skip
+        self.sel_splits = cdiv(npad, self.sel_chunk)
         i32 = {"dtype": torch.int32, "device": dev}
         f32 = {"dtype": torch.float32, "device": dev}
         self.idx = torch.empty(rows, self.r_pad, **i32)
         self.qr = torch.empty(rows, self.g_p2, self.r_pad, **f32)
         self.hist = torch.empty(rows, 4, 256, **i32)
+        self.state = torch.empty(rows, _STATE, **i32)
         self.part_m = torch.empty(rows, self.splits, self.g_p2, **f32)
         self.part_l = torch.empty_like(self.part_m)
         self.lse = torch.empty(rows, self.g_p2, **f32)
         self.keys = torch.empty(rows, npad, **i32)
-        self.ge = torch.empty(rows, self.splits, 256, **i32)
+        self.ge = torch.empty(rows, self.sel_splits, 256, **i32)
 
 
-def _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws: _Workspace, r, local) -> None:  # noqa: ANN001
+def _score(q, k_cache, kt, head_offset, head_ids, seq_len, ws: _Workspace, local) -> None:  # noqa: ANN001
     """Steps 1-2: query components, softmax partials, selection keys and level-0 histogram."""
-    src, (sb, si, so, sc, sp) = _source(k_cache, kt)
-    n_s = head_ids.numel()
-    common = dict(G=ws.group, G_P2=ws.g_p2, R_PAD=ws.r_pad, BLOCK_N=ws.score_block)
+    src, (sb, si, so, sc, sp), fp8_bits = _source(k_cache, kt)
+    n_s, tn = head_ids.numel(), TUNING
+    _query_kernel[(ws.rows,)](
+        q, head_ids, ws.idx, ws.qr, ws.hist, q.stride(0), q.stride(1), ws.r, n_s, G=ws.group,
+        G_P2=ws.g_p2, R_PAD=ws.r_pad, D=q.shape[-1], num_warps=4,
+    )  # fmt: skip
+    common = dict(G=ws.group, G_P2=ws.g_p2, R=ws.r, R_PAD=ws.r_pad, BLOCK_N=ws.score_block,
+                  FP8_BITS=fp8_bits, num_warps=tn["score_warps"])  # fmt: skip
     _lse_kernel[(ws.rows, ws.splits)](
-        q, src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.hist, ws.part_m,
-        ws.part_l, q.stride(0), q.stride(1), sb, si, so, sc, sp, r, n_s, ws.chunk, ws.splits,
-        D=q.shape[-1], num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"], **common,
+        src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.part_m, ws.part_l, sb, si, so,
+        sc, sp, n_s, ws.chunk, ws.splits, **common,
     )  # fmt: skip
     _keys_kernel[(ws.rows, ws.splits)](
         src, head_offset, head_ids, seq_len, ws.idx, ws.qr, ws.part_m, ws.part_l, ws.lse,
-        ws.keys, ws.hist, sb, si, so, sc, sp, r, n_s, ws.npad, ws.chunk, ws.splits, local,
-        BLOCK_S=min(64, max(16, next_pow2(ws.splits))), num_warps=TUNING["num_warps"],
-        num_stages=TUNING["num_stages"], **common,
+        ws.keys, ws.hist, sb, si, so, sc, sp, n_s, ws.npad, ws.chunk, ws.splits, local,
+        BLOCK_S=min(64, max(16, next_pow2(ws.splits))), **common,
     )  # fmt: skip
 
 
 def _select(ws: _Workspace, seq_len, k_args, top, kmax, k_scalar, local, k_tensor) -> None:  # noqa: ANN001
     """Step 3: exact top-k positions of the keys (three radix levels, then compaction)."""
     n_s = ws.rows // seq_len.shape[0]
-    block = TUNING["radix_block"]
+    block, warps = TUNING["radix_block"], TUNING["select_warps"]
+    grid = (ws.rows, ws.sel_splits)
     for level in (1, 2, 3):
         shift, mask = _RADIX[level]
-        _radix_kernel[(ws.rows, ws.splits)](
-            ws.keys, ws.hist, ws.ge, seq_len, *k_args, n_s, ws.npad, kmax, ws.chunk, ws.splits,
-            k_scalar, local, LEVEL=level, SHIFT_PREV=_RADIX[level - 1][0], SHIFT=shift,
-            MASK=mask, K_TENSOR=k_tensor, BLOCK_N=block, num_warps=TUNING["num_warps"],
+        _radix_kernel[grid](
+            ws.keys, ws.hist, ws.state, ws.ge, seq_len, *k_args, n_s, ws.npad, kmax,
+            ws.sel_chunk, ws.sel_splits, k_scalar, local, LEVEL=level,
+            SHIFT_PREV=_RADIX[level - 1][0], SHIFT=shift, MASK=mask, K_TENSOR=k_tensor,
+            BLOCK_N=block, num_warps=warps,
         )  # fmt: skip
-    _compact_kernel[(ws.rows, ws.splits)](
-        ws.keys, ws.hist, ws.ge, seq_len, k_args[0], top, k_args[1], n_s, ws.npad, kmax,
-        ws.chunk, ws.splits, k_scalar, local, K_TENSOR=k_tensor, BLOCK_N=block,
-        BLOCK_S=max(16, next_pow2(ws.splits)), BLOCK_L=64, num_warps=TUNING["num_warps"],
+    _compact_kernel[grid](
+        ws.keys, ws.hist, ws.state, ws.ge, seq_len, k_args[0], top, k_args[1], n_s, ws.npad,
+        kmax, ws.sel_chunk, ws.sel_splits, k_scalar, local, K_TENSOR=k_tensor, BLOCK_N=block,
+        BLOCK_S=max(16, next_pow2(ws.sel_splits)), BLOCK_L=64, num_warps=warps,
     )  # fmt: skip
 
 
@@ -758,7 +778,8 @@ def _attend(q, k_cache, v_cache, head_offset, head_ids, seq_len, v_sum, out, ws:
     tn = TUNING
     block, stages = fit_tiles(dev, tn["attend_block"], dim, k_cache.element_size(),
                               tn["num_stages"])  # fmt: skip
-    chunk = pick_chunk(kmax, rows, dev, block, tn["attend_chunk_lo"], tn["attend_chunk_hi"])
+    chunk = pick_chunk(kmax, rows, dev, block, tn["attend_chunk_lo"], tn["attend_chunk_hi"],
+                       tn["attend_per_sm"])  # fmt: skip
     splits = cdiv(kmax, chunk)
     f32 = {"dtype": torch.float32, "device": dev}
     pm = torch.empty(rows, splits, group, **f32)

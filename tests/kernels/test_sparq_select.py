@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels import sparq_decode, sparq_decode_ref
-from moa_search.kernels.sparq import sparq_kernel_bytes, sparq_kt_from_cache, sparq_side_append
+from moa_search.kernels.sparq import (
+    _side_f32,
+    sparq_kernel_bytes,
+    sparq_kt_from_cache,
+    sparq_side_append,
+)
 from moa_search.kernels.testing import HeadGeom, build_layer
 from moa_search.patterns import SparQ, sparq_side_keys, sparq_step_bytes
 
@@ -61,7 +68,8 @@ def small_tiles(monkeypatch):
     """Chunks of 64 positions and radix blocks of 32: many split-K programs per row, so
     the histograms, the per-chunk counts and the compaction offsets all take part."""
     tiles = {"score_block": 32, "score_chunk_lo": 64, "score_chunk_hi": 64, "radix_block": 32,
-             "attend_chunk_lo": 32, "attend_chunk_hi": 32}  # fmt: skip
+             "select_chunk_lo": 64, "select_chunk_hi": 64, "attend_chunk_lo": 32,
+             "attend_chunk_hi": 32}  # fmt: skip
     for key, value in tiles.items():
         monkeypatch.setitem(sparq_mod.TUNING, key, value)
 
@@ -128,3 +136,43 @@ def test_graph_capture_at_length(device) -> None:
     graph.replay()
     ref = sparq_decode_ref(**args, r=16, k=max_len // 16, local=16, score_dtype=FP8)
     assert (out.double() - ref.double()).abs().max() <= 2e-2
+
+
+@triton.jit
+def _decode_kernel(Src, Out, FP8_BITS: tl.constexpr):
+    j = tl.arange(0, 256)
+    tl.store(Out + j, _side_f32(tl.load(Src + j), FP8_BITS))
+
+
+def test_fp8_integer_decode_equals_torch(device) -> None:
+    """The scoring pass's integer e4m3 decode gives torch's fp32 value for every byte
+    (normals, subnormals, signed zeros, 448), NaN bytes aside."""
+    raw = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(device)
+    got = torch.empty(256, device=device)
+    _decode_kernel[(1,)](raw, got, FP8_BITS=True)
+    want = raw.view(FP8).float()
+    ok = ~want.isnan()
+    assert torch.equal(got[ok], want[ok])
+    assert torch.equal(got[ok].signbit(), want[ok].signbit())
+
+
+CASES = {  # name: (lens, dim, group, dtype, transfer r = dim / rd, k = n / kd)
+    "d64_g4_bf16_1of8": ([300, 129, 77], 64, 4, torch.bfloat16, 8, 16),
+    "d128_g8_fp16_1of4": ([257, 190], 128, 8, torch.float16, 4, 8),
+    "d128_g1_fp32_1of8": ([333], 128, 1, torch.float32, 8, 16),
+    "d64_g2_fp32_1of4": ([200, 65, 31, 250], 64, 2, torch.float32, 4, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transfers_across_chunks(small_tiles, name, device) -> None:
+    """The paper's 1/8 and 1/4 settings over many scoring/select chunks (lengths that are
+    not multiples of the tiles), head dims 64/128, groups 1-8, every cache dtype."""
+    lens, dim, group, dtype, rd, kd = CASES[name]
+    args, max_len = _case(lens, dim, group, dtype, device, seed=len(name))
+    kt = sparq_kt_from_cache(args["k_cache"], args["head_offset"], args["head_ids"], max_len)
+    kw = dict(r=dim // rd, k=max(1, max_len // kd), local=4)
+    out = sparq_decode(**args, **kw, max_len=max_len, kt=kt)
+    ref = sparq_decode_ref(**args, **kw, score_dtype=FP8)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert (out.double() - ref.double()).abs().max() <= tol
