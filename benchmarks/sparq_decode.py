@@ -19,9 +19,12 @@ the bytes each stage moves by the kernels' own count (``sparq_kernel_bytes``) ne
 pattern's declaration (``patterns.sparq_step_bytes``) and the achieved GB/s.
 
     python benchmarks/sparq_decode.py --out OUT [--quick]
+    python benchmarks/sparq_decode.py --sweep --out OUT   # launch knobs at the 3 targets
     TRITON_INTERPRET=1 python benchmarks/sparq_decode.py --tiny --out OUT   # CPU smoke run
 
-Writes OUT/sparq_decode.csv and OUT/sparq_decode.md.
+Writes OUT/sparq_decode.csv and OUT/sparq_decode.md; ``--sweep`` instead times the fp8
+pipeline under each of ``SWEEP``'s ``sparq.TUNING`` variants at the issue's three target
+points (SDPA timed in the same run) and writes OUT/sparq_sweep.csv and OUT/sparq_sweep.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import csv
 import functools
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import moa_search.kernels as mk
+from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels import sparq_topk
 from moa_search.kernels.reference import sparq_decode_ref
 from moa_search.kernels.testing import fix_interpreter_loop_bounds
@@ -258,6 +263,116 @@ def run_plan(setup: Setup, batch: int, n: int, rows: list[dict]) -> None:
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+# --- launch-knob sweep ---------------------------------------------------------------------
+#: sparq.TUNING overrides tried by --sweep (the first is the default); few enough that the
+#: whole sweep (Triton compiles included) stays under 3 minutes on an H200: variants that
+#: change only chunk sizes reuse the compiled kernels
+SWEEP: dict[str, dict[str, int]] = {
+    "default": {},
+    "score_blk512_w4": {"score_block": 512, "score_warps": 4},
+    "score_blk1024_w4": {"score_warps": 4},
+    "score_blk2048": {"score_block": 2048},
+    "fp8_hw_cvt": {"fp8_decode": 0},
+    "score_chunk1k": {"score_chunk_lo": 1024},
+    "score_per_sm4": {"score_per_sm": 4},
+    "score_per_sm32": {"score_per_sm": 32, "score_chunk_lo": 1024},
+    "select_blk1024": {"radix_block": 1024, "select_chunk_lo": 2048},
+    "select_w8_per_sm4": {"select_warps": 8, "select_per_sm": 4},
+    "attend_blk64": {"attend_block": 64},
+    "attend_chunk1k": {"attend_chunk_hi": 1024, "attend_per_sm": 8},
+}
+#: (B, N, transfer) points of the issue's targets (1/8: >= 3x, >= 2x; 1/4: >= 2x SDPA)
+TARGETS = ((8, 64 * KB, "1/8"), (1, 128 * KB, "1/8"), (8, 64 * KB, "1/4"))
+TINY_TARGETS = ((2, 300, "1/8"), (1, 400, "1/4"))
+SWEEP_BUDGET_S = 150  # later variants are skipped past this (compile-heavy GPUs)
+
+
+def run_sweep(setup: Setup, targets: tuple, variants: dict, rows: list[dict]) -> None:
+    """Time the fp8 pipeline per (point, variant); SDPA per point in the same run."""
+    t0, base = time.time(), dict(sparq_mod.TUNING)
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for batch, n, transfer in targets:
+        by_shape.setdefault((batch, n), []).append(transfer)
+    try:
+        for (batch, n), which in by_shape.items():
+            t = tensors(setup, batch, n)
+            d = setup.dim
+            k4 = t["k_cache"].view(batch, setup.hkv, n, d)
+            v4 = t["v_cache"].view(batch, setup.hkv, n, d)
+            t_sdpa = bench(functools.partial(F.scaled_dot_product_attention, t["q"][:, :, None],
+                                             k4, v4, enable_gqa=True), setup.device)  # fmt: skip
+            kt = mk.sparq_kt_from_cache(t["k_cache"], t["head_offset"], t["head_ids"], n,
+                                        torch.float8_e4m3fn)  # fmt: skip
+            for transfer in which:
+                first = None
+                for name, over in variants.items():
+                    if time.time() - t0 > SWEEP_BUDGET_S:
+                        print(f"  (sweep budget spent: {name} at B={batch} N={n} skipped)")
+                        continue
+                    sparq_mod.TUNING.clear()
+                    sparq_mod.TUNING.update(base | over)
+                    row = sweep_point(setup, t, kt, batch, n, transfer, t_sdpa)
+                    out = row.pop("_out")
+                    first = out if first is None else first
+                    row = {"variant": name} | row
+                    row["max_diff_vs_default"] = f"{(out - first).abs().max().item():.2e}"
+                    rows.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            del t, kt, k4, v4
+            if setup.device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        sparq_mod.TUNING.clear()
+        sparq_mod.TUNING.update(base)
+
+
+def sweep_point(setup: Setup, t: dict, kt, batch: int, n: int, transfer: str,  # noqa: ANN001
+                t_sdpa: float) -> dict:  # fmt: skip
+    """One variant at one point: graph-replay time, stage breakdown, ratio to SDPA."""
+    d = setup.dim
+    p = transfers(d, n)[transfer]
+    args = {key: t[key] for key in ("q", "k_cache", "v_cache", "head_offset", "seq_len",
+                                    "v_sum", "head_ids")}  # fmt: skip
+    out = torch.empty_like(t["q"])
+    run = functools.partial(mk.sparq_decode, **args, r=p.r, k=p.k, local=LOCAL, scale=d**-0.5,
+                            out=out, max_len=n, kt=kt)  # fmt: skip
+    us = bench(run, setup.device)
+    total = batch * setup.hkv * sum(mk.sparq_kernel_bytes(n, d, p.r, p.k_at(n), 2, 1).values())
+    row = {"B": batch, "N": n, "transfer": transfer, "time_us": round(us, 1),
+           "sdpa_us": round(t_sdpa, 1), "speedup_vs_sdpa": round(t_sdpa / us, 2),
+           "GBps": round(total / us / 1e3, 1)}  # fmt: skip
+    row |= stages(setup, batch, n, p, kt, run)
+    run()
+    row["_out"] = out.clone()
+    return row
+
+
+def write_sweep(out: Path, rows: list[dict], header: str) -> None:
+    """CSV of every (point, variant) and a markdown table with the best variant per point."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(out / "sparq_sweep.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = ["variant", "B", "N", "transfer", "time_us", "sdpa_us", "speedup_vs_sdpa",
+            "score_us", "score_GBps", "select_us", "select_GBps", "attend_us", "attend_GBps",
+            "GBps", "max_diff_vs_default"]  # fmt: skip
+    lines = [header, "", "Knobs per variant (sparq.TUNING overrides): "
+             + "; ".join(f"{k}: {v or 'defaults'}" for k, v in SWEEP.items()), ""]  # fmt: skip
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["", "Best variant per point:", ""]
+    for point in dict.fromkeys((r["B"], r["N"], r["transfer"]) for r in rows):
+        best = min((r for r in rows if (r["B"], r["N"], r["transfer"]) == point),
+                   key=lambda r: r["time_us"])  # fmt: skip
+        lines.append(f"- B={point[0]} N={point[1]} {point[2]}: {best['variant']} "
+                     f"{best['time_us']} us, {best['speedup_vs_sdpa']}x SDPA")  # fmt: skip
+    (out / "sparq_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(set((r["B"], r["N"], r["transfer"]) for r in rows)) :]))
+
+
 # --- output -------------------------------------------------------------------------------
 def write(out: Path, rows: list[dict], header: str) -> None:
     keys: list[str] = []
@@ -293,7 +408,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=Path("out"))
     ap.add_argument("--quick", action="store_true", help="fp8 side buffer only, 5 stage reps")
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes (TRITON_INTERPRET=1)")
+    ap.add_argument("--sweep", action="store_true", help="sparq.TUNING variants at the targets")
     args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("error: sparq_decode.py needs a CUDA GPU (CPU smoke run: TRITON_INTERPRET=1 "
+                 "python benchmarks/sparq_decode.py --tiny --out OUT)")  # fmt: skip
     setup = TINY if args.tiny else FULL
     fix_interpreter_loop_bounds()  # CPU interpreter only (--tiny with TRITON_INTERPRET=1)
     if args.quick and not args.tiny:
@@ -306,6 +425,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(header)
     rows: list[dict] = []
     t0 = time.time()
+    if args.sweep:
+        REP_MS["rep"] = 20
+        setup = Setup(setup.hq, setup.hkv, setup.dim, setup.shapes, setup.device, 5, ("fp8",))
+        variants = dict(list(SWEEP.items())[:2]) if args.tiny else SWEEP
+        run_sweep(setup, TINY_TARGETS if args.tiny else TARGETS, variants, rows)
+        write_sweep(args.out, rows, header + f" ({time.time() - t0:.0f} s)")
+        return rows
     for batch, n in setup.shapes:
         run_shape(setup, batch, n, rows)
         run_plan(setup, batch, n, rows)

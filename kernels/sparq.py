@@ -60,7 +60,7 @@ TUNING: dict[str, int] = {
     "score_chunk_lo": 2048,
     "score_chunk_hi": 8192,
     "score_per_sm": 16,
-    "score_warps": 4,
+    "score_warps": 8,
     "fp8_decode": 1,
     "radix_block": 2048,
     "select_chunk_lo": 4096,
@@ -172,33 +172,43 @@ def _query_kernel(Q, HeadIds, Idx, Qr, Hist, stride_qb, stride_qh, R, n_list,
     jj = tl.arange(0, R_PAD)
     g = tl.arange(0, G_P2)
     tl.store(Idx + pid * R_PAD + jj, idx)
-    tl.store(Qr + (pid * G_P2 + g)[:, None] * R_PAD + jj[None, :], qr)
+    tl.store(Qr + pid * R_PAD * G_P2 + jj[None, :] * G_P2 + g[:, None], qr)  # (R_PAD, G_P2)
     tl.store(Hist + pid * 1024 + tl.arange(0, 1024), tl.zeros([1024], tl.int32))
 
 
 @triton.jit
 def _approx_block(base, IdxRow, QrRow, start, hi, stride_c, stride_p, R: tl.constexpr,
                   R_PAD: tl.constexpr, G_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP8_BITS: tl.constexpr):  # fmt: skip
+                  FP8_BITS: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """s_hat (G_P2, BLOCK_N) of positions start + [0, BLOCK_N) (-inf at and past ``hi``).
 
     One (1, BLOCK_N) load per component row, unrolled so that all r loads are in flight
-    before the first is used; the row is contiguous in the side buffer (coalesced, vector
-    loads), and the (1, BLOCK_N) shape keeps every query head of the group in the same
-    thread's registers (the products need no shuffles or reductions). Exact fp32 products
-    in component order (no tensor cores), so the float64 reference picks the same rows.
+    before the first is used; the row is contiguous in the side buffer (coalesced), and
+    the (1, BLOCK_N) shape keeps every query head of the group in the same thread's
+    registers (the products need no shuffles or reductions). MASKED only for a chunk's
+    last, partial block: a mask that may end anywhere stops Triton from vectorizing the
+    loads (one byte a load). Exact fp32 products in component order (no tensor cores), so
+    the float64 reference picks the same rows.
     """
     p = start + tl.arange(0, BLOCK_N)[None, :]
-    valid = p < hi
     off = p.to(tl.int64) * stride_p
-    g = tl.arange(0, G_P2)[:, None]
+    g = tl.arange(0, G_P2)
     s = tl.zeros([G_P2, BLOCK_N], tl.float32)
+    # reloaded per block (L1 hits) rather than hoisted out of the loop: r * G_P2 query
+    # values and r row pointers held in every thread cost 200+ registers (occupancy 1).
+    # ``zero`` is 0 (start >= 0) but depends on the loop, so Triton does not hoist them.
+    zero = tl.minimum(start, 0)
     for j in tl.static_range(R):
-        c = tl.load(IdxRow + j).to(tl.int64)
-        qj = tl.load(QrRow + g * R_PAD + j)  # (G_P2, 1), 0 past G
-        kc = tl.load(base + c * stride_c + off, mask=valid, other=0)
-        s += qj * _side_f32(kc, FP8_BITS)
-    return tl.where(valid, s, float("-inf"))
+        c = tl.load(IdxRow + zero + j).to(tl.int64)
+        qj = tl.load(QrRow + zero + j * G_P2 + g)  # (G_P2,), 0 past G
+        if MASKED:
+            kc = tl.load(base + c * stride_c + off, mask=p < hi)  # masked lanes: -inf below
+        else:
+            kc = tl.load(base + c * stride_c + off)
+        s += qj[:, None] * _side_f32(kc, FP8_BITS)
+    if MASKED:
+        s = tl.where(p < hi, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -206,6 +216,15 @@ def _row_base(Src, Off, HeadIds, b, i, stride_sb, stride_si, stride_so):
     """Where row (b, head i) of step 1's source starts (int64 offsets)."""
     off = tl.load(Off + tl.load(HeadIds + i)).to(tl.int64)
     return Src + b.to(tl.int64) * stride_sb + i.to(tl.int64) * stride_si + off * stride_so
+
+
+@triton.jit
+def _online_lse(s, m_i, l_e):
+    """Running max per query head (G_P2,) and per-element sums of exp2 (G_P2, BLOCK)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_e = l_e * tl.exp2(m_i - m_use)[:, None] + tl.exp2(s - m_use[:, None])
+    return m_new, l_e
 
 
 @triton.jit
@@ -224,13 +243,16 @@ def _lse_kernel(Src, Off, HeadIds, SeqLen, Idx, Qr, PartM, PartL, stride_sb, str
     hi = tl.minimum(lo + chunk, n)
     m_i = tl.full([G_P2], float("-inf"), tl.float32)
     l_e = tl.zeros([G_P2, BLOCK_N], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        s = _approx_block(base, Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD, start, hi,
-                          stride_c, stride_p, R, R_PAD, G_P2, BLOCK_N, FP8_BITS)  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_e = l_e * tl.exp2(m_i - m_use)[:, None] + tl.exp2(s - m_use[:, None])
-        m_i = m_new
+    idx_row, qr_row = Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, full_end, BLOCK_N):
+        s = _approx_block(base, idx_row, qr_row, start, hi, stride_c, stride_p, R, R_PAD, G_P2,
+                          BLOCK_N, FP8_BITS, False)  # fmt: skip
+        m_i, l_e = _online_lse(s, m_i, l_e)
+    if full_end < hi:
+        s = _approx_block(base, idx_row, qr_row, full_end, hi, stride_c, stride_p, R, R_PAD,
+                          G_P2, BLOCK_N, FP8_BITS, True)  # fmt: skip
+        m_i, l_e = _online_lse(s, m_i, l_e)
     g = tl.arange(0, G_P2)
     gmask = g < G
     row = pid * num_splits + sid
@@ -258,6 +280,23 @@ def _row_lse(PartM, PartL, pid, num_splits, gmask, G_P2: tl.constexpr, BLOCK_S: 
 
 
 @triton.jit
+def _store_keys(s, lse, gmask, key_row, start, hi, n_cand, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    """Selection keys of one block (fp32 bits of sum_g p_hat_g, -1 for the forced newest
+    positions) stored (unmasked, vector stores, for full blocks), and their level-0 radix
+    histogram (top 8 bits) returned."""
+    sel = tl.sum(tl.where(gmask[:, None], tl.exp2(s - lse[:, None]), 0.0), 0)
+    p = start + tl.arange(0, BLOCK_N)
+    cand = p < n_cand
+    key = tl.where(cand, sel.to(tl.int32, bitcast=True), -1)
+    if MASKED:
+        tl.store(key_row + p, key, mask=p < hi)
+    else:
+        tl.store(key_row + p, key)
+    return tl.histogram(tl.where(cand, key >> 23, 0), 256, mask=cand)
+
+
+@triton.jit
 def _keys_kernel(Src, Off, HeadIds, SeqLen, Idx, Qr, PartM, PartL, Lse, Keys, Hist,
                  stride_sb, stride_si, stride_so, stride_c, stride_p, n_list, npad, chunk,
                  num_splits, local, G: tl.constexpr, G_P2: tl.constexpr, R: tl.constexpr,
@@ -281,15 +320,16 @@ def _keys_kernel(Src, Off, HeadIds, SeqLen, Idx, Qr, PartM, PartL, Lse, Keys, Hi
     hi = tl.minimum(lo + chunk, n)
     hist = tl.zeros([256], tl.int32)
     key_row = Keys + pid.to(tl.int64) * npad
-    for start in range(lo, hi, BLOCK_N):
-        s = _approx_block(base, Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD, start, hi,
-                          stride_c, stride_p, R, R_PAD, G_P2, BLOCK_N, FP8_BITS)  # fmt: skip
-        sel = tl.sum(tl.where(gmask[:, None], tl.exp2(s - lse[:, None]), 0.0), 0)
-        p = start + tl.arange(0, BLOCK_N)
-        cand = p < n_cand
-        key = tl.where(cand, sel.to(tl.int32, bitcast=True), -1)
-        tl.store(key_row + p, key, mask=p < hi)
-        hist += tl.histogram(tl.where(cand, key >> 23, 0), 256, mask=cand)
+    idx_row, qr_row = Idx + pid * R_PAD, Qr + pid * G_P2 * R_PAD
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, full_end, BLOCK_N):
+        s = _approx_block(base, idx_row, qr_row, start, hi, stride_c, stride_p, R, R_PAD, G_P2,
+                          BLOCK_N, FP8_BITS, False)  # fmt: skip
+        hist += _store_keys(s, lse, gmask, key_row, start, hi, n_cand, BLOCK_N, False)
+    if full_end < hi:
+        s = _approx_block(base, idx_row, qr_row, full_end, hi, stride_c, stride_p, R, R_PAD,
+                          G_P2, BLOCK_N, FP8_BITS, True)  # fmt: skip
+        hist += _store_keys(s, lse, gmask, key_row, full_end, hi, n_cand, BLOCK_N, True)
     tl.atomic_add(Hist + pid * 1024 + tl.arange(0, 256), hist)
 
 
@@ -496,7 +536,7 @@ def _attend_kernel(
     g2 = tl.arange(0, G_P2)
     jj = tl.arange(0, R_PAD)
     idx = tl.load(Idx + pid * R_PAD + jj)
-    qr = tl.load(Qr + (pid * G_P2 + g2)[:, None] * R_PAD + jj[None, :])  # 0 past G and r
+    qr = tl.load(Qr + pid * R_PAD * G_P2 + jj[None, :] * G_P2 + g2[:, None])  # 0 past G, r
     lse = tl.load(Lse + pid * G_P2 + g2)
     k_base = K + b64 * stride_kb + off * stride_kn
     v_base = V + b64 * stride_vb + off * stride_vn
@@ -720,7 +760,7 @@ class _Workspace:
         i32 = {"dtype": torch.int32, "device": dev}
         f32 = {"dtype": torch.float32, "device": dev}
         self.idx = torch.empty(rows, self.r_pad, **i32)
-        self.qr = torch.empty(rows, self.g_p2, self.r_pad, **f32)
+        self.qr = torch.empty(rows, self.r_pad, self.g_p2, **f32)  # component-major
         self.hist = torch.empty(rows, 4, 256, **i32)
         self.state = torch.empty(rows, _STATE, **i32)
         self.part_m = torch.empty(rows, self.splits, self.g_p2, **f32)
