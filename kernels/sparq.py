@@ -55,12 +55,14 @@ from .decode import LOG2E, _dot, merge_partials
 #: ``fp8_decode`` (1: e4m3 bytes decoded with integer ops, 0: the hardware conversion).
 #: Select: the radix/compaction programs' own chunking (the keys are only 4 bytes a
 #: position, so their programs take more positions than the scoring ones).
+#: score_warps=4 won every point of `benchmarks/sparq_decode.py --sweep` on an H200
+#: (B=8 64k 1/8: 284 vs 316 us; 1/4: 455 vs 582 us; B=1 128k 1/8: 107 vs 113 us).
 TUNING: dict[str, int] = {
     "score_block": 1024,
     "score_chunk_lo": 2048,
     "score_chunk_hi": 8192,
     "score_per_sm": 16,
-    "score_warps": 8,
+    "score_warps": 4,
     "fp8_decode": 1,
     "radix_block": 2048,
     "select_chunk_lo": 4096,
