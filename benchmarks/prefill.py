@@ -191,6 +191,91 @@ def layer_call(method, q, k, v, patterns, logits, out, length):
                                    compiled=compiled)  # fmt: skip
 
 
+#: --sweep: (name, FlexSettings kwargs), at most 8; the first is the default. BLOCK_M /
+#: BLOCK_N must divide the block; names are checked by FlexSettings (valid in torch 2.11+)
+SWEEP = (
+    ("b128", {}),
+    ("b128-m128n64-w8s3", {"kernel_options": (("BLOCK_M", 128), ("BLOCK_N", 64),
+                                              ("num_warps", 8), ("num_stages", 3))}),
+    ("b128-m128n128-w8s2", {"kernel_options": (("BLOCK_M", 128), ("BLOCK_N", 128),
+                                               ("num_warps", 8), ("num_stages", 2))}),
+    ("b128-m64n128-w4s3", {"kernel_options": (("BLOCK_M", 64), ("BLOCK_N", 128),
+                                              ("num_warps", 4), ("num_stages", 3))}),
+    ("b128-safe-rows", {"kernel_options": (("ROWS_GUARANTEED_SAFE", True),)}),
+    ("b256", {"block": 256}),
+    ("b256-m128n64-w8s3", {"block": 256, "kernel_options": (("BLOCK_M", 128), ("BLOCK_N", 64),
+                                                            ("num_warps", 8), ("num_stages", 3))}),
+    ("b64-m64n64-w4s3", {"block": 64, "kernel_options": (("BLOCK_M", 64), ("BLOCK_N", 64),
+                                                         ("num_warps", 4), ("num_stages", 3))}),
+)  # fmt: skip
+
+
+def sweep_rows(args, lengths: list[int]) -> list[dict[str, Any]]:
+    """Layer-scope dense and ``--sweep-method`` under each ``SWEEP`` variant, 4k then 32k
+    per variant as the runtime sees them (a fresh dynamo state per variant: first shape
+    static, the next symbolic). Outputs are compared with the first variant's."""
+    rows: list[dict[str, Any]] = []
+    base_out: dict[int, list[torch.Tensor]] = {}
+    inputs = {n: sweep_inputs(args, n) for n in lengths}
+    for n in lengths:
+        rows.append(sweep_one(args, n, inputs[n], "dense", None, base_out))
+    for name, kwargs in SWEEP[: args.sweep_count]:
+        try:
+            settings = fp.FlexSettings(**kwargs)
+        except ValueError as exc:
+            rows.append({"scope": "sweep", "method": name, "status": f"invalid: {exc}"})
+            continue
+        previous = fp.configure(settings)
+        torch._dynamo.reset()
+        fp.compiled_flex.cache_clear()
+        try:
+            for n in lengths:
+                rows.append(sweep_one(args, n, inputs[n], name, args.sweep_method, base_out))
+        finally:
+            fp.configure(previous)
+    return rows
+
+
+def sweep_inputs(args, length: int):
+    plan = plan_for(length, args.density, args.seed)
+    layers = sample_layers(plan, args.layers)
+    gen = torch.Generator(device=SMOKE["device"]).manual_seed(0)
+    q, k, v = (torch.randn(1, length, h, D, device=SMOKE["device"], dtype=torch.bfloat16,
+                           generator=gen).transpose(1, 2) for h in (HQ, HKV, HKV))  # fmt: skip
+    return plan, layers, q, k, v
+
+
+def sweep_one(args, length, inputs, variant, method, base_out) -> dict[str, Any]:
+    """One variant at one length: ms summed over the sampled layers, compile in first_s."""
+    plan, layers, q, k, v = inputs
+    row = {"scope": "sweep", "length": length, "method": variant, "layers": len(layers),
+           "reps": args.reps}  # fmt: skip
+    if over_budget(args):
+        return {**row, "status": "skipped: time budget"}
+    logits = Logits(D**-0.5)
+    try:
+        first = total = peak = 0.0
+        worst = 0.0
+        for i, layer in enumerate(layers):
+            out = torch.empty_like(q)
+            fn = layer_call(method or "dense", q, k, v, plan.heads[layer], logits, out, length)
+            f, t, p = cuda_time(fn, args.reps)
+            first, total, peak = first + f, total + t, max(peak, p)
+            if method is not None:
+                ref = base_out.setdefault(length, [])
+                if len(ref) <= i:
+                    ref.append(out.clone())
+                worst = max(worst, float((out.float() - ref[i].float()).abs().max()))
+        row.update(status="ok", ms=round(total * 1e3, 3), first_s=round(first, 3),
+                   peak_gib=round(peak, 3))  # fmt: skip
+        if method is not None:
+            row["err_vs_banded"] = f"{worst:.3g}"  # here: vs the first variant
+    except Exception as exc:
+        row["status"] = error_text(exc)
+    log(" ".join(f"{k}={v}" for k, v in row.items()))
+    return row
+
+
 def add_errors(rows, outputs, base: str) -> None:
     """max |out - banded out| over the sampled layers (bf16 vs bf16)."""
     if base not in outputs:
@@ -369,6 +454,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=None, help="layer reps (quick 3, else 7)")
     ap.add_argument("--model-reps", type=int, default=None, help="model reps (quick 2, else 5)")
     ap.add_argument("--static", action="store_true", help="also time flex compiled per shape")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only the flex settings sweep (layer scope, --lengths, SWEEP variants)",
+    )
+    ap.add_argument("--sweep-method", default="flex", choices=("flex", "flex-split"))
+    ap.add_argument("--sweep-count", type=int, default=len(SWEEP), help="first N variants")
     ap.add_argument("--budget-s", type=float, default=None, help="skip configs after this")
     ap.add_argument("--model-shape", default="llama3-8b-shape", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -387,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     meta = {**versions(), "density": args.density, "seed": args.seed}
     log(f"{meta['device']} torch {meta['torch']} triton {meta['triton']}")
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    if args.sweep:
+        run_sweep(args, lengths, meta)
+        return
     model_lengths = [int(x) for x in args.model_lengths.split(",") if x]
     rows: list[dict[str, Any]] = []
     # Order: what the targets need first (layer and model at 4k and 32k), 128k last.
@@ -417,6 +512,25 @@ def main(argv: list[str] | None = None) -> None:
     add_ratios(rows)
     meta["seconds"] = round(time.perf_counter() - _START, 1)
     print(write(rows, args.out, meta))
+    log(f"done in {meta['seconds']}s; wrote {args.out}/prefill.csv, prefill.md, run.json")
+
+
+def run_sweep(args, lengths: list[int], meta: dict[str, Any]) -> None:
+    """--sweep: dense beside each flex variant at ``lengths``; x_dense per row."""
+    rows = sweep_rows(args, lengths)
+    for row in rows:
+        dense = [r for r in rows if r.get("method") == "dense" and r.get("length") ==
+                 row.get("length") and r.get("status") == "ok"]  # fmt: skip
+        if dense and row.get("status") == "ok":
+            row["x_dense"] = round(dense[0]["ms"] / row["ms"], 3)
+    meta["seconds"] = round(time.perf_counter() - _START, 1)
+    meta["sweep"] = {name: kwargs for name, kwargs in SWEEP[: args.sweep_count]}
+    print(write(rows, args.out, meta))
+    for n in lengths:
+        best = max((r for r in rows if r.get("length") == n and r.get("x_dense") and
+                    r["method"] != "dense"), key=lambda r: r["x_dense"], default=None)  # fmt: skip
+        if best:
+            log(f"{n}: best {best['method']} x_dense {best['x_dense']} ({best['ms']} ms)")
     log(f"done in {meta['seconds']}s; wrote {args.out}/prefill.csv, prefill.md, run.json")
 
 

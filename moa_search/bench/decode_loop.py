@@ -50,6 +50,26 @@ def _layers_nbytes(layers: list[Any]) -> int:
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
 
+def check_chunk(chunk: int | None, length: int) -> int:
+    """Tokens per prefill forward: ``chunk`` (a positive int), or the whole prompt for None;
+    MoaSearchError (one line) for anything else."""
+    if chunk is None:
+        return max(1, length)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise MoaSearchError(f"prefill chunk must be a positive number of tokens, got {chunk!r}")
+    return chunk
+
+
+def chunk_bounds(length: int, step: int) -> list[tuple[int, int]]:
+    """[c0, c1) pieces of a prompt of ``length`` tokens, ``step`` each; a 1-token tail joins
+    the piece before it, because one token would run as a decode step (SparQ heads then
+    select keys, where a prompt's tokens attend densely)."""
+    bounds = [(c0, min(length, c0 + step)) for c0 in range(0, length, step)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], length)]
+    return bounds
+
+
 class DecodeLoop:
     """Shared machinery; subclasses own the cache. ``ids``/``pos``: (B, 1) long,
     ``cache_pos``: (1,) long, ``out_tokens``: (B, capacity) long, ``step_idx``: (1,) long."""
@@ -82,6 +102,7 @@ class DecodeLoop:
         self.cache: Any = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.length = 0  # tokens every sequence holds (host copy, set by prefill / fill)
+        self.last_logits: torch.Tensor | None = None  # (B, V) after prefill
 
     # --- cache-specific hooks ----------------------------------------------------------
     def _new_cache(self) -> Any:
@@ -165,21 +186,31 @@ class DecodeLoop:
         self.set_length(0)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Run the prompt (B, L) through the cache (no padding); returns the first generated
-        token (B,) and leaves the loop ready to decode the next."""
+        token (B,) and leaves the loop ready to decode the next. ``last_logits``: (B, V) of
+        the prompt's last token.
+
+        ``chunk``: feed the prompt ``chunk`` tokens at a time (None: in one piece). Why: one
+        forward of a 128k prompt holds activations, MLP intermediates and attention work
+        for all 128k tokens at once; in chunks the peak is set by the chunk, and each chunk
+        attends to the cached prefix (``runtime.prefill.cached_prefill`` for a plan)."""
         if input_ids.shape[0] != self.batch:
             raise MoaSearchError(f"prefill: batch {input_ids.shape[0]} != loop batch {self.batch}")
+        length = input_ids.shape[1]
+        step = check_chunk(chunk, length)
         if self.cache is None:
             self.allocate()
-        length = input_ids.shape[1]
         if length + 1 > self.max_cache_len:
             raise MoaSearchError(f"prompt of {length} tokens needs max_cache_len > {length}")
         self.cache.reset()
         self._set_cache_length(0)
-        pos = torch.arange(length, device=self.device)
-        out = self._forward(input_ids.to(self.device), pos[None].expand(self.batch, -1), pos)
-        first = out.logits[:, -1].argmax(-1)
+        ids = input_ids.to(self.device)
+        for c0, c1 in chunk_bounds(length, step):
+            pos = torch.arange(c0, c1, device=self.device)
+            out = self._forward(ids[:, c0:c1], pos[None].expand(self.batch, -1), pos)
+        self.last_logits = out.logits[:, -1]
+        first = self.last_logits.argmax(-1)
         self.length = length
         self._set_buffers(length, first)
         return first
@@ -251,9 +282,12 @@ class DecodeLoop:
         """Bring host-side counters in line after graph replays (device state advanced)."""
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy tokens (B, new_tokens) after the prompt: what model.generate returns."""
-        first = self.prefill(input_ids)
+    def generate(
+        self, input_ids: torch.Tensor, new_tokens: int, chunk: int | None = None
+    ) -> torch.Tensor:
+        """Greedy tokens (B, new_tokens) after the prompt: what model.generate returns
+        (``chunk``: as in :meth:`prefill`)."""
+        first = self.prefill(input_ids, chunk)
         if new_tokens <= 1:
             return first[:, None][:, :new_tokens]
         self.run(new_tokens - 1)
@@ -482,6 +516,7 @@ class PlanLoop(DecodeLoop):
             if layer.lengths is not None:
                 layer.lengths.fill_(n)
             layer.processed = n
+            layer.contiguous = True
 
     def _set_cache_host_length(self, n: int) -> None:
         for layer in self.cache.layers:

@@ -20,7 +20,7 @@ from moa_search.errors import MoaSearchError
 from moa_search.patterns import Pattern, SparQ, dense_causal
 from moa_search.runtime.cache import CacheRead, MoALayerCache
 from moa_search.runtime.kernel_dispatch import decode_layer
-from moa_search.runtime.prefill import fresh_prefill
+from moa_search.runtime.prefill import cached_prefill, fresh_prefill
 from moa_search.runtime.reference import attend_head
 from moa_search.runtime.scores import Logits
 from moa_search.takeover import Call
@@ -110,6 +110,8 @@ def moa_attention(
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
             fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
             layer.append(key, value, q_pos, fresh=True)
+        elif _chunk_unpadded(runtime, layer, mask2d, q_len):
+            cached_prefill(query, key, value, patterns, layer, logits, out, window)
         else:
             for h, pattern in enumerate(patterns):
                 k_old, v_old, pos_old = layer.gather(h)
@@ -133,7 +135,7 @@ def moa_attention(
                 out[:, sl] = attend_head(
                     query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, logits, v_mean
                 )
-            layer.append(key, value, q_pos)
+            layer.append(key, value, q_pos, unpadded=mask2d is None)
     else:
         # No patterned cache (training, use_cache=False, or a user-supplied dense cache):
         # every head sees the full key range, masked by its pattern. A user's DynamicCache
@@ -172,6 +174,15 @@ def _fresh_unpadded(runtime, layer: MoALayerCache, mask2d, q_len: int) -> bool:
     if runtime.backend == "reference" or q_len == 1 or layer.processed != 0:
         return False
     return mask2d is None or bool(mask2d[:, -q_len:].all())
+
+
+def _chunk_unpadded(runtime, layer: MoALayerCache, mask2d, q_len: int) -> bool:
+    """A prompt chunk after cached tokens, neither padded: ``cached_prefill`` applies."""
+    if runtime.backend == "reference" or q_len == 1 or layer.processed == 0:
+        return False
+    if not layer.contiguous:
+        return False
+    return mask2d is None or bool(mask2d.all())
 
 
 def _real_mask(mask2d: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:

@@ -96,6 +96,9 @@ class MoALayerCache(CacheLayerMixin):
         self.layout: HeadLayout | None = None
         self.lengths: torch.Tensor | None = None  # (B,) real tokens held per sequence
         self.processed = 0  # tokens seen including padding: transformers' notion of length
+        #: every sequence holds exactly ``processed`` tokens at positions 0..processed-1 (no
+        #: padding so far): a host flag, so a prompt chunk can take the fast path unsynced
+        self.contiguous = True
         self.sparq_heads = [h for h, p in enumerate(self.patterns) if isinstance(p, SparQ)]
         self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
         # (B, n_sparq, D, ring) fp8 keys of the SparQ heads, transposed (``_side_order``)
@@ -134,6 +137,7 @@ class MoALayerCache(CacheLayerMixin):
         if self.v_sum is not None:
             self.v_sum.zero_()
         self.processed = 0
+        self.contiguous = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.keys is None:
@@ -186,20 +190,23 @@ class MoALayerCache(CacheLayerMixin):
         positions: torch.Tensor,
         *,
         fresh: bool = False,
+        unpadded: bool = False,
     ):
         """Store new tokens. key/value: (B, Hkv, L, D); positions: (B, L), -1 for padding.
 
-        ``fresh``: the caller vouches that the cache is empty and the chunk unpadded
-        (positions 0..L-1 in every row, a prompt's prefill): each slot then gathers the one
-        token it keeps, with no host synchronisation and no index lists.
+        ``fresh``: the caller vouches that the cache is :attr:`contiguous` and the chunk
+        continues it unpadded (positions processed..processed+L-1 in every row: a prompt's
+        prefill, in one piece or in chunks): each slot then gathers the one token it keeps,
+        with no host synchronisation and no index lists. ``unpadded``: the chunk has no
+        padding (so a contiguous cache stays contiguous).
         Decode steps (L == 1) make no host synchronisation, so they can be CUDA-graph captured.
         """
         real = positions >= 0
         new_lengths = self.lengths + real.sum(1)  # before the write: alive-ness needs the end
         # processed + L bounds every sequence's length without reading device memory.
         self._ensure_capacity(self.processed + key_states.shape[2], key_states)
-        if fresh and self.processed == 0:
-            self._write_fresh(key_states, value_states)
+        if fresh:
+            self._write_fresh(key_states, value_states, self.processed)
         else:
             self._write(
                 self.keys, self.values, self._geom, key_states, value_states, positions,
@@ -211,6 +218,7 @@ class MoALayerCache(CacheLayerMixin):
             self._write_side(key_states, positions)
         self.lengths.copy_(new_lengths)  # in place: a captured CUDA graph keeps advancing it
         self.processed += key_states.shape[2]
+        self.contiguous = fresh or (self.contiguous and unpadded)
 
     def append_decode(
         self,
@@ -232,6 +240,7 @@ class MoALayerCache(CacheLayerMixin):
         """
         self._ensure_capacity(self.processed + 1, key_states)
         pos = positions[:, 0] if positions is not None else None
+        self.contiguous = self.contiguous and pos is None
         if self.sparq_heads:
             v = value_states[:, :, 0].index_select(1, self._sparq_index).float()
             self.v_sum += v if pos is None else v * (pos >= 0)[:, None, None]
@@ -255,16 +264,17 @@ class MoALayerCache(CacheLayerMixin):
             return self.decode_metadata()
         return {**ints, **meta}
 
-    def _write_fresh(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Write a prompt of L tokens at positions 0..L-1 into the empty cache: every slot
-        takes the token it holds at length L (``_stored_positions``), one gather per tensor.
+    def _write_fresh(self, k_new: torch.Tensor, v_new: torch.Tensor, start: int = 0) -> None:
+        """Write L tokens at positions start..start+L-1 after ``start`` contiguous ones:
+        every slot whose position at length start + L is new takes that token
+        (``_stored_positions``), the others keep theirs; one gather per tensor.
 
         Why: the general ``_write`` lists the surviving (row, head, token) triples with
         ``nonzero`` (a host sync per layer) and scatters through them; on a prefill this
         is the cache's whole cost and the triples are known in closed form."""
         batch, heads, length, dim = k_new.shape
         slot_head, local, sink, ring = _slot_geometry(self._geom, self.layout.total_slots)
-        pos = _stored_positions(local, sink, ring, length)
+        pos = _stored_positions(local, sink, ring, start + length) - start
         keep = (pos >= 0)[None, :, None]
         index = (slot_head * length + pos.clamp(min=0))[None, :, None]
         index = index.expand(batch, -1, dim)

@@ -36,6 +36,49 @@ from moa_search.runtime.scores import Logits, sdpa
 
 #: query / key block of the BlockMask (FlexAttention's default sparse block)
 BLOCK = 128
+#: ``flex_attention`` kernel options accepted here: names both torch 2.11 (the benchmark
+#: GPU) and 2.13 read in ``torch/_inductor/kernel/flex/flex_attention.py``
+KERNEL_OPTIONS = frozenset(
+    {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ROWS_GUARANTEED_SAFE", "PRESCALE_QK"}
+)
+
+
+@dataclass(frozen=True)
+class FlexSettings:
+    """How the flex prefill runs: ``block``, the BlockMask's query / key block, and
+    ``kernel_options`` handed to ``flex_attention`` as (name, value) pairs. Settable because
+    the 32k prefill target needs a faster flex kernel than the defaults gave;
+    ``benchmarks/prefill.py --sweep`` tries variants. The kernel's BLOCK_M / BLOCK_N must
+    divide ``block`` (inductor refuses otherwise)."""
+
+    block: int = BLOCK
+    kernel_options: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.block <= 0 or self.block % 16:
+            raise ValueError(f"flex block must be a positive multiple of 16, got {self.block}")
+        options = dict(self.kernel_options)
+        unknown = set(options) - KERNEL_OPTIONS
+        if unknown:
+            known = ", ".join(sorted(KERNEL_OPTIONS))
+            raise ValueError(f"flex kernel options {sorted(unknown)}: known are {known}")
+        for name in ("BLOCK_M", "BLOCK_N"):
+            if name in options and self.block % int(options[name]):
+                raise ValueError(f"{name}={options[name]} must divide the flex block {self.block}")
+
+
+SETTINGS = FlexSettings()
+
+
+def configure(settings: FlexSettings) -> FlexSettings:
+    """Use ``settings`` from now on (returns the previous ones). Cached BlockMasks are
+    dropped (they are built for one block size); a new kernel option recompiles flex."""
+    global SETTINGS
+    previous, SETTINGS = SETTINGS, settings
+    MASKS.clear()
+    return previous
+
+
 #: bytes of BlockMask index tensors kept across calls (one entry per (patterns, length));
 #: a mask larger than this is built per call (~ms at 128k, small next to its attention)
 CACHE_BYTES = 1 << 30
@@ -53,7 +96,11 @@ class HeadBounds:
 
 
 def head_bounds(
-    patterns: list[Pattern], length: int, window: int | None, device: torch.device | str
+    patterns: list[Pattern],
+    length: int,
+    window: int | None,
+    device: torch.device | str,
+    block: int = BLOCK,
 ) -> HeadBounds:
     """The bounds of the per-head rule above for a prompt of ``length`` tokens."""
     n = torch.arange(1, length + 1, dtype=torch.long, device=device)
@@ -66,7 +113,7 @@ def head_bounds(
         sinks.append(min(p.sink, length) if p.static else 0)
     band_lo = torch.stack(rows).to(torch.int32)
     # Padded to whole blocks: the kernel may evaluate the mask on rows past the end.
-    pad = -(-length // BLOCK) * BLOCK - length
+    pad = -(-length // block) * block - length
     if pad:
         band_lo = torch.cat([band_lo, band_lo[:, -1:].expand(-1, pad)], 1)
     return HeadBounds(band_lo, torch.tensor(sinks, dtype=torch.int32, device=device), window)
@@ -96,7 +143,9 @@ def softcap_mod(softcap: float):
     return score_mod
 
 
-def block_tables(bounds: HeadBounds, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_tables(
+    bounds: HeadBounds, length: int, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(visit, full): (Hkv, QB, KB) bool per (query block, key block).
 
     ``visit`` holds every block with a seen pair (a superset is safe: the kernel masks it);
@@ -104,14 +153,14 @@ def block_tables(bounds: HeadBounds, length: int) -> tuple[torch.Tensor, torch.T
     there, so it must be exact). Built from per-block min / max of the bounds, O(QB x KB)."""
     band_lo, sink, window = bounds.band_lo, bounds.sink, bounds.window
     dev = band_lo.device
-    nb = -(-length // BLOCK)
-    pad = nb * BLOCK - length
+    nb = -(-length // block)
+    pad = nb * block - length
     lo = band_lo[:, :length].long()
-    lo_min = F.pad(lo, (0, pad), value=length).view(-1, nb, BLOCK).amin(-1)[:, :, None]
-    lo_max = F.pad(lo, (0, pad), value=-1).view(-1, nb, BLOCK).amax(-1)[:, :, None]
-    start = torch.arange(nb, device=dev) * BLOCK
-    last = (start + BLOCK).clamp(max=length) - 1
-    complete = (last - start + 1) == BLOCK
+    lo_min = F.pad(lo, (0, pad), value=length).view(-1, nb, block).amin(-1)[:, :, None]
+    lo_max = F.pad(lo, (0, pad), value=-1).view(-1, nb, block).amax(-1)[:, :, None]
+    start = torch.arange(nb, device=dev) * block
+    last = (start + block).clamp(max=length) - 1
+    complete = (last - start + 1) == block
     q_first, q_last = start[None, :, None], last[None, :, None]
     k0, k1 = start[None, None, :], last[None, None, :]
     s = sink.long()[:, None, None]
@@ -140,14 +189,14 @@ def _ordered(mask: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor
 _FROM_KV = None
 
 
-def build_block_mask(bounds: HeadBounds, length: int, group: int):
+def build_block_mask(bounds: HeadBounds, length: int, group: int, block: int = BLOCK):
     """The layer's BlockMask (query heads = KV heads x ``group``) with the exact mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask  # noqa: PLC0415
 
     global _FROM_KV
     if _FROM_KV is None:
         _FROM_KV = set(inspect.signature(BlockMask.from_kv_blocks).parameters)
-    visit, full = block_tables(bounds, length)
+    visit, full = block_tables(bounds, length, block)
     partial = visit & ~full
     kv_num, kv_idx = _ordered(partial, group)
     full_num, full_idx = _ordered(full, group)
@@ -157,7 +206,7 @@ def build_block_mask(bounds: HeadBounds, length: int, group: int):
     if "compute_q_blocks" in _FROM_KV:
         extra["compute_q_blocks"] = False  # forward only: no backward index
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(BLOCK, BLOCK),
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(block, block),
         mask_mod=mask_mod_for(bounds, group), **extra,
     )  # fmt: skip
 
@@ -171,15 +220,15 @@ class _MaskCache:
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def get(self, patterns, length, window, group, device):
-        key = (tuple(patterns), window, length, group, str(device))  # frozen: hashable
+    def get(self, patterns, length, window, group, device, block: int = BLOCK):
+        key = (tuple(patterns), window, length, group, str(device), block)  # frozen: hashable
         with self.lock:
             hit = self.entries.get(key)
             if hit is not None:
                 self.entries.move_to_end(key)
                 return hit[0]
-        bounds = head_bounds(patterns, length, window, device)
-        mask = build_block_mask(bounds, length, group)
+        bounds = head_bounds(patterns, length, window, device, block)
+        mask = build_block_mask(bounds, length, group, block)
         size = _mask_bytes(mask)
         if size <= self.limit:
             with self.lock:
@@ -224,9 +273,10 @@ def _flex(q, k, v, block_mask, logits: Logits, compiled: bool | str) -> torch.Te
           else flex_attention)  # fmt: skip
     score_mod = softcap_mod(logits.softcap) if logits.softcap else None
     group = q.shape[1] // k.shape[1]
+    extra = {"kernel_options": dict(SETTINGS.kernel_options)} if SETTINGS.kernel_options else {}
     return fn(
         q, k.to(q.dtype), v.to(q.dtype), score_mod=score_mod, block_mask=block_mask,
-        scale=logits.scale, enable_gqa=group > 1,
+        scale=logits.scale, enable_gqa=group > 1, **extra,
     )  # fmt: skip
 
 
@@ -269,7 +319,7 @@ def flex_prefill(
     if not sparse:
         return out
     picked = [patterns[h] for h in sparse]
-    mask = MASKS.get(picked, length, window, group, query.device)
+    mask = MASKS.get(picked, length, window, group, query.device, SETTINGS.block)
     if len(sparse) == kv_heads:
         out.copy_(_flex(query, key, value, mask, logits, compiled))
     else:

@@ -45,7 +45,7 @@ def decode_layer(
     else:
         if key is not None:
             pos = positions if positions is not None else layer.lengths[:, None].clone()
-            layer.append(key, value, pos)
+            layer.append(key, value, pos, unpadded=positions is None)
         meta = layer.decode_metadata()
     max_len = layer.layout.max_len
     static_ids = layer.static_head_ids()

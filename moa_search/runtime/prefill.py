@@ -62,11 +62,12 @@ _FLEX_FAILED: list[str] = []  # the first error of the flex path; later calls sk
 @dataclass(frozen=True)
 class _Band:
     """What every banded chunk shares: the layer's ``logits``, its own sliding ``window``
-    (None: none) and the query ``chunk`` length."""
+    (None: none), the query ``chunk`` length and the GQA ``group`` (query heads per KV head)."""
 
     logits: Logits
     window: int | None
     chunk: int
+    group: int = 1
 
 
 def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
@@ -155,8 +156,100 @@ def fresh_prefill(
             out.index_copy_(1, qi, y)
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk))
+        _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk, group))
     return out
+
+
+def cached_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    patterns: list[Pattern],
+    layer,
+    logits: Logits,
+    out: torch.Tensor,
+    window: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Attention of a prompt chunk at positions P..P+C-1 after the P tokens ``layer`` holds
+    (a :class:`~moa_search.runtime.cache.MoALayerCache`, ``contiguous``; the chunk has no
+    padding), then the chunk stored. query: (B, Hq, C, D); key / value: (B, Hkv, C, D).
+
+    Why: the per-head path masks every head over all its keys (a C x P mask and logits per
+    head: gigabytes at P = 120k). Here banded heads read only the sink + band entries of
+    their cache (before the chunk may overwrite their ring), the chunk is stored, and the
+    heads that see every key (dense; SparQ, dense in prefill) attend to their contiguous
+    cache slice with a bottom-right causal mask (a flash kernel on CUDA, no mask built).
+    Memory: ~ chunk x (chunk + span) per banded group, C x P never."""
+    batch, q_heads, length, _ = query.shape
+    group = q_heads // key.shape[1]
+    start = layer.processed
+    total = start + length
+    layer._ensure_capacity(total, key)  # the final layout, before any slot is read
+    layout = layer.layout
+    full: list[int] = []
+    sparse: dict[Pattern, list[int]] = {}
+    for h, p in enumerate(patterns):
+        whole = layout.sinks[h] == 0 and layout.rings[h] >= total  # slot = offset + position
+        if whole and covers_all(p, total, window):
+            full.append(h)
+        else:
+            sparse.setdefault(p, []).append(h)
+    shared = _Band(logits, window, chunk, group)
+    for pattern, heads in sparse.items():
+        source = _cached_source(layer, key, value, heads, start, query.dtype)
+        _banded_at(query, source, start, pattern, heads, out, shared)
+    positions = (start + torch.arange(length, device=query.device)).expand(batch, -1)
+    layer.append(key, value, positions, fresh=True)
+    for h in full:
+        sl = slice(h * group, (h + 1) * group)
+        off = layout.offsets[h]
+        k = layer.keys[:, off : off + total]
+        v = layer.values[:, off : off + total]
+        out[:, sl] = _tail_causal(query[:, sl], k, v, logits)
+    PATH_COUNTS["chunk"] += 1
+    return out
+
+
+def _cached_source(layer, key, value, heads: list[int], start: int, dtype) -> _Source:
+    """Keys of ``heads`` (one pattern, so one sink / ring size) for a chunk after ``start``
+    cached tokens: their cache slots (a copy: the chunk is stored before the full heads
+    attend and may overwrite a ring) followed by the chunk's own entries."""
+    layout = layer.layout
+    sink, ring = layout.sinks[heads[0]], layout.rings[heads[0]]
+    cap = sink + ring
+    kv_idx, _ = head_index(heads, 1, key.device)
+
+    def gather(store: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        old = torch.stack([store[:, layout.offsets[h] : layout.offsets[h] + cap] for h in heads], 1)
+        return torch.cat([old.to(dtype), new.index_select(1, kv_idx).to(dtype)], 2)
+
+    def slot(p: torch.Tensor) -> torch.Tensor:
+        cached = torch.where(p < sink, p, sink + torch.remainder(p - sink, max(ring, 1)))
+        return torch.where(p >= start, cap + p - start, cached)
+
+    return _Source(gather(layer.keys, key), gather(layer.values, value), slot)
+
+
+def _tail_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: Logits):
+    """q (B, G, C, D): the last C positions of k / v (B, S, D), causal aligned at the
+    bottom right (query i sees keys 0 .. S - C + i). ``CausalBias`` runs the flash or
+    memory-efficient kernel on CUDA without forming a mask (the plain ``is_causal`` aligns
+    top left); with a softcap the logits are formed (``scores.sdpa``)."""
+    batch, group, _, dim = q.shape
+    size = k.shape[1]
+    k = k[:, None].expand(batch, group, size, dim).to(q.dtype)
+    v = v[:, None].expand(batch, group, size, dim).to(q.dtype)
+    if logits.softcap is not None:
+        return sdpa(q, k, v, scale=logits.scale, is_causal=True, softcap=logits.softcap)
+    from torch.nn.attention.bias import causal_lower_right  # noqa: PLC0415
+
+    if q.is_cuda:  # the fused kernels want real head strides
+        k, v = k.contiguous(), v.contiguous()
+    bias = causal_lower_right(q.shape[2], size)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=logits.scale
+    )
 
 
 def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
@@ -198,36 +291,62 @@ def _sdpa_masked(q, k, v, mask, scale, softcap=None):
     return sdpa(q, k, v, mask=mask, scale=scale, softcap=softcap)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a group of heads finds its keys: ``k`` / ``v`` (B, n_h, M, D) and ``slot``,
+    the index in M of an absolute position (a fresh prompt: the position itself; a chunk
+    after cached tokens: the head's cache slot, or the chunk's own entry)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot: object  # (positions: LongTensor) -> LongTensor
+
+
+def _fresh_source(key, value, kv_idx, dtype) -> _Source:
+    k = key.index_select(1, kv_idx).to(dtype)  # (B, n_h, L, D)
+    v = value.index_select(1, kv_idx).to(dtype)
+    return _Source(k, v, lambda p: p)
+
+
 def _banded(query, key, value, pattern, heads, out, shared: _Band) -> None:
+    """Window / elastic heads sharing ``pattern`` of a fresh prompt (see ``_banded_at``)."""
+    kv_idx, _ = head_index(heads, shared.group, query.device)
+    source = _fresh_source(key, value, kv_idx, query.dtype)
+    _banded_at(query, source, 0, pattern, heads, out, shared)
+
+
+def _banded_at(query, source: _Source, start: int, pattern, heads, out, shared: _Band) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
-    Every chunk reads a band of the same width (positions before the sink or before 0 are
-    masked), so all full chunks share one shape. With ``window`` every span is clamped to
-    it and a sink key counts only for queries less than ``window`` positions after it
-    (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
-    batch, q_heads, length, dim = query.shape
-    group = q_heads // key.shape[1]
+    query: (B, Hq, C, D), the tokens at positions start..start+C-1; ``source`` holds every
+    key they may see. Every chunk reads a band of the same width (positions before the
+    sink or before 0 are masked), so all full chunks share one shape and memory stays
+    ~ chunk x (chunk + span), whatever the prompt length. With ``window`` every span is
+    clamped to it and a sink key counts only for queries less than ``window`` positions
+    after it (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
+    batch, _, length, dim = query.shape
+    group = shared.group
     scale, softcap = shared.logits.scale, shared.logits.softcap
     window, chunk = shared.window, shared.chunk
     dev = query.device
-    kv_idx, qi = head_index(heads, group, dev)
+    total = start + length
+    _, qi = head_index(heads, group, dev)
     n_h = len(heads)
-    k_g = key.index_select(1, kv_idx).to(query.dtype)  # (B, n_h, L, D)
-    v_g = value.index_select(1, kv_idx).to(query.dtype)
-    q_g = query.index_select(1, qi)  # (B, n_h * G, L, D)
-    sink = min(pattern.sink, length)
-    pos = torch.arange(length, device=dev)
-    spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (L,) span of query i
+    q_g = query.index_select(1, qi)  # (B, n_h * G, C, D)
+    sink = min(pattern.sink, total)
+    pos = start + torch.arange(length, device=dev)  # absolute positions of the queries
+    spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (C,) span of each query
     if window is not None:
         spans = spans.clamp(max=window)
     span_max = int(spans.max())
     chunk = max(16, min(chunk, length))
-    width = min(length, -(-(chunk + span_max - 1) // 64) * 64)  # band keys per chunk
-    sink_pos = pos[:sink]
+    width = min(total, -(-(chunk + span_max - 1) // 64) * 64)  # band keys per chunk
+    sink_pos = torch.arange(sink, device=dev)
+    sink_slots = source.slot(sink_pos)
     for c0 in range(0, length, chunk):
         c1 = min(length, c0 + chunk)
-        band = c1 - width + torch.arange(width, device=dev)  # may start below 0
-        idx = band.clamp_min(0)
+        band = start + c1 - width + torch.arange(width, device=dev)  # may start below 0
+        idx = source.slot(band.clamp_min(0))
         q_pos = pos[c0:c1, None]
         in_band = (
             (band[None] >= sink) & (band[None] <= q_pos) & (q_pos - band[None] < spans[c0:c1, None])
@@ -239,8 +358,8 @@ def _banded(query, key, value, pattern, heads, out, shared: _Band) -> None:
             mask = torch.cat([sees_sink, in_band], 1)
         else:
             mask = in_band
-        k = torch.cat([k_g[:, :, :sink], k_g.index_select(2, idx)], 2)
-        v = torch.cat([v_g[:, :, :sink], v_g.index_select(2, idx)], 2)
+        k = torch.cat([source.k.index_select(2, sink_slots), source.k.index_select(2, idx)], 2)
+        v = torch.cat([source.v.index_select(2, sink_slots), source.v.index_select(2, idx)], 2)
         m = k.shape[2]
         if group > 1:
             k = k[:, :, None].expand(batch, n_h, group, m, dim).reshape(batch, n_h * group, m, dim)

@@ -45,3 +45,20 @@ def test_covers_all():
     assert covers_all(parse("window:sink=2,span=8"), 10)
     assert not covers_all(parse("window:sink=2,span=7"), 10)
     assert not covers_all(parse("elastic:sink=0,alpha=0.0,beta=0.5"), 10)
+
+
+def test_prefill_sweep_smoke(tmp_path):
+    """benchmarks/prefill.py --sweep on the CPU (eager flex): a row per variant and length."""
+    import csv  # noqa: PLC0415
+    import runpy  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "prefill.py"
+    main = runpy.run_path(str(script))["main"]
+    main(["--smoke", "--sweep", "--sweep-count", "2", "--lengths", "160", "--layers", "1",
+          "--reps", "1", "--out", str(tmp_path)])  # fmt: skip
+    with open(tmp_path / "prefill.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["dense", "b128", "b128-m128n64-w8s3"]
+    assert all(r["status"] == "ok" and float(r["x_dense"]) > 0 for r in rows)
+    assert all(float(r["err_vs_banded"]) == 0 for r in rows[1:])

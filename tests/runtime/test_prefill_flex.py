@@ -119,25 +119,25 @@ def test_flex_prefill_bf16(window):
 
 
 CASES = [
-    (mix, length, window)
+    (mix, length, window, fp.BLOCK)
     for mix in sorted(MIXES)
     for length in (1, 100, 128, 200, 700)
     for window in (None, 1, 100, 300)
-]
+] + [("mixed", 700, w, b) for b in (64, 256) for w in (None, 100)]  # the --sweep blocks
 
 
-@pytest.mark.parametrize(("mix", "length", "window"), CASES)
-def test_block_tables_cover_the_rule_exactly(mix, length, window):
+@pytest.mark.parametrize(("mix", "length", "window", "block"), CASES)
+def test_block_tables_cover_the_rule_exactly(mix, length, window, block):
     """Every seen pair lies in a visited block, a visited block holds a seen pair, and a
     full block (mask skipped on the GPU) is complete and holds only seen pairs."""
     patterns = patterns_of(mix, 4)
-    bounds = fp.head_bounds(patterns, length, window, "cpu")
-    visit, full = fp.block_tables(bounds, length)
+    bounds = fp.head_bounds(patterns, length, window, "cpu", block)
+    visit, full = fp.block_tables(bounds, length, block)
     seen = rule(patterns, length, window)
-    nb = -(-length // fp.BLOCK)
-    padded = torch.zeros(4, nb * fp.BLOCK, nb * fp.BLOCK, dtype=torch.bool)
+    nb = -(-length // block)
+    padded = torch.zeros(4, nb * block, nb * block, dtype=torch.bool)
     padded[:, :length, :length] = seen
-    blocks = padded.view(4, nb, fp.BLOCK, nb, fp.BLOCK)
+    blocks = padded.view(4, nb, block, nb, block)
     any_seen = blocks.any(-1).any(2)
     all_seen = blocks.all(-1).all(2)
     assert torch.equal(visit, any_seen)
@@ -281,3 +281,30 @@ def test_compiled_flex_on_cpu_skips_blocks_and_matches_reference():
                               full_heads=full if split else None, compiled=True)  # fmt: skip
         want = reference(q, k, v, patterns, logits, window)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_flex_settings_check_names_and_blocks():
+    with pytest.raises(ValueError, match="known are"):
+        fp.FlexSettings(kernel_options=(("BLOCK_Q", 64),))
+    with pytest.raises(ValueError, match="must divide"):
+        fp.FlexSettings(block=64, kernel_options=(("BLOCK_M", 128),))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fp.FlexSettings(block=100)
+
+
+def test_configure_swaps_settings_and_drops_cached_masks():
+    patterns = patterns_of("mixed", 4)
+    fp.MASKS.get(patterns, 300, None, 1, "cpu")
+    assert fp.MASKS.entries
+    old = fp.configure(fp.FlexSettings(block=64))
+    try:
+        assert not fp.MASKS.entries and fp.SETTINGS.block == 64
+        q, k, v = (torch.randn(1, 4, 300, 16) for _ in range(3))
+        out = torch.empty_like(q)
+        fp.flex_prefill(q, k, v, patterns, Logits(0.25), out, compiled=False)
+        mask = next(iter(fp.MASKS.entries.values()))[0]
+        assert mask.BLOCK_SIZE == (64, 64)
+        torch.testing.assert_close(out, reference(q, k, v, patterns, Logits(0.25), None))
+    finally:
+        fp.configure(old)
+    assert old == fp.SETTINGS
