@@ -15,7 +15,6 @@ and decode_attention.log (breakdowns, tuning).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import moa_search.kernels as mk
+from moa_search.bench.report import write_csv
 from moa_search.kernels import decode as decode_mod
 from moa_search.kernels.testing import HeadGeom
 
@@ -323,13 +323,7 @@ def run_shape(batch: int, n: int, card: str, bw_copy: float, flex) -> list[dict]
 
 
 def write_outputs(out: Path, rows: list[dict], bw_copy: float) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(out / "decode_attention.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "decode_attention.csv")
     (out / "decode_attention.svg").write_text(svg_plot(rows))
     LOG.append(f"copy_bw_GBps={bw_copy:.1f} time={time.strftime('%Y-%m-%d %H:%M:%S')}")
     (out / "decode_attention.log").write_text("\n".join(LOG) + "\n")

@@ -27,9 +27,7 @@ OUT/long_context.md and OUT/run.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import sys
 import time
 import traceback
@@ -39,6 +37,8 @@ from typing import Any
 
 import torch
 
+from moa_search.bench.report import markdown_table, write_csv
+from moa_search.files import write_json, write_text
 from moa_search.runtime.prefill import PATH_COUNTS
 
 GIB = 2**30
@@ -226,11 +226,7 @@ COLUMNS = ["batch", "length", "config", "status", "prefill_s", "x_prefill", "pre
 
 
 def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "long_context.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "long_context.csv", COLUMNS)
     lines = [
         "# Long context on one card: chunked prefill, decode, peak memory",
         "",
@@ -240,13 +236,11 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
         "(> 1: plan faster); `*_mem_ratio` = plan peak / dense-moa peak; peaks include weights "
         "and cache.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        *markdown_table(rows, COLUMNS),
     ]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
-    (out / "long_context.md").write_text(text)
-    (out / "run.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    write_text(out / "long_context.md", text)
+    write_json(out / "run.json", {**meta, "rows": rows})
     return text
 
 

@@ -24,8 +24,6 @@ left (rows say so). Writes OUT/prefill.csv, OUT/prefill.md and OUT/run.json.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import statistics
 import sys
@@ -37,6 +35,8 @@ from typing import Any
 
 import torch
 
+from moa_search.bench.report import markdown_table, write_csv
+from moa_search.files import write_json, write_text
 from moa_search.runtime import flex_prefill as fp
 from moa_search.runtime import prefill
 from moa_search.runtime.scores import Logits, sdpa
@@ -383,11 +383,7 @@ COLUMNS = ["scope", "length", "method", "status", "ms", "x_dense", "x_banded", "
 
 
 def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "prefill.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "prefill.csv", COLUMNS)
     lines = [
         "# Prefill: dense vs banded plan path vs FlexAttention plan path",
         "",
@@ -399,14 +395,11 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
         "`layer` ms: attention of the sampled layers summed; `model` ms: whole-model prefill. "
         "`first_s`: first call (torch.compile + BlockMask build), not in ms.",
         "",
-        "| " + " | ".join(COLUMNS[:14]) + " |",
-        "|" + "---|" * 14,
+        *markdown_table(rows, COLUMNS[:14]),
     ]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS[:14]) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "prefill.md").write_text(text)
-    (out / "run.json").write_text(json.dumps({**meta, "rows": rows}, indent=1, default=str))
+    write_text(out / "prefill.md", text)
+    write_json(out / "run.json", {**meta, "rows": rows})
     return text
 
 

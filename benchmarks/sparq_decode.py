@@ -30,7 +30,6 @@ points (SDPA timed in the same run) and writes OUT/sparq_sweep.csv and OUT/sparq
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import math
 import statistics
@@ -44,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import moa_search.kernels as mk
+from moa_search.bench.report import markdown_table, write_csv
+from moa_search.files import write_text
 from moa_search.kernels import sparq as sparq_mod
 from moa_search.kernels import sparq_topk
 from moa_search.kernels.reference import sparq_decode_ref
@@ -349,39 +350,26 @@ def sweep_point(setup: Setup, t: dict, kt, batch: int, n: int, transfer: str,  #
 
 def write_sweep(out: Path, rows: list[dict], header: str) -> None:
     """CSV of every (point, variant) and a markdown table with the best variant per point."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(out / "sparq_sweep.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "sparq_sweep.csv")
     cols = ["variant", "B", "N", "transfer", "time_us", "sdpa_us", "speedup_vs_sdpa",
             "score_us", "score_GBps", "select_us", "select_GBps", "attend_us", "attend_GBps",
             "GBps", "max_diff_vs_default"]  # fmt: skip
     lines = [header, "", "Knobs per variant (sparq.TUNING overrides): "
              + "; ".join(f"{k}: {v or 'defaults'}" for k, v in SWEEP.items()), ""]  # fmt: skip
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += markdown_table(rows, cols)
     lines += ["", "Best variant per point:", ""]
     for point in dict.fromkeys((r["B"], r["N"], r["transfer"]) for r in rows):
         best = min((r for r in rows if (r["B"], r["N"], r["transfer"]) == point),
                    key=lambda r: r["time_us"])  # fmt: skip
         lines.append(f"- B={point[0]} N={point[1]} {point[2]}: {best['variant']} "
                      f"{best['time_us']} us, {best['speedup_vs_sdpa']}x SDPA")  # fmt: skip
-    (out / "sparq_sweep.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "sparq_sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines[-len(set((r["B"], r["N"], r["transfer"]) for r in rows)) :]))
 
 
 # --- output -------------------------------------------------------------------------------
 def write(out: Path, rows: list[dict], header: str) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(out / "sparq_decode.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "sparq_decode.csv")
     main_cols = ["B", "N", "transfer", "method", "time_us", "speedup_vs_sdpa",
                  "speedup_vs_dense_plan", "bytes_read", "GBps"]  # fmt: skip
     stage_cols = ["B", "N", "transfer", "method"] + [
@@ -389,12 +377,9 @@ def write(out: Path, rows: list[dict], header: str) -> None:
                                                                     "GBps")]  # fmt: skip
     lines = [header, ""]
     for cols, keep in ((main_cols, "time_us"), (stage_cols, "score_us")):
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "---|" * len(cols))
-        lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |"
-                  for r in rows if keep in r]  # fmt: skip
+        lines += markdown_table([r for r in rows if keep in r], cols, _cell)
         lines.append("")
-    (out / "sparq_decode.md").write_text("\n".join(lines))
+    write_text(out / "sparq_decode.md", "\n".join(lines))
 
 
 def _cell(value: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,17 @@ from moa_search.files import atomic_write
 GIB = 2**30
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """All rows, union of their keys as columns (atomic write)."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
+    """``rows`` as CSV (atomic write): the given ``columns`` (other keys dropped), else the
+    union of the rows' keys in first-seen order."""
+    keys: list[str] = list(columns) if columns is not None else []
+    if columns is None:
+        for r in rows:
+            keys += [k for k in r if k not in keys]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
-            w = csv.DictWriter(handle, fieldnames=keys)
+            w = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -30,6 +33,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _md_row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown_table(
+    rows: list[dict[str, Any]], columns: list[str], cell: Callable[[Any], str] = str
+) -> list[str]:
+    """Header, separator and one line per row of ``columns`` (a missing cell is blank)."""
+    lines = [_md_row(columns), "|" + "---|" * len(columns)]
+    return lines + [_md_row([cell(r.get(c, "")) for c in columns]) for r in rows]
 
 
 #: transformers' own decoding configs: those of bench.run.CONFIG_SPECS with a transformers cache
