@@ -60,7 +60,7 @@ def run_shape(
     k, v = (torch.randn(hkv, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "ab")
     scale = d**-0.5
     static, sparq = split_static(default_candidates([n], 64, d))
-    lo, hi = dropped_range(static, torch.arange(n, device="cuda"))
+    lo, hi = dropped_range(static, torch.arange(n, device="cuda"), n)
 
     def sdpa():
         leaves = [t[None].detach().requires_grad_(True) for t in (q, k, v)]

@@ -8,8 +8,13 @@ profiler prices it (``pricing``), whether the search groups it by sink (``has_si
 compares plans to its uniform baseline (``uniform_baseline``), its plot style (``style``)
 and how eval's budget sweep resizes it (``scaled``).
 
-Positions are 0-based. A query at position ``i`` has seen ``n = i + 1`` tokens. All
-patterns are causal (key ``j <= i``).
+Positions are 0-based. A query at position ``i`` has seen ``i + 1`` tokens. All patterns
+are causal (key ``j <= i``). A span is taken at the length ``n`` the sequence reaches in
+the forward that computes the query (``reach``): the prompt's length for every query of a
+prefill, ``i + 1`` for a decode step. That is how MoA sizes an elastic head (its span
+alpha + beta*N for an input of N tokens, every query of the prompt included), and what the
+memory is counted at: after the forward a head holds ``sink + span_at(n)`` entries, so the
+prompt's early queries may see that many keys at no extra memory.
 
 Cache geometry shared by the runtime and the Triton kernels: a KV head keeps its first
 ``sink`` positions in place, and later positions in a ring of ``ring`` slots
@@ -111,14 +116,19 @@ class Pattern:
         return 0
 
     def span_at(self, n: int | torch.Tensor) -> int | torch.Tensor:
-        """Recent positions attended by a query that has seen ``n`` tokens (itself included)."""
+        """Recent positions a query attends to when its sequence reaches ``n`` tokens in
+        the forward that computes it (itself included; see the module docstring)."""
         return n
 
-    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Bool mask, broadcast over ``q_pos[..., :, None]`` and ``k_pos[..., None, :]``."""
+    def allowed(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, reach: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bool mask, broadcast over ``q_pos[..., :, None]`` and ``k_pos[..., None, :]``.
+        ``reach``: the length the forward's sequence reaches (an int, or a tensor that
+        broadcasts against ``q_pos``); None takes each query's own ``i + 1``."""
         q = q_pos.unsqueeze(-1)
         k = k_pos.unsqueeze(-2)
-        span = self.span_at(q + 1)
+        span = self.span_at(seen_length(q_pos, reach).unsqueeze(-1))
         return (k <= q) & ((k < self.sink) | (q - k < span))
 
     def span_affine(self) -> tuple[float, float] | None:
@@ -284,14 +294,14 @@ class Elastic(Pattern):
     """MoA's elastic span: window of span(n) = max(floor, floor(alpha + beta*n + 1/2)),
     clamped to [1, n]; ``floor`` is optional.
 
-    Evaluated per query, so prefill and token-by-token decode agree, and the span keeps
-    growing during generation. beta <= 1 guarantees an evicted key is never needed again
-    (the max of two such spans moves forward too).
+    ``n`` is the length the sequence reaches in the forward (the module docstring): every
+    query of an N-token prompt sees span(N), as in MoA, and the span keeps growing by beta
+    per generated token. beta <= 1 guarantees an evicted key is never needed again (the
+    max of two such spans moves forward too).
 
-    Why a floor: per query, a span proportional to n gives the early positions of a long
-    context a tiny window, which costs perplexity everywhere. With ``floor`` set to its
-    span at the shortest planned length, a head is that window up to there and keeps the
-    same share of the context beyond it, at the same memory at every planned length.
+    Why a floor: with ``floor`` set to its span at the shortest planned length, a head is
+    that window up to there (a shorter prompt does not shrink it) and keeps the same share
+    of the context beyond it, at the same memory at every planned length.
     """
 
     name: ClassVar[str] = "elastic"
@@ -313,9 +323,7 @@ class Elastic(Pattern):
         pattern's share of dense grows with n), where a twin costs what its window costs,
         while at the longer lengths it keeps the same share of the context, as the
         equal-memory uniform baseline does. The floor keeps it the window up to the shortest
-        length: without it the early positions of every context see a fraction of the
-        window (measured on the default model: 35.49 against 34.34 perplexity at 2k). One
-        length has no twins: there they are the windows."""
+        length. One length has no twins: there they are the windows."""
         half = max(lengths) // 2
         if grid == "gradient":
             pairs = [(a, b) for a in (0, 512, 1024, 2048, 4096, 8192, 16384) if not a or a < half
@@ -572,6 +580,19 @@ def _convert(text: str, key: str, raw: str, annotation: object) -> int | float:
     return value
 
 
-def dense_causal(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+def dense_causal(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, reach: int | torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain causal mask with the same broadcasting rules as ``Pattern.allowed``."""
     return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+
+
+def seen_length(q_pos: torch.Tensor, reach: int | torch.Tensor | None = None) -> torch.Tensor:
+    """The length each query's span is taken at: its own ``i + 1``, raised to ``reach``
+    (the length its forward reaches; see the module docstring)."""
+    own = q_pos + 1
+    if reach is None:
+        return own
+    if isinstance(reach, torch.Tensor):
+        return torch.maximum(own, reach.to(device=own.device, dtype=own.dtype))
+    return own.clamp(min=int(reach))

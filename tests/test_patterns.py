@@ -108,6 +108,26 @@ def test_elastic_span_rule_and_growth():
     assert p.span_at(torch.tensor([1, 10])).tolist() == [1, 7]
 
 
+def test_spans_are_taken_at_the_length_the_forward_reaches():
+    """MoA's rule: every query of an N-token prompt sees span(N) recent keys (a decode step
+    reaches its own i + 1); windows and dense do not depend on it."""
+    p = Elastic(sink=2, alpha=0, beta=0.5)
+    pos = torch.arange(64)
+    prompt = p.allowed(pos, pos, 64)
+    own = p.allowed(pos, pos)
+    assert int(p.span_at(64)) == 32 and int(p.span_at(41)) == 21
+    seen_40 = prompt[40].nonzero()[:, 0].tolist()
+    assert seen_40 == [0, 1, *range(40 - 31, 41)], "sink + span(64) at query 40"
+    assert own[40].nonzero()[:, 0].tolist() == [0, 1, *range(40 - 20, 41)]
+    assert torch.equal(prompt[-1], own[-1]), "the last query reaches 64 either way"
+    assert prompt[:33].equal(torch.ones(33, 64, dtype=torch.bool).tril()[:33])
+    reach = torch.tensor([[64], [10]])  # per row, broadcast over the queries
+    rows = p.allowed(pos[None].expand(2, -1), pos[None].expand(2, -1), reach)
+    assert torch.equal(rows[0], prompt) and torch.equal(rows[1], p.allowed(pos, pos, 10))
+    for q in (Window(sink=4, span=8), Dense()):
+        assert torch.equal(q.allowed(pos, pos, 64), q.allowed(pos, pos))
+
+
 def test_elastic_floor_is_the_window_until_the_span_outgrows_it():
     """A floored twin is window(span=floor) up to floor / beta tokens, then beta * n; its
     span never grows by more than one per token (no evicted key is needed again)."""

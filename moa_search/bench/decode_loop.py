@@ -21,6 +21,7 @@ the captured graph stays valid across prefill / fill / set_length.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -206,9 +207,12 @@ class DecodeLoop:
         self.cache.reset()
         self._set_cache_length(0)
         ids = input_ids.to(self.device)
-        for c0, c1 in chunk_bounds(length, step):
-            pos = torch.arange(c0, c1, device=self.device)
-            out = self._forward(ids[:, c0:c1], pos[None].expand(self.batch, -1), pos)
+        # chunks attend as the prompt in one forward would (spans at the prompt's length)
+        whole = getattr(self.cache, "prompt", None)
+        with whole(length) if whole is not None else contextlib.nullcontext():
+            for c0, c1 in chunk_bounds(length, step):
+                pos = torch.arange(c0, c1, device=self.device)
+                out = self._forward(ids[:, c0:c1], pos[None].expand(self.batch, -1), pos)
         self.last_logits = out.logits[:, -1]
         first = self.last_logits.argmax(-1)
         self.length = length

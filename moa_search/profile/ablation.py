@@ -179,9 +179,9 @@ def _scored_masks(
     a base key at a scored position is replaced by that position's recomputed key."""
     dev = positions.device
     k_pos = torch.arange(n, device=dev)
-    base_ok = pattern.allowed(positions, k_pos) & visible(positions, n, window)
+    base_ok = pattern.allowed(positions, k_pos, n) & visible(positions, n, window)
     base_ok[:, positions] = False
-    own_ok = pattern.allowed(positions, positions)
+    own_ok = pattern.allowed(positions, positions, n)  # spans at the sample's length
     if window is not None:
         own_ok &= (positions[:, None] - positions[None, :]) < window
     zero = torch.zeros((), device=dev)

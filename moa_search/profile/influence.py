@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moa_search.patterns import Pattern, SparQ
+from moa_search.patterns import Pattern, SparQ, seen_length
 from moa_search.profile.sparq_estimate import causal_softmax, running_v_mean, sparq_tile_deltas
 
 _EPS = 1e-6
@@ -97,15 +97,19 @@ def default_tile_rows(heads: int, length: int, block_size: int, on_cpu: bool = F
     return min(rows, length)
 
 
-def dropped_range(patterns: Sequence[Pattern], pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def dropped_range(
+    patterns: Sequence[Pattern], pos: torch.Tensor, reach: int
+) -> tuple[torch.Tensor, ...]:
     """Dropped keys of each row are ``[lo, hi]`` (empty when hi < lo).
 
-    pos: (t,) query positions. Returns lo: (C,) and hi: (C, t), int64.
+    pos: (t,) query positions of a sample of ``reach`` tokens (every span is taken there).
+    Returns lo: (C,) and hi: (C, t), int64.
     """
     lo = torch.tensor([p.sink for p in patterns], dtype=torch.int64, device=pos.device)
+    seen = seen_length(pos, reach)
     span = torch.stack(
         [
-            torch.as_tensor(p.span_at(pos + 1), device=pos.device).to(torch.int64).expand_as(pos)
+            torch.as_tensor(p.span_at(seen), device=pos.device).to(torch.int64).expand_as(pos)
             for p in patterns
         ]
     )
@@ -179,7 +183,7 @@ def layer_influence(
         from moa_search.kernels.influence import static_influence  # noqa: PLC0415
 
         if ranges is None:  # CPU (interpreter) or a pattern the cache could not prepare
-            lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device))
+            lo, hi = dropped_range(static, torch.arange(q.shape[1], device=q.device), q.shape[1])
             ranges = (hi, lo, None)
         hi, lo, events = ranges
         found = static_influence(
@@ -209,7 +213,7 @@ def _kernel_ranges(
     layer: building them syncs with the host); None if a pattern's range moves too fast."""
     from moa_search.kernels.influence import launch_events  # noqa: PLC0415
 
-    lo, hi = dropped_range(static, torch.arange(length, device=device))
+    lo, hi = dropped_range(static, torch.arange(length, device=device), length)
     try:
         return hi, lo, launch_events(hi, lo, block_size, device)
     except ValueError:
@@ -254,7 +258,7 @@ def static_influence_torch(
             kv_heads, group, t // block_size, block_size, nk // block_size, block_size
         ).sum((3, 5))
         if cs:
-            lo, hi = dropped_range(static, pos)
+            lo, hi = dropped_range(static, pos, length)
             moa += range_sum(e.cumsum_(-1), lo, hi).sum(-2)
             del e
             # (D A_S - AG_S) / (1 - A_S) over the kept keys K = [0, lo) + (hi, i], summed

@@ -40,10 +40,12 @@ class _Clamped(Pattern):
     inner: Pattern = None  # type: ignore[assignment]
     window: int = 0
 
-    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def allowed(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, reach: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         rule = self.inner.allowed if self.inner.static else dense_causal
         near = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)) < self.window
-        return rule(q_pos, k_pos) & near
+        return rule(q_pos, k_pos, reach) & near
 
 
 def _clamp(
@@ -108,13 +110,17 @@ def moa_attention(
                 key=key, value=value, positions=q_pos,
             )  # fmt: skip
         elif _fresh_unpadded(runtime, layer, mask2d, q_len):
-            fresh_prefill(query, key, value, patterns, logits, out=out, window=window)
+            reach = max(q_len, layer.reach)
+            fresh_prefill(query, key, value, patterns, logits, out=out, window=window,
+                          reach=reach)  # fmt: skip
             layer.append(key, value, q_pos, fresh=True)
         elif _chunk_unpadded(runtime, layer, mask2d, q_len):
             cached_prefill(query, key, value, patterns, layer, logits, out, window)
         else:
+            reach = _reach(q_pos, layer.reach)
             for h, pattern in enumerate(patterns):
                 k_old, v_old, pos_old = layer.gather(h)
+                pos_old = _unheld(pos_old, pattern.sink, layer.held_from(h)[:, None])
                 sl = slice(h * group, (h + 1) * group)
                 k_all = (
                     torch.cat([k_old.to(key.dtype), key[:, h]], 1) if k_old.numel() else key[:, h]
@@ -133,8 +139,9 @@ def moa_attention(
                     n_now = (layer.lengths + (q_pos[:, -1] >= 0)).clamp_min(1)
                     v_mean = (layer.v_sum[:, j] + value[:, h, -1].float()) / n_now[:, None]
                 out[:, sl] = attend_head(
-                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, logits, v_mean
-                )
+                    query[:, sl], k_all, v_all, q_pos, k_pos, head_pattern, logits, v_mean,
+                    reach=reach,
+                )  # fmt: skip
             layer.append(key, value, q_pos, unpadded=mask2d is None)
     else:
         # No patterned cache (training, use_cache=False, or a user-supplied dense cache):
@@ -145,13 +152,40 @@ def moa_attention(
         dropped = _dropped_real(runtime.active_cache, layer_idx, k_len, mask2d)
         k_pos = _positions(real_k, dropped)
         q_pos = k_pos[:, -q_len:]
+        reach = _reach(q_pos)
+        start = (k_pos[:, : k_len - q_len].max(1, keepdim=True).values + 1 if k_len > q_len
+                 else torch.zeros_like(reach))  # fmt: skip
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)
-            head_pattern, head_k_pos, _ = _clamp(pattern, window, q_pos, k_pos)
-            out[:, sl] = attend_head(
-                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, logits
+            held = _held_after(pattern, start)
+            head_pattern, head_k_pos, _ = _clamp(
+                pattern, window, q_pos, _unheld(k_pos, pattern.sink, held)
             )
+            out[:, sl] = attend_head(
+                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, logits,
+                reach=reach,
+            )  # fmt: skip
     return out
+
+
+def _held_after(pattern: Pattern, start: torch.Tensor) -> torch.Tensor:
+    """(B, 1) first position past the sink a head keeps after ``start`` tokens (what
+    ``MoALayerCache.held_from`` says), for a cache that kept everything (a DynamicCache)."""
+    if not pattern.static or start.numel() == 0:
+        return torch.zeros_like(start)
+    return (start - torch.as_tensor(pattern.span_at(start.clamp_min(1)))).clamp_min(0)
+
+
+def _unheld(k_pos: torch.Tensor, sink: int, held: torch.Tensor) -> torch.Tensor:
+    """``k_pos`` with -1 at keys a head no longer holds: past its sink, before ``held``."""
+    gone = (k_pos >= sink) & (k_pos < held)
+    return torch.where(gone, torch.full_like(k_pos, -1), k_pos)
+
+
+def _reach(q_pos: torch.Tensor, least: int = 0) -> torch.Tensor:
+    """(B, 1) length each row's sequence reaches in this forward (its last real position
+    + 1, at least ``least``): every query's span is taken there (``patterns``)."""
+    return (q_pos.max(1, keepdim=True).values + 1).clamp(min=least)
 
 
 def _dropped_real(cache: Any, layer_idx: int, k_len: int, mask2d) -> torch.Tensor | int:

@@ -12,7 +12,8 @@ prefill), so lengths are per sequence.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,10 @@ class MoALayerCache(CacheLayerMixin):
         #: every sequence holds exactly ``processed`` tokens at positions 0..processed-1 (no
         #: padding so far): a host flag, so a prompt chunk can take the fast path unsynced
         self.contiguous = True
+        #: the length the prompt being prefilled reaches when it comes in several chunks
+        #: (``MoACache.prompt``; 0: each forward reaches its own end), so a chunked prompt
+        #: takes every span where the prompt in one piece would (``patterns``)
+        self.reach = 0
         self.sparq_heads = [h for h, p in enumerate(self.patterns) if isinstance(p, SparQ)]
         self.v_sum: torch.Tensor | None = None  # (B, n_sparq, D) fp32 running sum of V
         # (B, n_sparq, D, ring) fp8 keys of the SparQ heads, transposed (``_side_order``)
@@ -138,6 +143,7 @@ class MoALayerCache(CacheLayerMixin):
             self.v_sum.zero_()
         self.processed = 0
         self.contiguous = True
+        self.reach = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.keys is None:
@@ -173,6 +179,18 @@ class MoALayerCache(CacheLayerMixin):
         local = torch.arange(sink + ring, device=self.device)
         return _stored_positions(local, sink, ring, self.lengths)
 
+    def held_from(self, head: int) -> torch.Tensor:
+        """(B,) first position past the sink that ``head`` still holds for a later forward:
+        after ``n`` tokens a head keeps its sink and the last ``span_at(n)`` positions
+        (``span_at`` of the prompt's length while a chunked prompt is fed, ``reach``),
+        whatever its ring could physically still hold, so results never depend on how
+        the cache was allocated."""
+        p, n = self.patterns[head], self.lengths
+        if not p.static:
+            return torch.zeros_like(n)
+        at = n.clamp(min=max(1, self.reach))
+        return (n - torch.as_tensor(p.span_at(at), device=n.device)).clamp_min(0)
+
     def gather(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys (B, cap, D), values (B, cap, D) and positions (B, cap) of ``head``."""
         if self.keys is None:
@@ -204,7 +222,8 @@ class MoALayerCache(CacheLayerMixin):
         real = positions >= 0
         new_lengths = self.lengths + real.sum(1)  # before the write: alive-ness needs the end
         # processed + L bounds every sequence's length without reading device memory.
-        self._ensure_capacity(self.processed + key_states.shape[2], key_states)
+        # A chunked prompt keeps, from its first chunk on, what the whole prompt will need.
+        self._ensure_capacity(max(self.processed + key_states.shape[2], self.reach), key_states)
         if fresh:
             self._write_fresh(key_states, value_states, self.processed)
         else:
@@ -520,6 +539,19 @@ class MoACache(Cache):
         ]
         super().__init__(layers=layers)
         self.plan = plan
+
+    @contextlib.contextmanager
+    def prompt(self, length: int) -> Iterator[None]:
+        """Forwards inside take every span at ``length``: a prompt of that many tokens fed
+        in chunks attends as it would in one forward (``patterns``: spans are taken at the
+        length a forward reaches)."""
+        for layer in self.layers:
+            layer.reach = int(length)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.reach = 0
 
     def nbytes(self) -> int:
         """Bytes all layers allocate, SparQ's V sums included (see MoALayerCache.nbytes)."""

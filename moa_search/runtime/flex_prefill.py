@@ -9,11 +9,11 @@ it), cached per (layer patterns, length), and ``flex_attention`` (compiled on CU
 flash kernel that skips blocks outside the mask and evaluates the exact rule only on the
 edge blocks.
 
-The rule, per KV head and query ``q`` (``n = q + 1`` tokens seen): key ``k <= q`` is seen
-when ``k >= band_lo[q]`` (``band_lo = n - span``, span clamped to the layer's own
-``window``) or when ``k < sink`` and, with a window, ``q - k < window``. Dense and SparQ
-heads (SparQ is dense in prefill) are ``band_lo = 0``. Softcap is a ``score_mod``. Exact
-like the reference, up to summation order.
+The rule, per KV head and query ``q``: key ``k <= q`` is seen when ``k >= band_lo[q]``
+(``band_lo = q + 1 - span``, the span taken at the length the prompt reaches and clamped
+to the layer's own ``window``) or when ``k < sink`` and, with a window, ``q - k < window``.
+Dense and SparQ heads (SparQ is dense in prefill) are ``band_lo = 0``. Softcap is a
+``score_mod``. Exact like the reference, up to summation order.
 
 Applies to a fresh, unpadded prompt (what ``fresh_prefill`` handles); anything else keeps
 the existing paths.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moa_search.patterns import Pattern
+from moa_search.patterns import Pattern, seen_length
 from moa_search.runtime.prefill import head_index
 from moa_search.runtime.scores import Logits, sdpa
 
@@ -101,15 +101,18 @@ def head_bounds(
     window: int | None,
     device: torch.device | str,
     block: int = BLOCK,
+    reach: int | None = None,
 ) -> HeadBounds:
-    """The bounds of the per-head rule above for a prompt of ``length`` tokens."""
+    """The bounds of the per-head rule above for a prompt of ``length`` tokens whose spans
+    are taken at ``reach`` (None: ``length``; see ``patterns``)."""
     n = torch.arange(1, length + 1, dtype=torch.long, device=device)
+    seen = seen_length(n - 1, max(length, reach or 0))
     rows, sinks = [], []
     for p in patterns:
-        span = torch.as_tensor(p.span_at(n), device=device) if p.static else n
+        span = torch.as_tensor(p.span_at(seen), device=device) if p.static else n
         if window is not None:
             span = span.clamp(max=window)
-        rows.append(n - span)
+        rows.append((n - span).clamp_min(0))
         sinks.append(min(p.sink, length) if p.static else 0)
     band_lo = torch.stack(rows).to(torch.int32)
     # Padded to whole blocks: the kernel may evaluate the mask on rows past the end.
@@ -220,14 +223,15 @@ class _MaskCache:
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def get(self, patterns, length, window, group, device, block: int = BLOCK):
-        key = (tuple(patterns), window, length, group, str(device), block)  # frozen: hashable
+    def get(self, patterns, length, window, group, device, block: int = BLOCK, reach=None):
+        reach = max(length, reach or 0)
+        key = (tuple(patterns), window, length, reach, group, str(device), block)  # hashable
         with self.lock:
             hit = self.entries.get(key)
             if hit is not None:
                 self.entries.move_to_end(key)
                 return hit[0]
-        bounds = head_bounds(patterns, length, window, device, block)
+        bounds = head_bounds(patterns, length, window, device, block, reach)
         mask = build_block_mask(bounds, length, group, block)
         size = _mask_bytes(mask)
         if size <= self.limit:
@@ -291,6 +295,7 @@ def flex_prefill(
     *,
     full_heads: list[int] | None = None,
     compiled: bool | str | None = None,
+    reach: int | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached) into ``out``.
 
@@ -299,7 +304,8 @@ def flex_prefill(
     (the fused flash path) and the others in one flex launch ("split"); None: every head
     in the one flex launch. ``compiled``: torch.compile the flex kernel (``compiled_flex``;
     "static": one compile per shape; default: on CUDA; eager flex materialises the
-    scores, fine for tests only).
+    scores, fine for tests only). ``reach``: the length the prompt reaches, where every
+    span is taken (None: L).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -319,7 +325,7 @@ def flex_prefill(
     if not sparse:
         return out
     picked = [patterns[h] for h in sparse]
-    mask = MASKS.get(picked, length, window, group, query.device, SETTINGS.block)
+    mask = MASKS.get(picked, length, window, group, query.device, SETTINGS.block, reach)
     if len(sparse) == kv_heads:
         out.copy_(_flex(query, key, value, mask, logits, compiled))
     else:

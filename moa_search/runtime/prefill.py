@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moa_search.patterns import Dense, Pattern
+from moa_search.patterns import Dense, Pattern, seen_length
 from moa_search.runtime.constants import device_tensor
 from moa_search.runtime.scores import Logits, sdpa
 
@@ -68,22 +68,25 @@ class _Band:
     window: int | None
     chunk: int
     group: int = 1
+    reach: int = 0  # the length the prompt reaches: every query's span is taken there
 
 
-def covers_all(pattern: Pattern, length: int, window: int | None = None) -> bool:
-    """True when every query of a prompt of ``length`` tokens sees all earlier keys.
-    Memoised: asked for every head of every layer on each prefill."""
-    return _covers_all(pattern, length, window)
+def covers_all(
+    pattern: Pattern, length: int, window: int | None = None, reach: int | None = None
+) -> bool:
+    """True when every query of a prompt of ``length`` tokens (its spans taken at
+    ``reach``, at least ``length``) sees all earlier keys. Memoised: asked for every head
+    of every layer on each prefill."""
+    return _covers_all(pattern, length, window, max(length, reach or 0))
 
 
 @functools.lru_cache(maxsize=4096)
-def _covers_all(pattern: Pattern, length: int, window: int | None) -> bool:
+def _covers_all(pattern: Pattern, length: int, window: int | None, reach: int) -> bool:
     if window is not None and window < length:
         return False
     if isinstance(pattern, Dense) or not pattern.static:
         return True
-    n = torch.arange(1, length + 1, dtype=torch.long)
-    return bool((pattern.sink + torch.as_tensor(pattern.span_at(n)) >= n).all())
+    return pattern.sink + int(pattern.span_at(reach)) >= length
 
 
 def fresh_prefill(
@@ -96,12 +99,14 @@ def fresh_prefill(
     chunk: int = DEFAULT_CHUNK,
     window: int | None = None,
     method: str | None = None,
+    reach: int | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt at positions 0..L-1 (no padding, nothing cached before).
 
     query: (B, Hq, L, D); key / value: (B, Hkv, L, D); patterns: one per KV head;
     logits: the layer's scale and logit cap; window: its own sliding window, if any;
-    method: one of ``METHODS`` (None: ``$MOA_PREFILL``, else "auto").
+    method: one of ``METHODS`` (None: ``$MOA_PREFILL``, else "auto"); reach: the length
+    the prompt reaches, where every span is taken (None: L; more when L is its first chunk).
     Returns ``out`` (B, Hq, L, D), same dtype as query.
     """
     batch, q_heads, length, dim = query.shape
@@ -111,8 +116,9 @@ def fresh_prefill(
         out = torch.empty_like(query)
     full: list[int] = []
     sparse: dict[Pattern, tuple[Pattern, list[int]]] = {}
+    reach = max(length, reach or 0)
     for h, p in enumerate(patterns):
-        if covers_all(p, length, window):
+        if covers_all(p, length, window, reach):
             full.append(h)
         else:
             sparse.setdefault(p, (p, []))[1].append(h)  # frozen: equal patterns group
@@ -124,7 +130,7 @@ def fresh_prefill(
         try:
             split = flex == "flex-split" and full
             flex_prefill(query, key, value, patterns, logits, out, window,
-                         full_heads=full if split else None)  # fmt: skip
+                         full_heads=full if split else None, reach=reach)  # fmt: skip
             PATH_COUNTS[flex] += 1
             return out
         except torch.OutOfMemoryError:  # the prompt's own size: no reason to switch flex off
@@ -156,7 +162,8 @@ def fresh_prefill(
             out.index_copy_(1, qi, y)
 
     for pattern, heads in sparse.values():
-        _banded(query, key, value, pattern, heads, out, _Band(logits, window, chunk, group))
+        band = _Band(logits, window, chunk, group, reach)
+        _banded(query, key, value, pattern, heads, out, band)
     return out
 
 
@@ -185,20 +192,22 @@ def cached_prefill(
     group = q_heads // key.shape[1]
     start = layer.processed
     total = start + length
-    layer._ensure_capacity(total, key)  # the final layout, before any slot is read
+    reach = max(total, layer.reach)  # a chunk of a longer prompt: the prompt's spans
+    layer._ensure_capacity(reach, key)  # the final layout, before any slot is read
     layout = layer.layout
     full: list[int] = []
     sparse: dict[Pattern, list[int]] = {}
     for h, p in enumerate(patterns):
         whole = layout.sinks[h] == 0 and layout.rings[h] >= total  # slot = offset + position
-        if whole and covers_all(p, total, window):
+        if whole and covers_all(p, total, window, reach) and _held_from(p, start, layer) == 0:
             full.append(h)
         else:
             sparse.setdefault(p, []).append(h)
-    shared = _Band(logits, window, chunk, group)
+    shared = _Band(logits, window, chunk, group, reach)
     for pattern, heads in sparse.items():
         source = _cached_source(layer, key, value, heads, start, query.dtype)
-        _banded_at(query, source, start, pattern, heads, out, shared)
+        held = _held_from(pattern, start, layer)
+        _banded_at(query, source, start, pattern, heads, out, shared, held)
     positions = (start + torch.arange(length, device=query.device)).expand(batch, -1)
     layer.append(key, value, positions, fresh=True)
     for h in full:
@@ -209,6 +218,14 @@ def cached_prefill(
         out[:, sl] = _tail_causal(query[:, sl], k, v, logits)
     PATH_COUNTS["chunk"] += 1
     return out
+
+
+def _held_from(pattern: Pattern, start: int, layer) -> int:
+    """First cached position past the sink a chunk may still see (``held_from`` of the
+    cache: a head keeps the last span of the length it has reached)."""
+    if not pattern.static or start == 0:
+        return 0
+    return max(0, start - int(pattern.span_at(max(start, layer.reach, 1))))
 
 
 def _cached_source(layer, key, value, heads: list[int], start: int, dtype) -> _Source:
@@ -315,7 +332,9 @@ def _banded(query, key, value, pattern, heads, out, shared: _Band) -> None:
     _banded_at(query, source, 0, pattern, heads, out, shared)
 
 
-def _banded_at(query, source: _Source, start: int, pattern, heads, out, shared: _Band) -> None:
+def _banded_at(
+    query, source: _Source, start: int, pattern, heads, out, shared: _Band, held: int = 0
+) -> None:
     """Window / elastic heads sharing ``pattern``: query chunks over sink + band keys.
 
     query: (B, Hq, C, D), the tokens at positions start..start+C-1; ``source`` holds every
@@ -323,7 +342,8 @@ def _banded_at(query, source: _Source, start: int, pattern, heads, out, shared: 
     sink or before 0 are masked), so all full chunks share one shape and memory stays
     ~ chunk x (chunk + span), whatever the prompt length. With ``window`` every span is
     clamped to it and a sink key counts only for queries less than ``window`` positions
-    after it (dense and SparQ heads, dense in prefill, are sink 0 / span n)."""
+    after it (dense and SparQ heads, dense in prefill, are sink 0 / span n). ``held``: the
+    first position past the sink the cache still holds (``_held_from``)."""
     batch, _, length, dim = query.shape
     group = shared.group
     scale, softcap = shared.logits.scale, shared.logits.softcap
@@ -335,7 +355,8 @@ def _banded_at(query, source: _Source, start: int, pattern, heads, out, shared: 
     q_g = query.index_select(1, qi)  # (B, n_h * G, C, D)
     sink = min(pattern.sink, total)
     pos = start + torch.arange(length, device=dev)  # absolute positions of the queries
-    spans = torch.as_tensor(pattern.span_at(pos + 1), device=dev)  # (C,) span of each query
+    seen = seen_length(pos, max(total, shared.reach))  # where each query's span is taken
+    spans = torch.as_tensor(pattern.span_at(seen), device=dev)  # (C,) span of each query
     if window is not None:
         spans = spans.clamp(max=window)
     span_max = int(spans.max())
@@ -349,7 +370,9 @@ def _banded_at(query, source: _Source, start: int, pattern, heads, out, shared: 
         idx = source.slot(band.clamp_min(0))
         q_pos = pos[c0:c1, None]
         in_band = (
-            (band[None] >= sink) & (band[None] <= q_pos) & (q_pos - band[None] < spans[c0:c1, None])
+            (band[None] >= max(sink, held))
+            & (band[None] <= q_pos)
+            & (q_pos - band[None] < spans[c0:c1, None])
         )
         if sink:
             sees_sink = sink_pos[None] <= q_pos

@@ -26,18 +26,23 @@ def attend_head(
     pattern: Pattern,
     logits: Logits,
     v_mean: torch.Tensor | None = None,
+    reach: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the G query heads of one KV group.
 
     q: (B, G, Lq, D); k, v: (B, M, D); q_pos: (B, Lq) and k_pos: (B, M) token positions,
     -1 for padding / empty slots. SparQ runs its decode algorithm when Lq == 1 and is dense
     otherwise (SparQ is a decode method). ``logits``: the layer's scale and logit cap
-    (Gemma 2). Returns (B, G, Lq, D); padded queries get zeros.
+    (Gemma 2); ``reach``: the length the sequence reaches in this forward, (B, 1) or an
+    int (None: the last query's position + 1), where every query's span is taken.
+    Returns (B, G, Lq, D); padded queries get zeros.
     """
     if isinstance(pattern, SparQ) and q.shape[2] == 1:
         return sparq_decode(q, k, v, k_pos, pattern, logits, v_mean)
     rule = dense_causal if not pattern.static else pattern.allowed
-    mask = rule(q_pos, k_pos) & (k_pos >= 0)[:, None, :] & (q_pos >= 0)[:, :, None]
+    if reach is None:
+        reach = q_pos.max(1, keepdim=True).values + 1
+    mask = rule(q_pos, k_pos, reach) & (k_pos >= 0)[:, None, :] & (q_pos >= 0)[:, :, None]
     has_key = mask.any(-1, keepdim=True)  # (B, Lq, 1)
     mask = mask | ~has_key  # keep softmax finite on rows with nothing to attend
     kk = k[:, None].expand(-1, q.shape[1], -1, -1)

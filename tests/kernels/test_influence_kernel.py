@@ -52,7 +52,7 @@ def brute_force(q, k, v, do, scale, cands, block):
     pos = torch.arange(n)
     out = {"moa": [], "row": [], "signed": []}
     for p in cands:
-        drop = causal & ~p.allowed(pos, pos)
+        drop = causal & ~p.allowed(pos, pos, n)
         a_s = (a * drop).sum(-1)
         est = (d[..., 0] * a_s - (a * g * drop).sum(-1)) / (1 - a_s).clamp_min(1e-6)
         out["moa"].append((e * drop).sum((1, 2)))
@@ -69,7 +69,7 @@ def brute_force(q, k, v, do, scale, cands, block):
 
 def _compare(n, hq, hkv, d, block, dtype, device, seed=0, cands=STATIC, scale=0.3):
     q, k, v, do = _heads(n, hq, hkv, d, seed, dtype, device)
-    lo, hi = dropped_range(cands, torch.arange(n, device=device))
+    lo, hi = dropped_range(cands, torch.arange(n, device=device), n)
     got = static_influence(q, k, v, do, scale, hi, lo, block)
     want = brute_force(q, k, v, do, scale, cands, block)
     rtol = 5e-4 if dtype == torch.float32 else 3e-2
@@ -119,7 +119,7 @@ def test_no_candidates_still_gives_blocks(device):
 
 def test_events_cover_every_boundary():
     n, block = 256, 32
-    lo, hi = dropped_range(STATIC, torch.arange(n))
+    lo, hi = dropped_range(STATIC, torch.arange(n), n)
     ev_kb, ev_c, ev_kind = tile_events(hi, lo, block)
     for qb in range(n // block):
         rows = slice(qb * block, (qb + 1) * block)
@@ -139,7 +139,7 @@ def test_events_cover_every_boundary():
 
 def test_rejects_bad_block():
     q, k, v, do = _heads(48, 2, 1, 16, 0, torch.float32, "cpu")
-    lo, hi = dropped_range(STATIC, torch.arange(48))
+    lo, hi = dropped_range(STATIC, torch.arange(48), 48)
     with pytest.raises(ValueError, match="block_size"):
         static_influence(q, k, v, do, 0.3, hi, lo, 32)
 

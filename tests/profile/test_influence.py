@@ -63,7 +63,7 @@ def test_entry_effects_and_blocks_match_brute_force():
     torch.testing.assert_close(res.blocks.double(), want_blocks, rtol=2e-4, atol=1e-5)
     for c, p in enumerate(STATIC):
         pos = torch.arange(q.shape[1])
-        dropped = causal & ~p.allowed(pos, pos)
+        dropped = causal & ~p.allowed(pos, pos, q.shape[1])
         torch.testing.assert_close(
             res.moa[:, c].double(), (e * dropped).sum((1, 2)), rtol=2e-4, atol=1e-5
         )
@@ -213,17 +213,15 @@ def test_unknown_backend_is_refused():
         layer_influence(LayerAttention(q, k, v, do, 0.3), STATIC, block_size=16, backend="cuda")
 
 
-def test_kernel_ranges_refuse_ranges_the_kernel_cannot_walk():
-    """The kernel needs each dropped range to move by <= 1 key per row; a pattern whose
-    span jumps gets None (layer_influence then falls back to the PyTorch loop)."""
-    from dataclasses import dataclass  # noqa: PLC0415
+def test_dropped_ranges_take_every_span_at_the_sample_length():
+    """A sample is one forward: every query's span is the one at the sample's length (as
+    the runtime prefills it), so an elastic head's dropped range moves one key per row and
+    the kernel can always walk it."""
+    from moa_search.profile.influence import _kernel_ranges, dropped_range  # noqa: PLC0415
 
-    from moa_search.profile.influence import _kernel_ranges  # noqa: PLC0415
-
-    @dataclass(frozen=True)
-    class Jumpy(Window):
-        def span_at(self, n):
-            return torch.where(torch.as_tensor(n) % 32 == 0, 1, torch.clamp(n, max=self.span))
-
-    assert _kernel_ranges((Window(sink=4, span=8),), 64, 16, "cpu") is not None
-    assert _kernel_ranges((Jumpy(sink=0, span=40),), 64, 16, "cpu") is None
+    p = Elastic(sink=2, alpha=3.0, beta=0.25)
+    pos = torch.arange(64)
+    lo, hi = dropped_range((p,), pos, 64)
+    assert lo.tolist() == [2]
+    assert hi[0].tolist() == (pos - int(p.span_at(64))).tolist()
+    assert _kernel_ranges((p, Window(sink=4, span=8)), 64, 16, "cpu") is not None

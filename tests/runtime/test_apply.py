@@ -24,8 +24,11 @@ def _plan(model, rows):
     return plan
 
 
-def _rule(spec: str, i: int, j: int) -> bool:
-    """The issue's rules written out longhand, independent of patterns.py."""
+def _rule(spec: str, i: int, j: int, n: int | None = None, start: int = 0) -> bool:
+    """The issue's rules written out longhand, independent of patterns.py. Query ``i`` is
+    computed by a forward over positions start..n-1: its span is taken at ``n`` (MoA's
+    input length; None: ``i + 1``, as in a decode step), and of the keys cached before it
+    only the sink and the last span(start) positions are still held."""
     if j > i:
         return False
     name, _, args = spec.partition(":")
@@ -33,25 +36,46 @@ def _rule(spec: str, i: int, j: int) -> bool:
     if name in ("dense", "sparq"):
         return True
     sink = kw.get("sink", 0)
-    if name == "window":
-        span = kw["span"]
-    else:
-        n = i + 1
-        span = max(1, min(n, math.floor(kw["alpha"] + kw["beta"] * n + 0.5)))
-    return j < sink or i - j < span
+
+    def span(m: int) -> float:
+        if name == "window":
+            return kw["span"]
+        return max(1, min(m, math.floor(kw["alpha"] + kw["beta"] * m + 0.5)))
+
+    if j < sink:
+        return True
+    if j < start and j < start - span(start):
+        return False  # evicted before this forward
+    return i - j < span(max(i + 1, n or 0))
 
 
-def _bruteforce_logits(model, ids, rows):
-    """Eager softmax attention with masks built element by element from ``_rule``."""
+def forward_ends(*ends: int):
+    """(n, start) of query i in a sequence fed as forwards ending at ``ends``, then one
+    token a step."""
+
+    def reach(i: int) -> tuple[int, int]:
+        bounds = [0, *sorted(ends)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if lo <= i < hi:
+                return hi, lo
+        return i + 1, i
+
+    return reach
+
+
+def _bruteforce_logits(model, ids, rows, reach=None):
+    """Eager softmax attention with masks built element by element from ``_rule``;
+    ``reach(i)``: the length the forward of query i reaches (None: the whole ``ids``)."""
 
     def attn(call, q, k, v):
         scaling = call.scale
         b, hq, lq, d = q.shape
         g = hq // k.shape[1]
+        at = reach or (lambda i: (lq, 0))
         out = torch.empty_like(q)
         for h in range(hq):
             spec = rows[call.layer][h // g]
-            m = torch.tensor([[_rule(spec, i, j) for j in range(lq)] for i in range(lq)])
+            m = torch.tensor([[_rule(spec, i, j, *at(i)) for j in range(lq)] for i in range(lq)])
             s = (q[:, h] @ k[:, h // g].transpose(-1, -2)) * scaling
             out[:, h] = torch.softmax(s.masked_fill(~m, float("-inf")), -1) @ v[:, h // g]
         return out
@@ -90,9 +114,11 @@ def test_mixed_plan_prefill_matches_bruteforce(model):
 @pytest.mark.parametrize("max_cache_len", [None, 40])
 @torch.no_grad()
 def test_step_by_step_decode_equals_full_recompute(model, max_cache_len):
+    """A prefill, a chunk, then one token a step: each query takes its spans at the length
+    its forward reaches (9, 13, then its own), as the brute-force rule says."""
     ids = torch.randint(3, 128, (2, 40))
+    full = _bruteforce_logits(model, ids, MIXED, forward_ends(9, 13))
     with apply_plan(model, _plan(model, MIXED), max_cache_len=max_cache_len) as rt:
-        full = model(ids, use_cache=False).logits
         cache = rt.new_cache()
         pieces = [model(ids[:, :9], past_key_values=cache).logits]
         pieces.append(model(ids[:, 9:13], past_key_values=cache).logits)  # chunked prefill
@@ -118,8 +144,8 @@ def test_attention_reads_the_cache_update_hands_back(model, monkeypatch):
 
     monkeypatch.setattr(PlanRuntime, "_before_forward", forget)
     ids = torch.randint(3, 128, (2, 24))
+    full = _bruteforce_logits(model, ids, MIXED, forward_ends(10))
     with apply_plan(model, _plan(model, MIXED)) as rt:
-        full = model(ids, use_cache=False).logits
         cache = rt.new_cache()
         pieces = [model(ids[:, :10], past_key_values=cache).logits]
         for t in range(10, 24):
@@ -294,8 +320,8 @@ def test_dense_cache_continuation_matches_full_recompute(model):
     from transformers import DynamicCache
 
     ids = torch.randint(3, 128, (2, 30))
+    full = _bruteforce_logits(model, ids, MIXED, forward_ends(20, 30))
     with apply_plan(model, _plan(model, MIXED)):
-        full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
         first = model(ids[:, :20], past_key_values=cache).logits
         rest = model(ids[:, 20:], past_key_values=cache).logits
@@ -330,7 +356,7 @@ def test_other_llama_family_models(arch):
     with apply_plan(model, uniform_plan(model, "dense")):
         assert (model(ids).logits - ref).abs().max() <= 1e-5
     rows = [["window:sink=2,span=5", "dense"], ["dense", "elastic:sink=1,alpha=2,beta=0.5"]]
-    expected = _bruteforce_logits(model, ids, rows)
+    expected = _bruteforce_logits(model, ids, rows, forward_ends(10))
     with apply_plan(model, _plan(model, rows)) as runtime:
         cache = runtime.new_cache()
         steps = [model(ids[:, :10], past_key_values=cache).logits]

@@ -14,8 +14,8 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 from moa_search import apply_plan, uniform_plan
 from moa_search.patterns import parse
-from tests.runtime.bruteforce import bruteforce_logits, stepwise
-from tests.runtime.test_apply import _rule
+from tests.runtime.bruteforce import STEPWISE, bruteforce_logits, stepwise
+from tests.runtime.test_apply import _rule, forward_ends
 
 WINDOW = 16
 N = 40
@@ -69,7 +69,8 @@ def test_dense_plan_equals_native_sliding_window_model():
 def test_mixed_plan_is_pattern_and_model_window(path):
     model = tiny_mistral(seed=1)
     ids = torch.randint(3, 128, (2, N))
-    expected = bruteforce_logits(model, ids, MIXED, WINDOW)
+    reach = {"stepwise": STEPWISE, "dynamic": forward_ends(25)}.get(path)
+    expected = bruteforce_logits(model, ids, MIXED, WINDOW, reach)
     backend = "reference" if path == "reference" else "auto"
     with apply_plan(model, _plan(model, MIXED), backend=backend) as runtime:
         if path == "no_cache":
@@ -118,7 +119,7 @@ def test_sparq_full_r_and_k_equals_native_window():
 def test_model_without_window_is_unchanged():
     model = tiny_mistral(window=None)
     ids = torch.randint(3, 128, (2, N))
-    expected = bruteforce_logits(model, ids, MIXED, window=10**9)
+    expected = bruteforce_logits(model, ids, MIXED, window=10**9, reach=STEPWISE)
     with apply_plan(model, _plan(model, MIXED)) as runtime:
         assert runtime.windows == [None, None]
         got, _ = stepwise(model, runtime, ids)
@@ -148,7 +149,10 @@ def test_fresh_prefill_with_window_matches_bruteforce_rule(chunk, window):
     for h, spec in enumerate(specs):
         rule = "dense" if spec.startswith("sparq") else spec
         m = torch.tensor(
-            [[_rule(rule, i, j) and i - j < window for j in range(length)] for i in range(length)]
+            [
+                [_rule(rule, i, j, length) and i - j < window for j in range(length)]
+                for i in range(length)
+            ]
         )
         s = (q[:, h * group : (h + 1) * group] @ k[:, h, None].transpose(-1, -2)) * dim**-0.5
         want[:, h * group : (h + 1) * group] = (

@@ -58,7 +58,7 @@ def rule(patterns, length, window):
     masks = []
     for p in patterns:
         head, _, _ = _clamp(p, window, pos[None], pos[None])
-        masks.append(head.allowed(pos, pos) if head.static else pos[None] <= pos[:, None])
+        masks.append(head.allowed(pos, pos, length) if head.static else pos[None] <= pos[:, None])
     return torch.stack(masks)
 
 
