@@ -25,9 +25,9 @@ only each head's sink + band key blocks). ``MOA_PREFILL`` picks: ``auto`` (the d
 flex where torch has it), ``flex``, ``flex-split`` (full heads in the causal SDPA call, the
 others in one flex launch) or ``banded``, the chunked path below, which also runs on CPU,
 for shorter prompts, and once the flex path has raised (a warning says so). Why flex by
-default: on an H200 (8B shape, 25% plan, bf16) it prefilled a 32k prompt 1.21x faster than
-dense where the banded path took 1.76x dense's time, and 4k at 0.99x of dense speed
-where banded ran at 0.50x (``benchmarks/prefill.py``). Padded prompts and
+default: on an H200 (8B shape, 25% plan, bf16) it prefilled a 32k prompt 1.18x faster than
+dense where the banded path took 1.6x dense's time, and 4k at 0.98x of dense speed
+where banded ran at 0.57x (``benchmarks/prefill.py``). Padded prompts and
 prompts after cached tokens never come here (attention.py's per-head path).
 
 Exact: same keys and softmax as the reference, up to floating-point summation order.
