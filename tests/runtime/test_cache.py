@@ -62,3 +62,31 @@ def test_fresh_flag_is_ignored_once_the_cache_holds_tokens() -> None:
     b.append(k[:, :, 6:], k[:, :, 6:], torch.arange(6, 10)[None])
     for h in range(len(HEADS)):
         assert all(torch.equal(x, y) for x, y in zip(a.gather(h), b.gather(h), strict=True))
+
+
+def test_held_from_is_the_last_span_of_the_length_reached() -> None:
+    """After n tokens a head holds its sink and the last span(n) positions, whatever its
+    ring could still hold; inside ``MoACache.prompt(R)`` (a chunked prompt) it keeps
+    span(R), and the prompt's length is forgotten afterwards, even on an error."""
+    from moa_search.plan import Plan
+    from moa_search.runtime.cache import MoACache
+
+    patterns = [parse(s) for s in HEADS]
+    layer = MoALayerCache(patterns, 48)
+    k = torch.randn(2, len(HEADS), 20, 8)
+    layer.lazy_initialization(k, k)
+    layer.append(k, k, torch.arange(20)[None].expand(2, -1))
+    elastic = patterns[2]  # span(20) = 12, span(30) = 17
+    want = {0: 0, 1: 20 - 5, 2: 20 - int(elastic.span_at(20)), 3: 17, 4: 19, 5: 0}
+    assert {h: layer.held_from(h).tolist() for h in want} == {h: [w, w] for h, w in want.items()}
+    assert int(elastic.span_at(20)) == 12 and int(elastic.span_at(30)) == 17
+    layer.reach = 30
+    assert layer.held_from(2).tolist() == [3, 3]
+    assert layer.held_from(1).tolist() == [15, 15], "a window's span does not grow"
+
+    plan = Plan(model=None, heads=[patterns])
+    cache = MoACache(plan, 48)
+    with pytest.raises(RuntimeError), cache.prompt(40):
+        assert cache.layers[0].reach == 40
+        raise RuntimeError("a failing chunk")
+    assert cache.layers[0].reach == 0
