@@ -453,6 +453,7 @@ def _decode_append_kernel(
     Ring,
     SpanA,
     SpanB,
+    SpanLeast,
     SpanOut,
     SeqLenOut,
     stride_knb,
@@ -493,12 +494,13 @@ def _decode_append_kernel(
     n = n_old + real.to(n_old.dtype)
     tl.store(Lengths + b, n)
     tl.store(SeqLenOut + b, n.to(tl.int32))
-    if HAS_SPAN:  # span_at(n) = clamp(floor(a + b*n + 1/2), 1, n), as the cache computes it
+    if HAS_SPAN:  # span_at(n) = min(n, max(least, floor(a + b*n + 1/2))), as the cache has it
         a = tl.load(SpanA + h, mask=hmask, other=0.0)
         slope = tl.load(SpanB + h, mask=hmask, other=0.0)
+        least = tl.load(SpanLeast + h, mask=hmask, other=1.0)
         nf = n.to(tl.float64)
         span = tl.floor(a + slope * nf + 0.5)
-        span = tl.minimum(tl.maximum(span, 1.0), nf)
+        span = tl.minimum(tl.maximum(span, least), nf)
         tl.store(SpanOut + b * HKV + h, span.to(tl.int32), mask=hmask)
 
 
@@ -514,7 +516,7 @@ def decode_append(
     seq_len_out: torch.Tensor,
     *,
     positions: torch.Tensor | None = None,
-    span_affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+    span_affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     span_out: torch.Tensor | None = None,
 ) -> None:
     """Store one decode token per sequence and update the step's metadata, one launch.
@@ -531,9 +533,9 @@ def decode_append(
         seq_len_out: int32 (B,) written with the new lengths.
         positions: optional int64 (B,) position of the new token, -1 for padding (not
             stored, length kept); default: the current length.
-        span_affine: optional float64 (Hkv,) tables (a, b) of every head's
-            ``span_at(n) = clamp(floor(a + b*n + 1/2), 1, n)``; with ``span_out`` (int32
-            (B, Hkv), contiguous) the spans at the new lengths are written there.
+        span_affine: optional float64 (Hkv,) tables (a, b, least) of every head's
+            ``span_at(n) = min(n, max(least, floor(a + b*n + 1/2)))``; with ``span_out``
+            (int32 (B, Hkv), contiguous) the spans at the new lengths are written there.
     """
     batch, hkv, dim = k_new.shape
     if v_new.shape != k_new.shape:
@@ -560,6 +562,7 @@ def decode_append(
         head_ring,
         span_affine[0] if has_span else lengths,
         span_affine[1] if has_span else lengths,
+        span_affine[2] if has_span else lengths,
         span_out if has_span else seq_len_out,
         seq_len_out,
         k_new.stride(0),

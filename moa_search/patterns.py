@@ -132,9 +132,15 @@ class Pattern:
         return (k <= q) & ((k < self.sink) | (q - k < span))
 
     def span_affine(self) -> tuple[float, float] | None:
-        """(a, b) with span_at(n) == clamp(floor(a + b*n + 1/2), 1, n), or None if the span
-        has no such form. Lets decode compute a whole layer's spans in a few kernels."""
+        """(a, b) with span_at(n) == min(n, max(span_least(), floor(a + b*n + 1/2))), or None
+        if the span has no such form. Lets decode compute a whole layer's spans in the
+        append kernel instead of a few torch ops per head and step."""
         return (0.0, 1.0)
+
+    def span_least(self) -> int:
+        """The smallest span ``span_affine``'s form gives (before the clamp to n): 1, or an
+        elastic head's ``floor``."""
+        return 1
 
     def stored_entries(self, n: int) -> int:
         """KV entries a head must hold after ``n`` tokens so that later steps stay exact."""
@@ -358,9 +364,10 @@ class Elastic(Pattern):
         return max(1, min(n, max(least, raw)))
 
     def span_affine(self) -> tuple[float, float] | None:
-        if self.floor:  # max(floor, a + b*n) is not affine: decode asks span_at
-            return None
         return (float(self.alpha), float(self.beta))
+
+    def span_least(self) -> int:
+        return max(1, self.floor or 0)
 
     def validate(self, head_dim: int | None = None) -> None:
         if self.sink < 0:

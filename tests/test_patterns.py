@@ -141,7 +141,7 @@ def test_elastic_floor_is_the_window_until_the_span_outgrows_it():
     spans = twin.span_at(ns)
     assert spans.tolist() == [twin.span_at(int(n)) for n in ns]
     assert set(spans.diff().tolist()) <= {0, 1}
-    assert twin.span_affine() is None, "max(floor, a + b*n) is not affine"
+    assert twin.span_affine() == (0.0, 0.125) and twin.span_least() == 64
     assert twin.scaled(0.5, 1024) == Elastic(sink=4, alpha=0, beta=0.0625, floor=32)
 
 
@@ -264,8 +264,9 @@ def test_span_affine_matches_span_at(spec):
     if affine is None:
         return
     a, b = affine
+    least = p.span_least()
     for n in range(1, 300):
-        assert max(1, min(n, math.floor(a + b * n + 0.5))) == int(p.span_at(n))
+        assert min(n, max(least, math.floor(a + b * n + 0.5))) == int(p.span_at(n))
 
 
 @pytest.mark.parametrize("spec", EXAMPLES["sparq"])

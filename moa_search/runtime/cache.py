@@ -275,7 +275,7 @@ class MoALayerCache(CacheLayerMixin):
         append_kernel(
             key_states[:, :, 0], value_states[:, :, 0], self.keys, self.values, self.lengths,
             ints["head_offset"], ints["head_sink"], ints["head_ring"], meta["seq_len"],
-            positions=pos, span_affine=None if affine is None else (affine[0, 0], affine[1, 0]),
+            positions=pos, span_affine=None if affine is None else tuple(affine[:, 0]),
             span_out=meta["span"],
         )  # fmt: skip
         self.processed += 1
@@ -448,9 +448,10 @@ class MoALayerCache(CacheLayerMixin):
         """What the Triton kernels take: int32 head_offset / head_sink / head_ring (Hkv,),
         span (B, Hkv) for the current lengths, and seq_len (B,). No host synchronisation."""
         affine = self._geom.get("span_affine")
-        if affine is not None:  # every pattern's span is clamp(floor(a + b*n + 1/2), 1, n)
+        if affine is not None:  # every span is min(n, max(least, floor(a + b*n + 1/2)))
             n = self.lengths[:, None].to(torch.float64)
-            spans = torch.minimum(torch.floor(affine[0] + affine[1] * n + 0.5).clamp_min(1), n)
+            raw = torch.floor(affine[0] + affine[1] * n + 0.5)
+            spans = torch.minimum(torch.maximum(raw, affine[2]), n)
         else:
             spans = torch.stack(
                 [torch.as_tensor(p.span_at(self.lengths)) for p in self.patterns], 1
@@ -485,11 +486,13 @@ def _stored_positions(
 
 
 def _span_affine(patterns: list[Pattern], device: torch.device) -> torch.Tensor | None:
-    """(2, 1, Hkv) float64 table of every head's ``Pattern.span_affine`` (a, b); None when a
-    pattern has no affine span (then each pattern's span_at is called)."""
+    """(3, 1, Hkv) float64 table of every head's ``Pattern.span_affine`` (a, b) and
+    ``span_least``; None when a pattern has no affine span (then each pattern's span_at
+    is called, a few torch ops per head and step)."""
     rows = [p.span_affine() for p in patterns]
     if any(r is None for r in rows):
         return None
+    rows = [(*r, float(p.span_least())) for r, p in zip(rows, patterns, strict=True)]
     return device_tensor(rows, torch.float64, device).T[:, None, :].contiguous()
 
 

@@ -17,6 +17,7 @@ SPECS = [
     "elastic:sink=3,alpha=5.0,beta=0.3",
     "sparq:r=4,k=8,local=4",
     "elastic:sink=0,alpha=0.0,beta=0.0625",
+    "elastic:sink=2,alpha=0.0,beta=0.125,floor=40",
 ]
 
 

@@ -20,6 +20,7 @@ HEADS = [
     "elastic:sink=1,alpha=2,beta=0.5",
     "window:sink=0,span=3",
     "sparq:r=4,k=6,local=2",  # dense storage plus a running sum of V
+    "elastic:sink=2,alpha=0,beta=0.25,floor=6",  # a floored twin: max(6, n / 4)
 ]
 
 
@@ -63,6 +64,8 @@ def test_fused_append_matches_pytorch_append(
         assert torch.equal(fused_cache.lengths, torch_cache.lengths)
         for name in ("span", "seq_len", "head_offset", "head_sink", "head_ring"):
             assert torch.equal(got[name], want[name]), (step, name)
+        rule = [torch.as_tensor(p.span_at(torch_cache.lengths)) for p in torch_cache.patterns]
+        assert torch.equal(got["span"].cpu(), torch.stack(rule, 1).to(torch.int32).cpu()), step
         assert torch.equal(fused_cache.keys, torch_cache.keys), step
         assert torch.equal(fused_cache.values, torch_cache.values), step
         assert torch.allclose(fused_cache.v_sum, torch_cache.v_sum)
