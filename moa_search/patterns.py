@@ -146,6 +146,21 @@ class Pattern:
         """KV entries a head must hold after ``n`` tokens so that later steps stay exact."""
         return min(n, self.sink + int(self.span_at(n)))
 
+    def held_from(self, n: int | torch.Tensor, reach: int = 0) -> int | torch.Tensor:
+        """First position past the sink a head still holds after ``n`` tokens: it keeps its
+        sink and the last ``span_at`` positions, whatever its ring could physically hold,
+        so a later forward's results never depend on how the cache was allocated.
+        ``reach``: the length of a prompt being fed in chunks, whose span the head keeps
+        from its first chunk on. Not static (SparQ): every key is held (0)."""
+        if isinstance(n, torch.Tensor):
+            if not self.static:
+                return torch.zeros_like(n)
+            span = torch.as_tensor(self.span_at(n.clamp(min=max(1, reach))), device=n.device)
+            return (n - span).clamp_min(0)
+        if not self.static:
+            return 0
+        return max(0, n - int(self.span_at(max(n, reach, 1))))
+
     def sink_slots(self, max_len: int) -> int:
         """Slots kept in place by a cache able to reach ``max_len`` tokens. A sink of
         ``max_len`` or more leaves the newest position to the ring's one slot, so the head

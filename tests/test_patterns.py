@@ -128,6 +128,24 @@ def test_spans_are_taken_at_the_length_the_forward_reaches():
         assert torch.equal(q.allowed(pos, pos, 64), q.allowed(pos, pos))
 
 
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_held_from_is_what_a_head_keeps_past_its_sink(spec):
+    """After n tokens a head keeps its sink and its last span_at(n) positions (span_at of a
+    chunked prompt's whole length while it is fed); ints and tensors agree."""
+    p = parse(spec)
+    ns = torch.arange(0, 300)
+    for reach in (0, 150, 400):
+        got = p.held_from(ns, reach)
+        assert got.tolist() == [p.held_from(int(n), reach) for n in ns]
+        if not p.static:
+            assert not got.any()
+            continue
+        want = [max(0, n - int(p.span_at(max(n, reach, 1)))) for n in range(300)]
+        assert got.tolist() == want
+        kept = [min(n, p.sink) + n - max(h, min(n, p.sink)) for n, h in zip(range(300), want)]
+        assert kept[-1] <= p.capacity(max(300, reach)), "the cache can hold what it keeps"
+
+
 def test_elastic_floor_is_the_window_until_the_span_outgrows_it():
     """A floored twin is window(span=floor) up to floor / beta tokens, then beta * n; its
     span never grows by more than one per token (no evicted key is needed again)."""

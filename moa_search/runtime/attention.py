@@ -157,7 +157,7 @@ def moa_attention(
                  else torch.zeros_like(reach))  # fmt: skip
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)
-            held = _held_after(pattern, start)
+            held = pattern.held_from(start)  # what a patterned cache would still hold
             head_pattern, head_k_pos, _ = _clamp(
                 pattern, window, q_pos, _unheld(k_pos, pattern.sink, held)
             )
@@ -166,14 +166,6 @@ def moa_attention(
                 reach=reach,
             )  # fmt: skip
     return out
-
-
-def _held_after(pattern: Pattern, start: torch.Tensor) -> torch.Tensor:
-    """(B, 1) first position past the sink a head keeps after ``start`` tokens (what
-    ``MoALayerCache.held_from`` says), for a cache that kept everything (a DynamicCache)."""
-    if not pattern.static or start.numel() == 0:
-        return torch.zeros_like(start)
-    return (start - torch.as_tensor(pattern.span_at(start.clamp_min(1)))).clamp_min(0)
 
 
 def _unheld(k_pos: torch.Tensor, sink: int, held: torch.Tensor) -> torch.Tensor:

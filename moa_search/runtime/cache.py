@@ -180,16 +180,9 @@ class MoALayerCache(CacheLayerMixin):
         return _stored_positions(local, sink, ring, self.lengths)
 
     def held_from(self, head: int) -> torch.Tensor:
-        """(B,) first position past the sink that ``head`` still holds for a later forward:
-        after ``n`` tokens a head keeps its sink and the last ``span_at(n)`` positions
-        (``span_at`` of the prompt's length while a chunked prompt is fed, ``reach``),
-        whatever its ring could physically still hold, so results never depend on how
-        the cache was allocated."""
-        p, n = self.patterns[head], self.lengths
-        if not p.static:
-            return torch.zeros_like(n)
-        at = n.clamp(min=max(1, self.reach))
-        return (n - torch.as_tensor(p.span_at(at), device=n.device)).clamp_min(0)
+        """(B,) first position past the sink that ``head`` still holds for a later forward
+        (``Pattern.held_from`` at each sequence's length and the chunked prompt's reach)."""
+        return self.patterns[head].held_from(self.lengths, self.reach)
 
     def gather(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys (B, cap, D), values (B, cap, D) and positions (B, cap) of ``head``."""

@@ -199,14 +199,14 @@ def cached_prefill(
     sparse: dict[Pattern, list[int]] = {}
     for h, p in enumerate(patterns):
         whole = layout.sinks[h] == 0 and layout.rings[h] >= total  # slot = offset + position
-        if whole and covers_all(p, total, window, reach) and _held_from(p, start, layer) == 0:
+        if whole and covers_all(p, total, window, reach) and p.held_from(start, layer.reach) == 0:
             full.append(h)
         else:
             sparse.setdefault(p, []).append(h)
     shared = _Band(logits, window, chunk, group, reach)
     for pattern, heads in sparse.items():
         source = _cached_source(layer, key, value, heads, start, query.dtype)
-        held = _held_from(pattern, start, layer)
+        held = pattern.held_from(start, layer.reach)  # older cached keys are gone
         _banded_at(query, source, start, pattern, heads, out, shared, held)
     positions = (start + torch.arange(length, device=query.device)).expand(batch, -1)
     layer.append(key, value, positions, fresh=True)
@@ -218,14 +218,6 @@ def cached_prefill(
         out[:, sl] = _tail_causal(query[:, sl], k, v, logits)
     PATH_COUNTS["chunk"] += 1
     return out
-
-
-def _held_from(pattern: Pattern, start: int, layer) -> int:
-    """First cached position past the sink a chunk may still see (``held_from`` of the
-    cache: a head keeps the last span of the length it has reached)."""
-    if not pattern.static or start == 0:
-        return 0
-    return max(0, start - int(pattern.span_at(max(start, layer.reach, 1))))
 
 
 def _cached_source(layer, key, value, heads: list[int], start: int, dtype) -> _Source:
@@ -343,7 +335,7 @@ def _banded_at(
     ~ chunk x (chunk + span), whatever the prompt length. With ``window`` every span is
     clamped to it and a sink key counts only for queries less than ``window`` positions
     after it (dense and SparQ heads, dense in prefill, are sink 0 / span n). ``held``: the
-    first position past the sink the cache still holds (``_held_from``)."""
+    first position past the sink the cache still holds (``Pattern.held_from``)."""
     batch, _, length, dim = query.shape
     group = shared.group
     scale, softcap = shared.logits.scale, shared.logits.softcap
