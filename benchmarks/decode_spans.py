@@ -26,7 +26,7 @@ import torch
 
 from moa_search.bench.decode_loop import PlanLoop
 from moa_search.bench.models import build_model
-from moa_search.bench.report import markdown_table, write_csv
+from moa_search.bench.report import markdown_table, versions, write_csv
 from moa_search.bench.synthetic import synthetic_plan
 from moa_search.files import write_json, write_text
 from moa_search.patterns import Elastic
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     lines = ["# Decode with floored elastic heads: fused vs per-head spans", "", summary, ""]
     table = "\n".join(lines + markdown_table(rows, COLUMNS)) + "\n"
     write_text(args.out / "decode_spans.md", table)
-    write_json(args.out / "run.json", {"argv": argv or sys.argv[1:], "card": card, **vars(args),
-                                       "out": str(args.out)})  # fmt: skip
+    run = {**versions(), "argv": argv or sys.argv[1:], "card": card, **vars(args)}
+    write_json(args.out / "run.json", {**run, "out": str(args.out)})
     print(summary)
     return rows
 

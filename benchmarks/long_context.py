@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from moa_search.bench.report import markdown_table, write_csv
+from moa_search.bench.report import markdown_table, versions, write_csv
 from moa_search.files import write_json, write_text
 from moa_search.runtime.prefill import PATH_COUNTS
 
@@ -301,17 +301,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f"ratio {r.get('prefill_mem_ratio')}")  # fmt: skip
     log(f"done in {meta['seconds']}s; wrote {args.out}/long_context.csv, .md, run.json")
     return rows
-
-
-def versions() -> dict[str, Any]:
-    meta: dict[str, Any] = {"torch": torch.__version__, "argv": sys.argv}
-    for name in ("triton", "transformers"):
-        try:
-            meta[name] = __import__(name).__version__
-        except Exception:
-            meta[name] = None
-    meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return meta
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from moa_search.bench.report import markdown_table, write_csv
+from moa_search.bench.report import markdown_table, versions, write_csv
 from moa_search.files import write_json, write_text
 from moa_search.runtime import flex_prefill as fp
 from moa_search.runtime import prefill
@@ -422,17 +422,6 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"- {scope} {length}: want x_dense >= {want}; {shown} (banded {banded}x): "
                    f"{mark} by {best}")  # fmt: skip
     return out
-
-
-def versions() -> dict[str, Any]:
-    meta: dict[str, Any] = {"torch": torch.__version__, "argv": sys.argv}
-    for name in ("triton", "transformers"):
-        try:
-            meta[name] = __import__(name).__version__
-        except Exception:
-            meta[name] = None
-    meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return meta
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,13 +5,29 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moa_search.files import atomic_write
 
 GIB = 2**30
+
+
+def versions() -> dict[str, Any]:
+    """torch / triton / transformers versions, the command line and the card: what every
+    benchmark's run.json records so a result names what it ran on."""
+    meta: dict[str, Any] = {"torch": torch.__version__, "argv": sys.argv}
+    for name in ("triton", "transformers"):
+        try:
+            meta[name] = __import__(name).__version__
+        except Exception:
+            meta[name] = None
+    meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return meta
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
