@@ -152,19 +152,17 @@ def moa_attention(
         dropped = _dropped_real(runtime.active_cache, layer_idx, k_len, mask2d)
         k_pos = _positions(real_k, dropped)
         q_pos = k_pos[:, -q_len:]
-        reach = _reach(q_pos)
         start = (k_pos[:, : k_len - q_len].max(1, keepdim=True).values + 1 if k_len > q_len
-                 else torch.zeros_like(reach))  # fmt: skip
+                 else torch.zeros_like(q_pos[:, :1]))  # fmt: skip
         for h, pattern in enumerate(patterns):
             sl = slice(h * group, (h + 1) * group)
             held = pattern.held_from(start)  # what a patterned cache would still hold
             head_pattern, head_k_pos, _ = _clamp(
                 pattern, window, q_pos, _unheld(k_pos, pattern.sink, held)
             )
-            out[:, sl] = attend_head(
-                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, logits,
-                reach=reach,
-            )  # fmt: skip
+            out[:, sl] = attend_head(  # spans at each row's last position + 1 (the default)
+                query[:, sl], key[:, h], value[:, h], q_pos, head_k_pos, head_pattern, logits
+            )
     return out
 
 
