@@ -95,6 +95,13 @@ def moa_attention(
             f"{call.window!r}, its config says {window!r}"
         )
 
+    if layer is not None and _fresh_unpadded(runtime, layer, mask2d, q_len):
+        # A prompt into an empty cache: attention writes its own output (no copy of it)
+        reach = max(q_len, layer.reach)
+        out = fresh_prefill(query, key, value, patterns, logits, window=window, reach=reach)
+        layer.append(key, value, _positions(_real_mask(mask2d, batch, q_len, query.device)),
+                     fresh=True)  # fmt: skip
+        return out
     out = torch.empty_like(query)
     if layer is not None:
         # The Triton kernels know sinks and recent spans, not the model's own window.
@@ -109,11 +116,6 @@ def moa_attention(
                 runtime.kernels, layer, query, out, logits, window,
                 key=key, value=value, positions=q_pos,
             )  # fmt: skip
-        elif _fresh_unpadded(runtime, layer, mask2d, q_len):
-            reach = max(q_len, layer.reach)
-            fresh_prefill(query, key, value, patterns, logits, out=out, window=window,
-                          reach=reach)  # fmt: skip
-            layer.append(key, value, q_pos, fresh=True)
         elif _chunk_unpadded(runtime, layer, mask2d, q_len):
             cached_prefill(query, key, value, patterns, layer, logits, out, window)
         else:

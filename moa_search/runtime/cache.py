@@ -291,8 +291,14 @@ class MoALayerCache(CacheLayerMixin):
         index = (slot_head * length + pos.clamp(min=0))[None, :, None]
         index = index.expand(batch, -1, dim)
         for store, new in ((self.keys, k_new), (self.values, v_new)):
-            taken = new.reshape(batch, heads * length, dim).gather(1, index)
-            store.copy_(torch.where(keep, taken.to(store.dtype), store))
+            flat = new.reshape(batch, heads * length, dim)
+            if start == 0 and flat.dtype == store.dtype:
+                # Nothing to keep: a slot without a token yet takes a copy of some token
+                # (never read: every reader masks slots by their held position), so the
+                # gather writes the store in one pass
+                torch.gather(flat, 1, index, out=store)
+            else:
+                store.copy_(torch.where(keep, flat.gather(1, index).to(store.dtype), store))
 
     @staticmethod
     def _write(keys, values, geom, k_new, v_new, positions, end_lengths) -> None:
@@ -418,6 +424,14 @@ class MoALayerCache(CacheLayerMixin):
             ids = [h for h, p in enumerate(self.patterns) if p.static]
             self._static_ids = device_tensor(ids, torch.int32, self.device)
         return self._static_ids
+
+    def static_work(self) -> int:
+        """Most positions the static heads of one sequence attend in a decode step (the
+        sum of their capacities): the mixed kernel sizes its split-K chunks by it."""
+        layout = self.layout
+        return sum(
+            min(layout.capacity(h), layout.max_len) for h, p in enumerate(self.patterns) if p.static
+        )
 
     def sparq_groups(self) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
         """SparQ heads grouped by identical settings: (pattern, int32 head ids, rows of

@@ -290,7 +290,7 @@ def flex_prefill(
     value: torch.Tensor,
     patterns: list[Pattern],
     logits: Logits,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     window: int | None = None,
     *,
     full_heads: list[int] | None = None,
@@ -305,7 +305,8 @@ def flex_prefill(
     in the one flex launch. ``compiled``: torch.compile the flex kernel (``compiled_flex``;
     "static": one compile per shape; default: on CUDA; eager flex materialises the
     scores, fine for tests only). ``reach``: the length the prompt reaches, where every
-    span is taken (None: L).
+    span is taken (None: L). Returns ``out``; with ``out=None`` and one launch for every
+    head, that launch's own output (no copy).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -313,6 +314,8 @@ def flex_prefill(
     if compiled is None:
         compiled = query.is_cuda
     sparse = list(range(kv_heads))
+    if out is None and full_heads:
+        out = torch.empty_like(query)
     if full_heads:
         dense = set(full_heads)
         sparse = [h for h in sparse if h not in dense]
@@ -327,7 +330,10 @@ def flex_prefill(
     picked = [patterns[h] for h in sparse]
     mask = MASKS.get(picked, length, window, group, query.device, SETTINGS.block, reach)
     if len(sparse) == kv_heads:
-        out.copy_(_flex(query, key, value, mask, logits, compiled))
+        y = _flex(query, key, value, mask, logits, compiled)
+        if out is None:
+            return y
+        out.copy_(y)
     else:
         kv_idx, q_idx = head_index(sparse, group, query.device)
         out.index_copy_(1, q_idx, _flex(

@@ -107,13 +107,12 @@ def fresh_prefill(
     logits: the layer's scale and logit cap; window: its own sliding window, if any;
     method: one of ``METHODS`` (None: ``$MOA_PREFILL``, else "auto"); reach: the length
     the prompt reaches, where every span is taken (None: L; more when L is its first chunk).
-    Returns ``out`` (B, Hq, L, D), same dtype as query.
+    Returns (B, Hq, L, D), same dtype as query: ``out``, or without it the one kernel
+    call's own output where one call serves every head (no copy).
     """
     batch, q_heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    if out is None:
-        out = torch.empty_like(query)
     full: list[int] = []
     sparse: dict[Pattern, tuple[Pattern, list[int]]] = {}
     reach = max(length, reach or 0)
@@ -129,8 +128,8 @@ def fresh_prefill(
 
         try:
             split = flex == "flex-split" and full
-            flex_prefill(query, key, value, patterns, logits, out, window,
-                         full_heads=full if split else None, reach=reach)  # fmt: skip
+            out = flex_prefill(query, key, value, patterns, logits, out, window,
+                               full_heads=full if split else None, reach=reach)  # fmt: skip
             PATH_COUNTS[flex] += 1
             return out
         except torch.OutOfMemoryError:  # the prompt's own size: no reason to switch flex off
@@ -146,9 +145,11 @@ def fresh_prefill(
             )
     PATH_COUNTS["banded" if sparse else "sdpa"] += 1
 
+    everything = len(full) == kv_heads
+    if out is None and not everything:
+        out = torch.empty_like(query)
     if full:
         kv_idx, qi = head_index(full, group, query.device)
-        everything = len(full) == kv_heads
         q = query if everything else query.index_select(1, qi)
         k = key if everything else key.index_select(1, kv_idx)
         v = value if everything else value.index_select(1, kv_idx)
@@ -157,6 +158,8 @@ def fresh_prefill(
             enable_gqa=group > 1, softcap=logits.softcap,
         )  # fmt: skip
         if everything:
+            if out is None:
+                return y
             out.copy_(y)
         else:
             out.index_copy_(1, qi, y)
