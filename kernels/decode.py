@@ -35,7 +35,6 @@ TUNING: dict[str, int] = {
     "num_stages": 3,
     "chunk_lo": 256,
     "chunk_hi": 1024,
-    "per_sm": 16,
 }
 
 
@@ -334,7 +333,6 @@ def mixed_decode(
     chunk: int | None = None,
     window: int | None = None,
     softcap: float | None = None,
-    work: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token for dense / window / elastic KV heads, one launch.
 
@@ -354,10 +352,6 @@ def mixed_decode(
         chunk: override the positions per split-K program (tuning).
         window: the model layer's own sliding window (keys >= window back are not seen).
         softcap: the model's attention logit cap (Gemma 2), applied before the softmax.
-        work: optional Python int, the most positions the listed heads of one sequence
-            attend in all (the sum of their capacities); sizes the split-K chunks to the
-            work there is. Default ``max_len`` per head, right for dense heads: a 25% plan
-            then gets chunks sized for four times its work and leaves SMs idle.
 
     Requires ring_h >= min(span, n - sink_h) (what the cache keeps). Accumulates in fp32.
     Returns ``out``.
@@ -383,11 +377,9 @@ def mixed_decode(
     )
     bound = max_len if max_len is not None else k_cache.shape[1]
     if chunk is None:
-        positions, pairs = (work, batch) if work is not None else (bound, batch * n_list)
         chunk = pick_chunk(
-            positions, pairs, dev, block_n, TUNING["chunk_lo"], TUNING["chunk_hi"],
-            TUNING["per_sm"],
-        )  # fmt: skip
+            bound, batch * n_list, dev, block_n, TUNING["chunk_lo"], TUNING["chunk_hi"]
+        )
     splits = max(1, cdiv(bound, chunk))
     split = splits > 1
     g_pad = max(16, next_pow2(group))

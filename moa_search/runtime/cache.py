@@ -425,14 +425,6 @@ class MoALayerCache(CacheLayerMixin):
             self._static_ids = device_tensor(ids, torch.int32, self.device)
         return self._static_ids
 
-    def static_work(self) -> int:
-        """Most positions the static heads of one sequence attend in a decode step (the
-        sum of their capacities): the mixed kernel sizes its split-K chunks by it."""
-        layout = self.layout
-        return sum(
-            min(layout.capacity(h), layout.max_len) for h, p in enumerate(self.patterns) if p.static
-        )
-
     def sparq_groups(self) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
         """SparQ heads grouped by identical settings: (pattern, int32 head ids, rows of
         ``v_sum``), one SparQ kernel pipeline per group; built once per cache."""

@@ -37,7 +37,6 @@ def run_mixed(
     head_ids: list[int] | None = None,
     max_len: int | None = None,
     chunk: int | None = None,
-    work: int | None = None,
     seed: int = 0,
     window: int | None = None,
     softcap: float | None = None,
@@ -50,8 +49,7 @@ def run_mixed(
     scale = scale if scale is not None else dim**-0.5
     native = dict(window=window, softcap=softcap)
     out = torch.full_like(lay["q"], SENTINEL)
-    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk,
-                 work=work, **native)  # fmt: skip
+    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk, **native)
     ref = mixed_decode_ref(
         **lay, scale=scale, head_ids=ids, out=torch.full_like(out, SENTINEL), **native
     )
@@ -148,14 +146,6 @@ MIXED_CASES = {
         8,
         64,
         {"max_len": 150},
-    ),
-    # the chunks sized by the heads' real work (what the runtime passes), not max_len each
-    "work_hint": (
-        [HeadGeom.window(4, 40, N), HeadGeom.dense(N), HeadGeom.window(0, 17, N)],
-        [150, 60],
-        4,
-        64,
-        {"max_len": 150, "work": 44 + 150 + 17},
     ),
 }
 
