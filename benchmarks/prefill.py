@@ -14,9 +14,10 @@ Two scopes, measured in one run so the ratios are like for like:
   and the plan with ``MOA_PREFILL=banded|flex|flex-split``; last-token logits compared.
 
 Times: CUDA events, median of ``--reps`` after one warm-up call; the warm-up (torch.compile
-of flex, BlockMask build) is reported apart as ``first_s``. ``peak_gib``: peak allocated
-during the timed calls. Each config runs in its own try/except; a time budget skips what is
-left (rows say so). Writes OUT/prefill.csv, OUT/prefill.md and OUT/run.json.
+of flex, BlockMask build) is reported apart as ``first_s``. The model scope interleaves its
+methods over ``--model-rounds`` rounds (``ms_range``: the rounds' spread). ``peak_gib``:
+peak allocated during the timed calls. Each config runs in its own try/except; a time
+budget skips what is left (rows say so). Writes OUT/prefill.csv, OUT/prefill.md and OUT/run.json.
 
     python benchmarks/prefill.py --out bench_out/prefill --quick
 """
@@ -289,61 +290,85 @@ def add_errors(rows, outputs, base: str) -> None:
 
 
 def model_rows(args, model, length: int) -> list[dict[str, Any]]:
-    from moa_search.plan import uniform_plan  # noqa: PLC0415
-    from moa_search.runtime import apply_plan  # noqa: PLC0415
-
+    """Whole-model prefill per method, timed in ``--model-rounds`` interleaved rounds
+    (dense, dense-plan, banded, flex, flex-split, then again): a GPU's clock drifts by a
+    few percent over a run, as much as the plan saves at 4k, so every method samples the
+    same stretch of it. ``ms``: median over rounds of each round's median of
+    ``--model-reps`` calls; ``ms_range``: the rounds' lowest and highest."""
     plan = plan_for(length, args.density, args.seed, model)
     dev = SMOKE["device"]
     gen = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen, device=dev)
-    rows, last = [], {}
-    for method in MODEL_METHODS:
-        row = {"scope": "model", "length": length, "method": method, "reps": args.model_reps}
-        if over_budget(args):
-            rows.append({**row, "status": "skipped: time budget"})
-            continue
-        runtime = None
-        before = dict(prefill.PATH_COUNTS)
-        try:
-            if method == "dense-plan":
-                runtime = apply_plan(model, uniform_plan(model, "dense"), max_cache_len=length + 1)
-            elif method != "dense":
-                os.environ["MOA_PREFILL"] = method
-                runtime = apply_plan(model, plan, max_cache_len=length + 1)
-            holder: dict[str, torch.Tensor] = {}
-
-            def run(holder=holder):
-                with torch.no_grad():
-                    holder["logits"] = model(ids, use_cache=True, logits_to_keep=1).logits
-
-            empty_cache()
-            f, t, p = cuda_time(run, args.model_reps)
-            last[method] = holder["logits"][0, -1].float()
-            counts = {k: prefill.PATH_COUNTS[k] - before.get(k, 0) for k in prefill.PATH_COUNTS}
-            paths = ",".join(f"{k}:{n}" for k, n in sorted(counts.items()) if n)
-            row.update(status="ok", ms=round(t * 1e3, 2), first_s=round(f, 3),
-                       peak_gib=round(p, 3), paths=paths)  # fmt: skip
-            if method.startswith("flex") and counts.get("flex-failed"):
-                row["status"] = f"fell back: {prefill._FLEX_FAILED[0][:200]}"
-        except Exception as exc:
-            row["status"] = error_text(exc)
-        finally:
-            if runtime is not None:
-                runtime.remove()
-            os.environ.pop("MOA_PREFILL", None)
-        rows.append(row)
-        log(" ".join(f"{k}={v}" for k, v in row.items()))
+    rows = {m: {"scope": "model", "length": length, "method": m, "reps": args.model_reps}
+            for m in MODEL_METHODS}  # fmt: skip
+    times: dict[str, list[float]] = {m: [] for m in MODEL_METHODS}
+    last: dict[str, torch.Tensor] = {}
+    for rnd in range(args.model_rounds):
+        for method in MODEL_METHODS:
+            row = rows[method]
+            if row.get("status", "ok") != "ok":
+                continue
+            if over_budget(args):
+                row.setdefault("status", "skipped: time budget")
+                continue
+            try:
+                times[method].append(model_call(args, model, plan, method, ids, row, last, rnd))
+            except Exception as exc:
+                row["status"] = error_text(exc)
+            log(f"round {rnd} " + " ".join(f"{k}={v}" for k, v in row.items()))
+    for method, got in times.items():
+        if got and rows[method].get("status", "ok") == "ok":
+            rows[method].update(status="ok", ms=round(statistics.median(got) * 1e3, 2),
+                                ms_range=f"{min(got) * 1e3:.2f}-{max(got) * 1e3:.2f}",
+                                rounds=len(got))  # fmt: skip
     if "banded" in last:
         scale = float(last["banded"].std())
-        for row in rows:
-            got = last.get(row["method"])
-            if row["method"] in ("dense", "dense-plan", "banded") or got is None:
+        for method, row in rows.items():
+            got = last.get(method)
+            if method in ("dense", "dense-plan", "banded") or got is None:
                 continue
             row["err_vs_banded"] = f"{float((got - last['banded']).abs().max()):.3g}"
             row["logit_std"] = f"{scale:.3g}"
             row["same_argmax"] = bool(got.argmax() == last["banded"].argmax())
     fp.MASKS.clear()
-    return rows
+    return list(rows.values())
+
+
+def model_call(args, model, plan, method: str, ids, row: dict, last: dict, rnd: int) -> float:
+    """One round of ``method``: install it, time ``--model-reps`` prefills, remove it.
+    Round 0 also records the first call, the peak, the paths taken and the logits."""
+    from moa_search.plan import uniform_plan  # noqa: PLC0415
+    from moa_search.runtime import apply_plan  # noqa: PLC0415
+
+    runtime = None
+    before = dict(prefill.PATH_COUNTS)
+    length = ids.shape[1]
+    try:
+        if method == "dense-plan":
+            runtime = apply_plan(model, uniform_plan(model, "dense"), max_cache_len=length + 1)
+        elif method != "dense":
+            os.environ["MOA_PREFILL"] = method
+            runtime = apply_plan(model, plan, max_cache_len=length + 1)
+        holder: dict[str, torch.Tensor] = {}
+
+        def run(holder=holder):
+            with torch.no_grad():
+                holder["logits"] = model(ids, use_cache=True, logits_to_keep=1).logits
+
+        empty_cache()
+        f, t, p = cuda_time(run, args.model_reps)
+        if rnd == 0:
+            last[method] = holder["logits"][0, -1].float()
+            counts = {k: prefill.PATH_COUNTS[k] - before.get(k, 0) for k in prefill.PATH_COUNTS}
+            paths = ",".join(f"{k}:{n}" for k, n in sorted(counts.items()) if n)
+            row.update(first_s=round(f, 3), peak_gib=round(p, 3), paths=paths)
+            if method.startswith("flex") and counts.get("flex-failed"):
+                row["status"] = f"fell back: {prefill._FLEX_FAILED[0][:200]}"
+        return t
+    finally:
+        if runtime is not None:
+            runtime.remove()
+        os.environ.pop("MOA_PREFILL", None)
 
 
 def empty_cache() -> None:
@@ -377,9 +402,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 row[f"x_{base}"] = round(ms[base] / row["ms"], 3)
 
 
-COLUMNS = ["scope", "length", "method", "status", "ms", "x_dense", "x_banded", "first_s",
-           "peak_gib", "err_vs_banded", "err_vs_fp32_ref", "same_argmax", "logit_std", "paths",
-           "layers", "reps", "mask_cache_gib"]  # fmt: skip
+COLUMNS = ["scope", "length", "method", "status", "ms", "x_dense", "x_banded", "ms_range",
+           "first_s", "peak_gib", "err_vs_banded", "err_vs_fp32_ref", "same_argmax", "logit_std",
+           "paths", "layers", "reps", "rounds", "mask_cache_gib"]  # fmt: skip
 
 
 def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
@@ -395,7 +420,7 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
         "`layer` ms: attention of the sampled layers summed; `model` ms: whole-model prefill. "
         "`first_s`: first call (torch.compile + BlockMask build), not in ms.",
         "",
-        *markdown_table(rows, COLUMNS[:14]),
+        *markdown_table(rows, COLUMNS[:15]),
     ]
     text = "\n".join(lines) + "\n"
     write_text(out / "prefill.md", text)
@@ -435,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="sampled layers (quick 2, else 4)")
     ap.add_argument("--reps", type=int, default=None, help="layer reps (quick 3, else 7)")
     ap.add_argument("--model-reps", type=int, default=None, help="model reps (quick 2, else 5)")
+    ap.add_argument("--model-rounds", type=int, default=3, help="interleaved model rounds")
     ap.add_argument("--static", action="store_true", help="also time flex compiled per shape")
     ap.add_argument(
         "--sweep",

@@ -35,6 +35,7 @@ TUNING: dict[str, int] = {
     "num_stages": 3,
     "chunk_lo": 256,
     "chunk_hi": 1024,
+    "per_sm": 16,
 }
 
 
@@ -378,8 +379,9 @@ def mixed_decode(
     bound = max_len if max_len is not None else k_cache.shape[1]
     if chunk is None:
         chunk = pick_chunk(
-            bound, batch * n_list, dev, block_n, TUNING["chunk_lo"], TUNING["chunk_hi"]
-        )
+            bound, batch * n_list, dev, block_n, TUNING["chunk_lo"], TUNING["chunk_hi"],
+            TUNING["per_sm"],
+        )  # fmt: skip
     splits = max(1, cdiv(bound, chunk))
     split = splits > 1
     g_pad = max(16, next_pow2(group))

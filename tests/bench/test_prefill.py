@@ -62,3 +62,26 @@ def test_prefill_sweep_smoke(tmp_path):
     assert [r["method"] for r in rows] == ["dense", "b128", "b128-m128n64-w8s3"]
     assert all(r["status"] == "ok" and float(r["x_dense"]) > 0 for r in rows)
     assert all(float(r["err_vs_banded"]) == 0 for r in rows[1:])
+
+
+def test_prefill_model_scope_smoke(tmp_path):
+    """The model scope on the CPU (tiny model, eager): every method timed in each
+    interleaved round, the rounds' spread reported, the paths each method took."""
+    import csv  # noqa: PLC0415
+    import runpy  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "prefill.py"
+    main = runpy.run_path(str(script))["main"]
+    main(["--smoke", "--lengths", "", "--model-lengths", "96", "--model-shape", "tiny-llama",
+          "--model-reps", "1", "--model-rounds", "2", "--out", str(tmp_path)])  # fmt: skip
+    with open(tmp_path / "prefill.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == ["dense", "dense-plan", "banded", "flex", "flex-split"]
+    for method, row in rows.items():
+        assert row["status"] == "ok", (method, row["status"])
+        assert row["rounds"] == "2"
+        low, high = (float(x) for x in row["ms_range"].split("-"))
+        assert low <= float(row["ms"]) <= high
+    assert rows["dense-plan"]["paths"].startswith("sdpa:")
+    assert rows["banded"]["paths"].startswith("banded:")
