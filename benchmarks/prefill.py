@@ -96,6 +96,48 @@ def plan_for(length: int, density: float, seed: int, model: Any = None):
     return synthetic_plan(model, density=density, length=length, seed=seed)
 
 
+def attended_fraction(plan, length: int) -> float:
+    """Query-key pairs the plan's heads attend in a fresh prompt of ``length`` tokens over
+    dense causal's (every head, every layer), from the flex path's own per-head bounds: the
+    most any kernel can save on attention is 1 - this."""
+    pairs = heads = 0.0
+    q = torch.arange(length, dtype=torch.float64)
+    for patterns in plan.heads:
+        bounds = fp.head_bounds(patterns, length, None, "cpu")
+        lo = bounds.band_lo[:, :length].double()
+        pairs += float((q + 1 - lo).sum() + torch.minimum(lo, bounds.sink[:, None].double()).sum())
+        heads += len(patterns)
+    return pairs / (heads * length * (length + 1) / 2)
+
+
+def model_bound(rows: list[dict[str, Any]], length: int, fraction: float, layers: int):
+    """Fastest whole-model prefill the plan allows, x dense: the dense model's time less
+    the attention it could skip (the dense layer rows' ms per layer x ``layers`` x (1 -
+    ``fraction``)), the rest unchanged. None without both dense rows."""
+
+    def dense(scope):
+        return next((r for r in rows if r["scope"] == scope and r.get("length") == length
+                     and r["method"] == "dense" and r.get("status") == "ok"), None)  # fmt: skip
+
+    layer, model = dense("layer"), dense("model")
+    if layer is None or model is None:
+        return None
+    attention = layer["ms"] / layer["layers"] * layers
+    return model["ms"] / (model["ms"] - attention * (1 - fraction))
+
+
+def add_bound(rows: list[dict[str, Any]], length: int, args, layers: int) -> None:
+    """Put the plan's attended fraction and the bound it sets (``model_bound``) on the
+    flex rows of the model scope at ``length``."""
+    fraction = attended_fraction(plan_for(length, args.density, args.seed), length)
+    bound = model_bound(rows, length, fraction, layers)
+    for row in rows:
+        if row["scope"] == "model" and row.get("length") == length and row["method"] != "dense":
+            row["attended"] = round(fraction, 4)
+            if bound is not None:
+                row["bound_x"] = round(bound, 3)
+
+
 def sample_layers(plan, count: int) -> list[int]:
     """``count`` layers with at least one banded head, spread over the depth."""
     length = plan.lengths[0]
@@ -404,7 +446,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 COLUMNS = ["scope", "length", "method", "status", "ms", "x_dense", "x_banded", "ms_range",
            "first_s", "peak_gib", "err_vs_banded", "err_vs_fp32_ref", "same_argmax", "logit_std",
-           "paths", "layers", "reps", "rounds", "mask_cache_gib"]  # fmt: skip
+           "paths", "layers", "reps", "rounds", "attended", "bound_x",
+           "mask_cache_gib"]  # fmt: skip
 
 
 def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> str:
@@ -444,8 +487,11 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
         mark = "MET" if flex[best] >= want else "NOT met"
         shown = ", ".join(f"{m} {x}x" for m, x in sorted(flex.items()))
         banded = got.get("banded")
+        bound = next((r["bound_x"] for r in same if r.get("bound_x")), None)
+        ceiling = (f"; at most {bound}x with attention at the plan's work (it attends "
+                   f"{same[-1]['attended']:.1%} of dense's pairs)" if bound else "")  # fmt: skip
         out.append(f"- {scope} {length}: want x_dense >= {want}; {shown} (banded {banded}x): "
-                   f"{mark} by {best}")  # fmt: skip
+                   f"{mark} by {best}{ceiling}")  # fmt: skip
     return out
 
 
@@ -511,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         if model is not None:
             for n in model_lengths:
                 rows += guarded(lambda n=n: model_rows(args, model, n), "model", n)
+                add_bound(rows, n, args, model.config.num_hidden_layers)
                 add_ratios(rows)
                 write(rows, args.out, meta)
             del model

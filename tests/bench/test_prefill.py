@@ -85,3 +85,20 @@ def test_prefill_model_scope_smoke(tmp_path):
         assert low <= float(row["ms"]) <= high
     assert rows["dense-plan"]["paths"].startswith("sdpa:")
     assert rows["banded"]["paths"].startswith("banded:")
+    assert 0 < float(rows["flex"]["attended"]) < 1
+
+
+def test_attended_fraction_counts_each_heads_pairs():
+    """Dense heads attend every causal pair; a sink + window head min(q + 1, sink + span)
+    pairs at query q; the fraction averages heads."""
+    import runpy  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "prefill.py"
+    fraction = runpy.run_path(str(script))["attended_fraction"]
+    n, sink, span = 50, 3, 10
+    plan = SimpleNamespace(heads=[[parse("dense"), parse(f"window:sink={sink},span={span}")]])
+    window_pairs = sum(min(q + 1, sink + span) for q in range(n))
+    want = (n * (n + 1) / 2 + window_pairs) / (2 * n * (n + 1) / 2)
+    assert fraction(plan, n) == pytest.approx(want)
