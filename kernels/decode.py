@@ -20,6 +20,8 @@ covers every head (short contexts) the first kernel writes the output directly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,6 +106,7 @@ def _mixed_decode_kernel(
     PartL,
     PartAcc,
     Count,
+    Items,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -114,6 +117,7 @@ def _mixed_decode_kernel(
     stride_oh,
     stride_span,
     n_list,
+    n_items,
     chunk,
     num_splits,
     qk_scale,
@@ -124,16 +128,24 @@ def _mixed_decode_kernel(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_IDS: tl.constexpr,
+    HAS_ITEMS: tl.constexpr,
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # b * n_list + i
-    sid = tl.program_id(1)  # chunk index
-    b = pid // n_list
-    i = pid % n_list
+    if HAS_ITEMS:  # 1-D grid over (sequence, work item); item = (listed head, chunk index)
+        b = tl.program_id(0) // n_items
+        item = tl.program_id(0) % n_items
+        i = tl.load(Items + 2 * item)
+        sid = tl.load(Items + 2 * item + 1)
+        pid = b * n_list + i
+    else:
+        pid = tl.program_id(0)  # b * n_list + i
+        sid = tl.program_id(1)  # chunk index
+        b = pid // n_list
+        i = pid % n_list
     h = tl.load(HeadIds + i) if HAS_IDS else i
     n = tl.load(SeqLen + b)
     off = tl.load(Off + h)
@@ -334,6 +346,7 @@ def mixed_decode(
     chunk: int | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    capacity: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Decode attention of one new token for dense / window / elastic KV heads, one launch.
 
@@ -353,6 +366,11 @@ def mixed_decode(
         chunk: override the positions per split-K program (tuning).
         window: the model layer's own sliding window (keys >= window back are not seen).
         softcap: the model's attention logit cap (Gemma 2), applied before the softmax.
+        capacity: optional Python ints, per listed head (``head_ids`` order), an upper bound
+            of the positions it attends (its sink + ring); programs are then launched only
+            for the chunks a head can fill (``work_items``). Without it every head gets
+            ``max_len / chunk`` programs, and those past a short window's end only exit:
+            in a 25% plan three quarters of the launch.
 
     Requires ring_h >= min(span, n - sink_h) (what the cache keeps). Accumulates in fp32.
     Returns ``out``.
@@ -386,6 +404,12 @@ def mixed_decode(
     split = splits > 1
     g_pad = max(16, next_pow2(group))
     rows = batch * n_list
+    items = None
+    if capacity is not None:
+        if len(capacity) != n_list:
+            raise ValueError(f"capacity has {len(capacity)} entries for {n_list} listed heads")
+        items = work_items(tuple(min(c, bound) for c in capacity), chunk, str(dev))
+    grid = (rows, splits) if items is None else (batch * (items.numel() // 2),)
     if split:
         part_m = torch.empty(rows, splits, group, dtype=torch.float32, device=dev)
         part_l = torch.empty_like(part_m)
@@ -394,7 +418,7 @@ def mixed_decode(
     else:
         part_m = part_l = part_acc = count = out
     upcast = interpreting()
-    _mixed_decode_kernel[(rows, splits)](
+    _mixed_decode_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -409,6 +433,7 @@ def mixed_decode(
         part_l,
         part_acc,
         count,
+        items if items is not None else head_offset,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -419,6 +444,7 @@ def mixed_decode(
         out.stride(1),
         span.stride(0),
         n_list,
+        items.numel() // 2 if items is not None else 1,
         chunk,
         splits,
         scale / softcap if softcap else scale * LOG2E,
@@ -429,6 +455,7 @@ def mixed_decode(
         D=dim,
         BLOCK_N=block_n,
         HAS_IDS=head_ids is not None,
+        HAS_ITEMS=items is not None,
         SPLIT=split,
         UPCAST=upcast,
         IEEE=k_cache.dtype == torch.float32,
@@ -440,6 +467,18 @@ def mixed_decode(
     if split:
         merge_partials(part_m, part_l, part_acc, count, out, head_ids, n_list, group)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def work_items(capacity: tuple[int, ...], chunk: int, device: str) -> torch.Tensor:
+    """int32 (2 * n_items,) pairs (listed head, chunk index) of every chunk a head with
+    ``capacity`` positions can fill, chunk-major (every head's first chunk, then the
+    second ...), so the long heads' later chunks come last. Made once per layout and
+    chunk (a host-to-device copy: the first call must not be inside a CUDA-graph
+    capture; the runtime's warm-up steps make it)."""
+    counts = [max(1, cdiv(c, chunk)) for c in capacity]
+    pairs = [(i, s) for s in range(max(counts, default=0)) for i, n in enumerate(counts) if s < n]
+    return torch.tensor([v for pair in pairs for v in pair], dtype=torch.int32, device=device)
 
 
 @triton.jit

@@ -425,6 +425,13 @@ class MoALayerCache(CacheLayerMixin):
             self._static_ids = device_tensor(ids, torch.int32, self.device)
         return self._static_ids
 
+    def static_capacity(self) -> tuple[int, ...]:
+        """Slots (sink + ring) of each static head, in ``static_head_ids`` order: the most
+        positions each attends, so the mixed kernel launches programs only for chunks a
+        head can fill."""
+        layout = self.layout
+        return tuple(layout.capacity(h) for h, p in enumerate(self.patterns) if p.static)
+
     def sparq_groups(self) -> list[tuple[SparQ, torch.Tensor, torch.Tensor]]:
         """SparQ heads grouped by identical settings: (pattern, int32 head ids, rows of
         ``v_sum``), one SparQ kernel pipeline per group; built once per cache."""

@@ -54,6 +54,7 @@ def decode_layer(
             q, layer.keys, layer.values, meta["head_offset"], meta["head_sink"],
             meta["head_ring"], meta["span"], meta["seq_len"], scale,
             head_ids=static_ids, out=o, max_len=max_len, window=window, softcap=softcap,
+            capacity=layer.static_capacity(),
         )  # fmt: skip
     for group, (pattern, head_ids, rows) in enumerate(layer.sparq_groups()):
         if pattern.k is not None:

@@ -37,6 +37,7 @@ def run_mixed(
     head_ids: list[int] | None = None,
     max_len: int | None = None,
     chunk: int | None = None,
+    capacity: bool = False,
     seed: int = 0,
     window: int | None = None,
     softcap: float | None = None,
@@ -49,7 +50,10 @@ def run_mixed(
     scale = scale if scale is not None else dim**-0.5
     native = dict(window=window, softcap=softcap)
     out = torch.full_like(lay["q"], SENTINEL)
-    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk, **native)
+    listed = head_ids if head_ids is not None else range(len(heads))
+    caps = tuple(heads[h].cap for h in listed) if capacity else None
+    mixed_decode(**lay, scale=scale, head_ids=ids, out=out, max_len=max_len, chunk=chunk,
+                 capacity=caps, **native)  # fmt: skip
     ref = mixed_decode_ref(
         **lay, scale=scale, head_ids=ids, out=torch.full_like(out, SENTINEL), **native
     )
@@ -180,9 +184,10 @@ NATIVE_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(NATIVE_CASES))
-def test_mixed_native_window_softcap_d256(name: str, dtype: torch.dtype, device) -> None:
+@pytest.mark.parametrize("capacity", [False, True], ids=["grid", "items"])
+def test_mixed_native_window_softcap_d256(name: str, dtype: torch.dtype, capacity, device) -> None:
     heads, lens, group, dim, kw = NATIVE_CASES[name]
-    err = run_mixed(heads, lens, group, dim, dtype, device, **kw)
+    err = run_mixed(heads, lens, group, dim, dtype, device, capacity=capacity, **kw)
     assert err <= TOL[dtype], f"{name}: max abs err {err:.3g}"
 
 
@@ -198,9 +203,10 @@ def test_reference_window_and_cap_change_the_output(device: torch.device) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(MIXED_CASES))
-def test_mixed_fixed(name: str, dtype: torch.dtype, device: torch.device) -> None:
+@pytest.mark.parametrize("capacity", [False, True], ids=["grid", "items"])
+def test_mixed_fixed(name: str, dtype: torch.dtype, capacity: bool, device: torch.device) -> None:
     heads, lens, group, dim, kw = MIXED_CASES[name]
-    err = run_mixed(heads, lens, group, dim, dtype, device, **kw)
+    err = run_mixed(heads, lens, group, dim, dtype, device, capacity=capacity, **kw)
     assert err <= TOL[dtype], f"{name}: max abs err {err:.3g}"
 
 
@@ -247,10 +253,11 @@ def test_graph_capturable_no_sync(device: torch.device) -> None:
     lay = build_layer(heads, [512, 300], 4, 128, torch.bfloat16, device)
     lay.pop("v_sum")
     out = torch.empty_like(lay["q"])
-    mixed_decode(**lay, scale=0.1, out=out, max_len=512)  # compile outside the capture
+    caps = tuple(h.cap for h in heads)
+    mixed_decode(**lay, scale=0.1, out=out, max_len=512, capacity=caps)  # compile, work items
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mixed_decode(**lay, scale=0.1, out=out, max_len=512)
+        mixed_decode(**lay, scale=0.1, out=out, max_len=512, capacity=caps)
     graph.replay()
     ref = mixed_decode_ref(**lay, scale=0.1)
     assert _max_err(out, ref) <= 2e-2
@@ -377,3 +384,21 @@ def test_launch_tiles_fit_shared_memory() -> None:
     assert (stages - 1 or 1) * 2 * block * 256 * 4 <= budget and (block, stages) == (64, 2)
     block, stages = fit_tiles_to(99 * 1024 - 32 * 1024, 64, 256, 4, 3)  # a consumer card
     assert stages == 1 and block == 32
+
+
+def test_work_items_cover_each_heads_chunks_once() -> None:
+    """One (head, chunk) pair per chunk a head can fill, every head's first chunk included
+    (a head shorter than a chunk, or empty, still needs its program to write its count)."""
+    from moa_search.kernels.decode import work_items  # noqa: PLC0415
+
+    pairs = work_items((3000, 64, 0, 1024), 1024, "cpu").view(-1, 2).tolist()
+    assert sorted(map(tuple, pairs)) == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (3, 0)]
+    assert [s for _, s in pairs] == sorted(s for _, s in pairs)  # chunk-major
+
+
+def test_capacity_must_match_the_listed_heads(device: torch.device) -> None:
+    heads = [HeadGeom.dense(64), HeadGeom.window(2, 8, 64)]
+    lay = build_layer(heads, [64], 2, 16, torch.float32, device, 0)
+    lay.pop("v_sum")
+    with pytest.raises(ValueError, match="capacity has 1 entries for 2 listed heads"):
+        mixed_decode(**lay, scale=0.25, capacity=(64,))
