@@ -71,6 +71,20 @@ def fit_tiles(
     return fit_tiles_to(_smem_limit(index) - 32 * 1024, block_n, dim, elem_bytes, stages, tiles)
 
 
+@functools.lru_cache(maxsize=8)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and later, not the interpreter): a kernel
+    launched with it may start while the previous one drains, and waits in
+    ``gdc_wait`` for that kernel's results, hiding a launch gap per kernel boundary."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
 def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 

@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_common, fit_tiles, interpreting, next_pow2, pick_chunk
+from ._common import (
+    cdiv,
+    check_common,
+    fit_tiles,
+    interpreting,
+    next_pow2,
+    pdl_supported,
+    pick_chunk,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -38,7 +46,13 @@ TUNING: dict[str, int] = {
     "chunk_lo": 256,
     "chunk_hi": 1024,
     "per_sm": 16,
+    "pdl": 1,  # programmatic dependent launch where the GPU has it (``pdl_supported``)
 }
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether the decode kernels launch with PDL on ``device`` (``TUNING["pdl"]``)."""
+    return bool(TUNING["pdl"]) and pdl_supported(device)
 
 
 @triton.jit
@@ -134,7 +148,11 @@ def _mixed_decode_kernel(
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     WINDOW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the append kernel drains: wait for its lengths and entries
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the merge may launch and wait in turn
     if HAS_ITEMS:  # 1-D grid over (sequence, work item); item = (listed head, chunk index)
         b = tl.program_id(0) // n_items
         item = tl.program_id(0) % n_items
@@ -242,8 +260,11 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
     HAS_IDS: tl.constexpr,
     SPARQ: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge split-K partials of one query head; SparQ adds alpha * y + (1 - alpha) * mean(V)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the partials of the kernel before
     pid = tl.program_id(0)  # (b * n_list + i) * G + g
     bh = pid // G
     g = pid % G
@@ -302,6 +323,7 @@ def merge_partials(
     dim = part_acc.shape[-1]
     sparq = part_alpha is not None
     dummy = count
+    pdl = use_pdl(out.device)
     block_d = min(dim, 64)  # (rows * G * D/64) programs: enough parallelism at B=1
     _merge_kernel[(rows * group, dim // block_d)](
         part_m,
@@ -325,7 +347,9 @@ def merge_partials(
         BLOCK_D=block_d,
         HAS_IDS=head_ids is not None,
         SPARQ=sparq,
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
 
 
@@ -418,6 +442,7 @@ def mixed_decode(
     else:
         part_m = part_l = part_acc = count = out
     upcast = interpreting()
+    pdl = use_pdl(dev)
     _mixed_decode_kernel[grid](
         q,
         k_cache,
@@ -461,8 +486,10 @@ def mixed_decode(
         IEEE=k_cache.dtype == torch.float32,
         SOFTCAP=bool(softcap),
         WINDOW=window is not None,
+        PDL=pdl,
         num_warps=TUNING["num_warps"],
         num_stages=stages,
+        launch_pdl=pdl,
     )
     if split:
         merge_partials(part_m, part_l, part_acc, count, out, head_ids, n_list, group)
@@ -510,10 +537,14 @@ def _decode_append_kernel(
     D: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_SPAN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per sequence: store the new token of every KV head, advance the length,
     write the int32 seq_len and spans the attention kernel reads. One program owns a
     sequence's length, so reading it and advancing it cannot race."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the new token's keys and values
+        tl.extra.cuda.gdc_launch_dependents()  # the attention may launch and wait
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
     n_old = tl.load(Lengths + b)
@@ -591,6 +622,7 @@ def decode_append(
         raise ValueError("span_affine needs a contiguous int32 span_out (B, Hkv)")
     if batch == 0:
         return
+    pdl = use_pdl(k_new.device)
     _decode_append_kernel[(batch,)](
         k_new,
         v_new,
@@ -619,6 +651,8 @@ def decode_append(
         D=dim,
         HAS_POS=positions is not None,
         HAS_SPAN=has_span,
+        PDL=pdl,
         num_warps=1,
+        launch_pdl=pdl,
         enable_fp_fusion=False,  # a + b*n rounded as PyTorch does (no fma): same spans
     )
