@@ -1,5 +1,6 @@
-"""Fast prefill for a fresh cache: dense-like heads in one causal SDPA call, window / elastic
-heads by query chunks over only the keys their pattern can reach.
+"""Fast prefill, of a fresh cache (``fresh_prefill``) or of a prompt chunk after cached
+tokens (``cached_prefill``): dense-like heads in one causal SDPA call, window / elastic
+heads over only the keys their pattern can reach.
 
 The plain path (``reference.attend_head`` per KV head) builds an L x L boolean mask per head
 and attends over every key: at 32k tokens that is a 1 GiB mask per head and the full
@@ -27,8 +28,18 @@ others in one flex launch) or ``banded``, the chunked path below, which also run
 for shorter prompts, and once the flex path has raised (a warning says so). Why flex by
 default: on an H200 (8B shape, 25% plan, bf16) it prefilled a 32k prompt 1.18x faster than
 dense where the banded path took 1.6x dense's time, and 4k at 0.98x of dense speed
-where banded ran at 0.57x (``benchmarks/prefill.py``). Padded prompts and
-prompts after cached tokens never come here (attention.py's per-head path).
+where banded ran at 0.57x (``benchmarks/prefill.py``). Padded prompts never come here
+(attention.py's per-head path).
+
+A prompt fed in chunks (``DecodeLoop.prefill(chunk=)``, or a model called chunk by chunk
+with a ``MoACache``) takes ``fresh_prefill`` for its first chunk and ``cached_prefill``
+for every later one: the heads that see every key attend to their contiguous cache slice
+(bottom-right causal SDPA); the banded heads read their sink, the ring entries they still
+hold and the chunk's own keys, put in position order (``ChunkKeys``, gathered before the
+chunk is stored). Those heads run in one FlexAttention launch when ``_flex_method`` picks
+flex for the chunk (the same rule as above: CUDA, at least ``MIN_FLEX_LENGTH`` queries,
+``MOA_PREFILL``; ``flex_prefill.flex_cached_prefill``), else in the banded query chunks of
+``_banded_at``. A failure there warns once and turns only the chunk flex path off.
 
 Exact: same keys and softmax as the reference, up to floating-point summation order.
 """
@@ -40,6 +51,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,16 +59,24 @@ from moa_search.patterns import Dense, Pattern, seen_length
 from moa_search.runtime.constants import device_tensor
 from moa_search.runtime.scores import Logits, sdpa
 
+if TYPE_CHECKING:
+    from moa_search.runtime.cache import HeadLayout, MoALayerCache
+
 DEFAULT_CHUNK = 2048
 #: ``MOA_PREFILL`` values: the chunked banded path, FlexAttention for every head of a layer,
 #: FlexAttention for the banded heads with SDPA for the full ones, or flex where it runs
 METHODS = ("banded", "flex", "flex-split", "auto")
 #: shortest prompt the flex methods take (see ``_flex_method``)
 MIN_FLEX_LENGTH = 1024
-#: layer prefills per path taken ("sdpa", "banded", "flex", "flex-split", "flex-failed"):
-#: lets benchmarks and users check which path really ran
+#: layer prefills per path taken (fresh prompts: "sdpa", "banded", "flex", "flex-split";
+#: chunks after cached tokens: "chunk", the banded path, and "chunk-flex"; "flex-failed" /
+#: "chunk-flex-failed" when flex raised): lets benchmarks and users check what really ran
 PATH_COUNTS: Counter[str] = Counter()
-_FLEX_FAILED: list[str] = []  # the first error of the flex path; later calls skip it
+_FLEX_FAILED: list[str] = []  # the first error of the fresh flex path; later calls skip it
+_CHUNK_FLEX_FAILED: list[str] = []  # the same for chunks after cached tokens
+#: let the flex paths run on CPU too (eager flex, which forms every score: for tests of
+#: small shapes; the CPU default is the banded path)
+FLEX_ON_CPU = False
 
 
 @dataclass(frozen=True)
@@ -126,23 +146,13 @@ def fresh_prefill(
     if flex is not None:
         from moa_search.runtime.flex_prefill import flex_prefill  # noqa: PLC0415
 
-        try:
-            split = flex == "flex-split" and full
-            out = flex_prefill(query, key, value, patterns, logits, out, window,
-                               full_heads=full if split else None, reach=reach)  # fmt: skip
+        split = flex == "flex-split" and full
+        run = functools.partial(flex_prefill, query, key, value, patterns, logits, out, window,
+                                full_heads=full if split else None, reach=reach)  # fmt: skip
+        result = _flexed(run, _FLEX_FAILED, "flex")
+        if result is not None:
             PATH_COUNTS[flex] += 1
-            return out
-        except torch.OutOfMemoryError:  # the prompt's own size: no reason to switch flex off
-            raise
-        except Exception as exc:  # compile / kernel trouble: the banded path still works
-            PATH_COUNTS["flex-failed"] += 1
-            _FLEX_FAILED.append(f"{type(exc).__name__}: {exc}")
-            warnings.warn(
-                f"FlexAttention prefill failed, using the banded path from now on: "
-                f"{_FLEX_FAILED[0][:300]}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            return result
     PATH_COUNTS["banded" if sparse else "sdpa"] += 1
 
     everything = len(full) == kv_heads
@@ -180,17 +190,22 @@ def cached_prefill(
     out: torch.Tensor,
     window: int | None = None,
     chunk: int = DEFAULT_CHUNK,
+    method: str | None = None,
 ) -> torch.Tensor:
     """Attention of a prompt chunk at positions P..P+C-1 after the P tokens ``layer`` holds
     (a :class:`~moa_search.runtime.cache.MoALayerCache`, ``contiguous``; the chunk has no
-    padding), then the chunk stored. query: (B, Hq, C, D); key / value: (B, Hkv, C, D).
+    padding), then the chunk stored. query: (B, Hq, C, D); key / value: (B, Hkv, C, D);
+    method: as in ``fresh_prefill`` ("flex" and "flex-split" both put the banded heads in
+    one flex launch; the full heads always take the causal call below).
 
     Why: the per-head path masks every head over all its keys (a C x P mask and logits per
     head: gigabytes at P = 120k). Here banded heads read only the sink + band entries of
-    their cache (before the chunk may overwrite their ring), the chunk is stored, and the
-    heads that see every key (dense; SparQ, dense in prefill) attend to their contiguous
-    cache slice with a bottom-right causal mask (a flash kernel on CUDA, no mask built).
-    Memory: ~ chunk x (chunk + span) per banded group, C x P never."""
+    their cache (before the chunk may overwrite their ring): all in one FlexAttention launch
+    (``flex_prefill.flex_cached_prefill``) where ``_flex_method`` picks it, else by query
+    chunks per pattern (``_banded_at``). Then the chunk is stored, and the heads that see
+    every key (dense; SparQ, dense in prefill) attend to their contiguous cache slice with
+    a bottom-right causal mask (a flash kernel on CUDA, no mask built). Memory: ~ chunk x
+    (chunk + span) per banded group, C x P never."""
     batch, q_heads, length, _ = query.shape
     group = q_heads // key.shape[1]
     start = layer.processed
@@ -198,19 +213,21 @@ def cached_prefill(
     reach = max(total, layer.reach)  # a chunk of a longer prompt: the prompt's spans
     layer._ensure_capacity(reach, key)  # the final layout, before any slot is read
     layout = layer.layout
-    full: list[int] = []
-    sparse: dict[Pattern, list[int]] = {}
-    for h, p in enumerate(patterns):
-        whole = layout.sinks[h] == 0 and layout.rings[h] >= total  # slot = offset + position
-        if whole and covers_all(p, total, window, reach) and p.held_from(start, layer.reach) == 0:
-            full.append(h)
-        else:
-            sparse.setdefault(p, []).append(h)
-    shared = _Band(logits, window, chunk, group, reach)
-    for pattern, heads in sparse.items():
-        source = _cached_source(layer, key, value, heads, start, query.dtype)
-        held = pattern.held_from(start, layer.reach)  # older cached keys are gone
-        _banded_at(query, source, start, pattern, heads, out, shared, held)
+    full, sparse = chunk_heads(patterns, layer, length, window)
+    flexed = False
+    if sparse and _flex_method(method, query, _CHUNK_FLEX_FAILED) is not None:
+        from moa_search.runtime.flex_prefill import flex_cached_prefill  # noqa: PLC0415
+
+        banded = [h for h in range(len(patterns)) if h not in full]
+        run = functools.partial(flex_cached_prefill, query, key, value, patterns, layer,
+                                banded, logits, out, window)  # fmt: skip
+        flexed = _flexed(run, _CHUNK_FLEX_FAILED, "chunk-flex") is not None
+    if not flexed:
+        shared = _Band(logits, window, chunk, group, reach)
+        for pattern, heads in sparse.items():
+            source = _cached_source(layer, key, value, heads, start, query.dtype)
+            held = pattern.held_from(start, layer.reach)  # older cached keys are gone
+            _banded_at(query, source, start, pattern, heads, out, shared, held)
     positions = (start + torch.arange(length, device=query.device)).expand(batch, -1)
     layer.append(key, value, positions, fresh=True)
     for h in full:
@@ -219,28 +236,121 @@ def cached_prefill(
         k = layer.keys[:, off : off + total]
         v = layer.values[:, off : off + total]
         out[:, sl] = _tail_causal(query[:, sl], k, v, logits)
-    PATH_COUNTS["chunk"] += 1
+    PATH_COUNTS["chunk-flex" if flexed else "chunk"] += 1
     return out
+
+
+def chunk_heads(
+    patterns: list[Pattern], layer: MoALayerCache, length: int, window: int | None
+) -> tuple[list[int], dict[Pattern, list[int]]]:
+    """(full, banded) KV heads for a chunk of ``length`` tokens after what ``layer`` holds
+    (its final layout made): full heads see every key and hold them at slot = offset +
+    position; the others, grouped by pattern (equal patterns share a group), do not."""
+    start, layout = layer.processed, layer.layout
+    total = start + length
+    reach = max(total, layer.reach)
+    full: list[int] = []
+    sparse: dict[Pattern, list[int]] = {}
+    for h, p in enumerate(patterns):
+        whole = layout.sinks[h] == 0 and layout.rings[h] >= total
+        if whole and covers_all(p, total, window, reach) and p.held_from(start, layer.reach) == 0:
+            full.append(h)
+        else:
+            sparse.setdefault(p, []).append(h)
+    return full, sparse
+
+
+@dataclass(frozen=True)
+class ChunkKeys:
+    """Where some KV heads find the keys that ``length`` queries at positions start ..
+    start + length - 1 may see, in ascending position order. Head i's first ``sinks[i]``
+    keys are its cached sink (positions 0 .. sinks[i] - 1), the next ``rings[i]`` the ring
+    entries it holds, unrolled (positions start - rings[i] .. start - 1), then the chunk's
+    own keys; padding fills every head to ``size`` keys.
+
+    Why this order: positions grow with the key index, so what a query sees (its sink and
+    its recent band) is one prefix and one interval of indices per head, which a BlockMask
+    describes from bounds, whatever slot a ring put each position in."""
+
+    start: int
+    length: int
+    sinks: tuple[int, ...]
+    rings: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, layout: HeadLayout, heads: list[int], start: int, length: int) -> ChunkKeys:
+        """``heads`` of a cache ``layout`` holding positions 0 .. start - 1. ``size``, the
+        largest capacity among them + ``length``, is the same for every chunk of a prompt
+        of one chunk size (``MoALayerCache`` lays out the whole prompt from its first chunk)."""
+        sinks = tuple(min(layout.sinks[h], start) for h in heads)
+        rings = tuple(min(layout.rings[h], max(0, start - layout.sinks[h])) for h in heads)
+        size = max(layout.capacity(h) for h in heads) + length
+        return cls(start, length, sinks, rings, size)
+
+    @classmethod
+    def fresh(cls, heads: int, length: int) -> ChunkKeys:
+        """A prompt at positions 0 .. length - 1 with nothing cached: index = position."""
+        return cls(0, length, (0,) * heads, (0,) * heads, length)
+
+    def cached(self, i: int) -> int:
+        """Cached keys of head ``i``: query t of the chunk is its key cached(i) + t."""
+        return self.sinks[i] + self.rings[i]
+
+    def index(self, i: int, positions: int | torch.Tensor) -> int | torch.Tensor:
+        """Head ``i``'s index of the first key at or after each position (an int or a
+        tensor, >= 0): exact for the positions it holds."""
+        sink, shift = self.sinks[i], self.start - self.cached(i)
+        if torch.is_tensor(positions):
+            return torch.where(positions <= sink, positions, (positions - shift).clamp_min(sink))
+        return positions if positions <= sink else max(sink, positions - shift)
+
+
+def chunk_keys(
+    layer: MoALayerCache,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    heads: list[int],
+    start: int,
+    dtype: torch.dtype,
+) -> tuple[ChunkKeys, torch.Tensor, torch.Tensor]:
+    """(layout, K, V) of ``heads`` for the chunk ``key`` / ``value`` (B, Hkv, C, D) after
+    ``start`` cached tokens: K and V (B, n_heads, size, D) in ``dtype``, laid out as
+    :class:`ChunkKeys` says. A copy, gathered before the chunk is stored (it may overwrite a
+    ring); one gather from the cache and one copy of the chunk, no host sync."""
+    layout, dev = layer.layout, key.device
+    keys = ChunkKeys.of(layout, heads, start, key.shape[2])
+
+    def column(values) -> torch.Tensor:  # (n_heads, 1) per-head constants
+        return device_tensor(values, torch.long, dev)[:, None]
+
+    offset = column([layout.offsets[h] for h in heads])
+    sink = column([layout.sinks[h] for h in heads])
+    ring = column([max(layout.rings[h], 1) for h in heads])
+    first = column(keys.sinks)
+    cached = column([keys.cached(i) for i in range(len(heads))])
+    j = torch.arange(keys.size, device=dev)[None]
+    run = j + (start - cached)  # the position of a key past the cached sink
+    slots = offset + torch.where(j < first, j, sink + torch.remainder(run - sink, ring))
+    n, length = len(heads), keys.length
+    chunk_at = torch.arange(n, device=dev)[:, None] * keys.size + cached  # (n, 1)
+    dst = (chunk_at + torch.arange(length, device=dev)).flatten()
+    kv_idx, _ = head_index(heads, 1, dev)
+
+    def assemble(store: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        batch, _, dim = store.shape
+        got = store.index_select(1, slots.flatten()).to(dtype)  # chunk and padding: any slot
+        got.index_copy_(1, dst, new.index_select(1, kv_idx).to(dtype).reshape(batch, -1, dim))
+        return got.view(batch, n, keys.size, dim)
+
+    return keys, assemble(layer.keys, key), assemble(layer.values, value)
 
 
 def _cached_source(layer, key, value, heads: list[int], start: int, dtype) -> _Source:
     """Keys of ``heads`` (one pattern, so one sink / ring size) for a chunk after ``start``
-    cached tokens: their cache slots (a copy: the chunk is stored before the full heads
-    attend and may overwrite a ring) followed by the chunk's own entries."""
-    layout = layer.layout
-    sink, ring = layout.sinks[heads[0]], layout.rings[heads[0]]
-    cap = sink + ring
-    kv_idx, _ = head_index(heads, 1, key.device)
-
-    def gather(store: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        old = torch.stack([store[:, layout.offsets[h] : layout.offsets[h] + cap] for h in heads], 1)
-        return torch.cat([old.to(dtype), new.index_select(1, kv_idx).to(dtype)], 2)
-
-    def slot(p: torch.Tensor) -> torch.Tensor:
-        cached = torch.where(p < sink, p, sink + torch.remainder(p - sink, max(ring, 1)))
-        return torch.where(p >= start, cap + p - start, cached)
-
-    return _Source(gather(layer.keys, key), gather(layer.values, value), slot)
+    cached tokens, as ``chunk_keys`` lays them out."""
+    keys, k, v = chunk_keys(layer, key, value, heads, start, dtype)
+    return _Source(k, v, functools.partial(keys.index, 0))  # every head: one geometry
 
 
 def _tail_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: Logits):
@@ -264,14 +374,18 @@ def _tail_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: Logi
     )
 
 
-def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
+def _flex_method(
+    method: str | None, query: torch.Tensor, failed: list[str] | None = None
+) -> str | None:
     """ "flex" / "flex-split" when that path should run for ``query``, else None. Prompts
     under ``MIN_FLEX_LENGTH`` stay banded: one chunk per pattern is cheap there, and short
-    queries would take flex's separate decoding kernel (one more compile, less tested)."""
+    queries would take flex's separate decoding kernel (one more compile, less tested).
+    ``failed``: the flex path's errors so far (None: the fresh prompt's); any turns it off."""
     name = method or os.environ.get("MOA_PREFILL", "").strip().lower() or "auto"
     if name not in METHODS:
         raise ValueError(f"MOA_PREFILL / method must be one of {', '.join(METHODS)}, got {name!r}")
-    if name == "banded" or not query.is_cuda or _FLEX_FAILED:
+    failed = _FLEX_FAILED if failed is None else failed
+    if name == "banded" or not (query.is_cuda or FLEX_ON_CPU) or failed:
         return None
     if query.shape[2] < MIN_FLEX_LENGTH:
         return None
@@ -282,6 +396,27 @@ def _flex_method(method: str | None, query: torch.Tensor) -> str | None:
             return None
         return "flex"
     return name
+
+
+def _flexed(run, failed: list[str], path: str) -> torch.Tensor | None:
+    """Run a flex path and return its attention; None when it raised (not out of memory:
+    the prompt's own size, no reason to switch flex off), after recording the error in
+    ``failed`` (later calls then skip that path), counting ``{path}-failed`` and warning
+    once. The caller then takes the banded path, which overwrites whatever flex wrote."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # compile / kernel trouble: the banded path still works
+        PATH_COUNTS[f"{path}-failed"] += 1
+        failed.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(
+            f"FlexAttention prefill ({path}) failed, using the banded path from now on: "
+            f"{failed[0][:300]}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def head_index(kv_heads: list[int], group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
