@@ -362,10 +362,28 @@ def _flex(q, k, v, block_mask, logits: Logits, compiled: bool | str) -> torch.Te
     score_mod = softcap_mod(logits.softcap) if logits.softcap else None
     group = q.shape[1] // k.shape[1]
     extra = {"kernel_options": dict(SETTINGS.kernel_options)} if SETTINGS.kernel_options else {}
-    return fn(
-        q, k.to(q.dtype), v.to(q.dtype), score_mod=score_mod, block_mask=block_mask,
-        scale=logits.scale, enable_gqa=group > 1, **extra,
-    )  # fmt: skip
+    with recompile_room():
+        return fn(
+            q, k.to(q.dtype), v.to(q.dtype), score_mod=score_mod, block_mask=block_mask,
+            scale=logits.scale, enable_gqa=group > 1, **extra,
+        )  # fmt: skip
+
+
+#: compiled variants flex may keep: fresh and chunk masks, layer window and softcap on or
+#: off, and each batch size, head count and length that first changes (later ones reuse a
+#: symbolic compile). Dynamo's default of 8 was hit on an H200 by one benchmark process
+#: that prefilled 1 x 128k and then 8 x 64k in chunks, and every later chunk fell back
+#: to the banded path.
+RECOMPILE_LIMIT = 64
+
+
+def recompile_room():
+    """Dynamo's recompile limit raised to ``RECOMPILE_LIMIT`` (never lowered) while flex
+    runs; a config patch, so the user's own setting is back afterwards."""
+    import torch._dynamo.config as dynamo_config  # noqa: PLC0415
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(getattr(dynamo_config, name), RECOMPILE_LIMIT)})
 
 
 def flex_prefill(

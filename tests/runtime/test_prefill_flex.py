@@ -308,3 +308,24 @@ def test_configure_swaps_settings_and_drops_cached_masks():
     finally:
         fp.configure(old)
     assert old == fp.SETTINGS
+
+
+def test_flex_runs_with_room_for_recompiles(monkeypatch):
+    """Flex calls see a recompile limit of at least RECOMPILE_LIMIT (the default 8 sent a
+    long-context run's later chunks to the banded path), and the user's setting is back
+    afterwards."""
+    import torch._dynamo.config as dynamo_config  # noqa: PLC0415
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo_config, name)
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append(getattr(dynamo_config, name))
+        return q
+
+    monkeypatch.setattr(fp, "compiled_flex", lambda dynamic=None: spy)
+    q = torch.randn(1, 2, 4, 8)
+    fp._flex(q, q, q, None, Logits(0.5), compiled=True)
+    assert seen == [max(before, fp.RECOMPILE_LIMIT)]
+    assert getattr(dynamo_config, name) == before
