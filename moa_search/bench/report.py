@@ -184,7 +184,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "True); `no-graph ms`: the same step launched from Python. Kernel times are "
             "device time per step by kind; `copy`: PyTorch's copy kernels (casts, "
             "`torch.cat`, `repeat_kv`'s expand, memcpy), `other`: every other kernel "
-            "(norms, rotary, activations, the cache append).",
+            "(norms, rotary, activations, the cache append). The profiled steps launch "
+            "the decode kernels without programmatic dependent launch (with it a kernel's "
+            "wait for the one before counts as its own time).",
             "",
             "| context | batch | config | graph | timed ms | no-graph ms | kernel sum ms "
             "| overhead % | attention ms | gemm ms | other ms | copy ms | kernels/step |",
