@@ -13,9 +13,13 @@ Algorithm (flash-decoding): the valid positions of every (b, h) are enumerated a
 logical list (sink part, then window part); the list is cut into chunks of ``chunk``
 positions and program (b, h, s) handles chunk s, for all G query heads of the GQA group
 at once (K/V tile loaded once, ``tl.dot`` with a G_PAD x D query block). Programs whose
-chunk lies past their head's valid length exit at once, so short windows cost little.
+chunk lies past their head's valid length exit at once. Given each head's capacity
+(``capacity=``, what the runtime passes), only the chunks a head can fill get a program
+(``work_items``: a 1-D grid), so a short window costs one program, not max_len / chunk.
 A second small kernel merges the partial (max, sum, acc) of each (b, h). When one chunk
-covers every head (short contexts) the first kernel writes the output directly.
+covers every head (short contexts) the first kernel writes the output directly. On Hopper
+the append, attention and merge kernels launch with programmatic dependent launch (each
+waits in ``gdc_wait`` for the one before).
 """
 
 from __future__ import annotations
