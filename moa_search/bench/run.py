@@ -37,13 +37,12 @@ the run. Prefill is timed apart, at ``prefill_batch`` sequences of ``context`` r
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -273,8 +272,11 @@ class Bench:
         try:
             from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
+            from moa_search.kernels.decode import pdl_off  # noqa: PLC0415
+
             loop.fill_synthetic(context)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof, _without_pdl():
+            # PDL kernels wait for their predecessor inside themselves: profile without
+            with profile(activities=[ProfilerActivity.CUDA]) as prof, pdl_off():
                 loop.run(3, graph=False)
                 torch.cuda.synchronize(self.device)
             cats: dict[str, float] = {}
@@ -391,21 +393,6 @@ class Bench:
             }
         )
         self.emit(row)
-
-
-@contextlib.contextmanager
-def _without_pdl() -> Iterator[None]:
-    """The decode kernels launched without programmatic dependent launch: with it a kernel
-    starts early and waits for the one before inside itself, time the profiler counts as
-    its own (attention looked 0.4 ms a step slower than it is on an H200)."""
-    from moa_search.kernels import decode  # noqa: PLC0415
-
-    saved = decode.TUNING["pdl"]
-    decode.TUNING["pdl"] = 0
-    try:
-        yield
-    finally:
-        decode.TUNING["pdl"] = saved
 
 
 def _error(exc: BaseException) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from moa_search.bench import decode_loop, report
 from moa_search.bench.run import CONFIG_SPECS, BenchConfig, bench
@@ -100,16 +99,3 @@ def test_speedups_compare_like_with_like() -> None:
     assert compiled["dense-moa"] == pytest.approx(2.0)  # over dense-moa-compiled
     assert compiled["best-hf"] == pytest.approx(12.5) and compiled["best-hf-config"] == "hf-dynamic"
     assert report._speedups(rows["plan"], rows.get)["dense-moa"] == pytest.approx(1.5)
-
-
-def test_profiled_steps_launch_without_pdl():
-    """The breakdown's kernels run without programmatic dependent launch (a PDL kernel's
-    wait for its predecessor would count as attention time); the setting comes back."""
-    from moa_search.bench.run import _without_pdl  # noqa: PLC0415
-    from moa_search.kernels import decode  # noqa: PLC0415
-
-    before = decode.TUNING["pdl"]
-    with _without_pdl():
-        assert decode.TUNING["pdl"] == 0
-        assert not decode.use_pdl(torch.device("cpu"))
-    assert decode.TUNING["pdl"] == before

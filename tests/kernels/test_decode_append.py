@@ -134,3 +134,15 @@ def test_generate_through_the_fused_append_matches_the_reference(
     assert torch.equal(got.sequences, ref.sequences)
     for a, b in zip(got.logits, ref.logits, strict=True):
         assert (a - b).abs().max() <= 1e-3
+
+
+def test_pdl_off_switches_launches_and_restores() -> None:
+    """``pdl_off`` (what bench's profiled steps use) turns PDL off inside and puts the
+    setting back, also when the block raises."""
+    from moa_search.kernels import decode  # noqa: PLC0415
+
+    before = decode.TUNING["pdl"]
+    with pytest.raises(RuntimeError), decode.pdl_off():
+        assert decode.TUNING["pdl"] == 0
+        raise RuntimeError
+    assert decode.TUNING["pdl"] == before
