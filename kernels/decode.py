@@ -53,6 +53,7 @@ TUNING: dict[str, int] = {
     "chunk_hi": 1024,
     "per_sm": 16,
     "pdl": 1,  # programmatic dependent launch where the GPU has it (``pdl_supported``)
+    "work_items": 1,  # with ``capacity``: programs only for chunks a head can fill
 }
 
 
@@ -446,10 +447,10 @@ def mixed_decode(
     split = splits > 1
     g_pad = max(16, next_pow2(group))
     rows = batch * n_list
+    if capacity is not None and len(capacity) != n_list:
+        raise ValueError(f"capacity has {len(capacity)} entries for {n_list} listed heads")
     items = None
-    if capacity is not None:
-        if len(capacity) != n_list:
-            raise ValueError(f"capacity has {len(capacity)} entries for {n_list} listed heads")
+    if capacity is not None and TUNING["work_items"]:
         items = work_items(tuple(min(c, bound) for c in capacity), chunk, str(dev))
     grid = (rows, splits) if items is None else (batch * (items.numel() // 2),)
     if split:
