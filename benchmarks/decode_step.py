@@ -18,8 +18,10 @@ and run.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,6 @@ from moa_search.bench.models import build_model
 from moa_search.bench.report import markdown_table, versions, write_csv
 from moa_search.bench.synthetic import synthetic_plan
 from moa_search.files import write_json, write_text
-from moa_search.kernels import decode
 from moa_search.plan import Plan, uniform_plan
 
 #: variant -> the decode TUNING it sets; "default" is what the runtime ships
@@ -57,6 +58,30 @@ def parse_points(text: str) -> list[tuple[str, int, int]]:
     if not points:
         raise SystemExit("--points: give at least one dense:BxN or plan:BxN")
     return points
+
+
+@contextlib.contextmanager
+def variant_tuning(tuning: dict[str, int], settings: dict[str, int]) -> Iterator[None]:
+    """``tuning`` (the decode kernels' TUNING) with ``settings`` applied inside, restored
+    afterwards whatever happens."""
+    saved = dict(tuning)
+    tuning.update(settings)
+    try:
+        yield
+    finally:
+        tuning.clear()
+        tuning.update(saved)
+
+
+def decode_tuning(smoke: bool) -> dict[str, int]:
+    """The kernels' TUNING; for the CPU smoke run a stand-in dict (the CPU decodes through
+    the PyTorch reference, and importing the kernels here, before the kernel tests set up
+    Triton's interpreter, would leave Triton without a driver in the test process)."""
+    if smoke:
+        return {}
+    from moa_search.kernels import decode  # noqa: PLC0415
+
+    return decode.TUNING
 
 
 def step_ms(model: Any, plan: Plan, batch: int, context: int, steps: int, compile_: bool):
@@ -102,19 +127,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
              for n in {p[2] for p in points}}  # fmt: skip
     dense = uniform_plan(model, "dense")
     times: dict[tuple, list[float]] = {}
-    saved = dict(decode.TUNING)
-    try:
-        for _ in range(args.rounds):
-            for variant, tuning in VARIANTS.items():
-                decode.TUNING.update(tuning)
+    tuning = decode_tuning(args.smoke)
+    for _ in range(args.rounds):
+        for variant, settings in VARIANTS.items():
+            with variant_tuning(tuning, settings):
                 for config, batch, context in points:
                     plan = dense if config == "dense" else plans[context]
                     ms = step_ms(model, plan, batch, context, args.steps, args.compile)
                     times.setdefault((config, batch, context, variant), []).append(ms)
                     print(f"{config} B={batch} N={context} {variant}: {ms:.3f} ms", flush=True)
-    finally:
-        decode.TUNING.clear()
-        decode.TUNING.update(saved)
     rows = []
     for (config, batch, context, variant), got in times.items():
         ms = statistics.median(got)
