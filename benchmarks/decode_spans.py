@@ -66,13 +66,7 @@ def span_path(mode: str) -> Iterator[None]:
 def step_ms(model: Any, plan: Plan, batch: int, context: int, steps: int) -> float:
     loop = PlanLoop(model, plan, batch=batch, max_cache_len=context + steps + 8)
     try:
-        loop.allocate()
-        if loop.use_graph:
-            loop.capture()
-        loop.fill_synthetic(context)
-        loop.run(4)  # warm replays
-        loop.fill_synthetic(context)
-        return loop.run(steps) / steps * 1e3
+        return loop.step_ms(context, steps)
     finally:
         loop.close()
 

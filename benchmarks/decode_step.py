@@ -90,16 +90,7 @@ def step_ms(model: Any, plan: Plan, batch: int, context: int, steps: int, compil
     loop = PlanLoop(model, plan, batch=batch, max_cache_len=context + steps + 8,
                     compile_settings=settings)  # fmt: skip
     try:
-        loop.allocate()
-        if loop.use_graph:
-            loop.capture()
-        loop.fill_synthetic(context)
-        loop.run(2)
-        best = float("inf")
-        for _ in range(2):
-            loop.fill_synthetic(context)
-            best = min(best, loop.run(steps) / steps * 1e3)
-        return best
+        return loop.step_ms(context, steps, warm=2, repeats=2)
     finally:
         loop.close()
 

@@ -285,6 +285,19 @@ class DecodeLoop:
     def _set_cache_host_length(self, n: int) -> None:
         """Bring host-side counters in line after graph replays (device state advanced)."""
 
+    def step_ms(self, length: int, steps: int, *, warm: int = 4, repeats: int = 1) -> float:
+        """ms per decode step from a synthetic cache at ``length``: the step captured (on
+        CUDA), ``warm`` untimed steps, then the best of ``repeats`` timed runs of ``steps``,
+        each from a fresh fill (what the speed benchmarks time)."""
+        self.capture()  # allocates; a no-op graph-wise off CUDA
+        self.fill_synthetic(length)
+        self.run(warm)
+        best = float("inf")
+        for _ in range(repeats):
+            self.fill_synthetic(length)
+            best = min(best, self.run(steps) / steps * 1e3)
+        return best
+
     @torch.no_grad()
     def generate(
         self, input_ids: torch.Tensor, new_tokens: int, chunk: int | None = None

@@ -224,3 +224,18 @@ def test_compiled_static_loop_falls_back_to_graph_breaks(model, monkeypatch):
         loop.close()
     assert note is not None and note.startswith("fullgraph failed")
     assert torch.equal(got, want)
+
+
+def test_step_ms_times_from_a_fresh_fill(model):
+    """``step_ms``: positive ms a step, the loop left after the last timed run (fill at
+    ``length`` + ``steps``), the same tokens as a plain fill + run from that state."""
+    loop = DenseLoop(model, 2, 48)
+    try:
+        ms = loop.step_ms(32, 5, warm=2, repeats=2)
+        assert ms > 0 and loop.length == 37
+        timed = loop.out_tokens[:, :5].clone()
+        loop.fill_synthetic(32)
+        loop.run(5)
+        assert torch.equal(loop.out_tokens[:, :5], timed)
+    finally:
+        loop.close()
