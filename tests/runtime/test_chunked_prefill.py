@@ -79,19 +79,26 @@ def _same_state(got, want):
             assert b == a
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 43, 44, 64])
-def test_chunked_prefill_equals_one_shot(model, chunk):
+def check_chunked_equals_one_shot(model, chunk: int, path: str) -> None:
+    """The ROWS plan prefilled in chunks of ``chunk`` against one piece: every later chunk
+    of every layer took ``path`` (a PATH_COUNTS key); logits, next tokens and each head's
+    cache are the one-shot ones."""
     plan = _plan(model, ROWS)
     ids = torch.randint(0, 96, (2, LENGTH), generator=torch.Generator().manual_seed(3))
     want = _run(model, plan, ids, None)
-    before = prefill.PATH_COUNTS["chunk"]
+    before = prefill.PATH_COUNTS[path]
     got = _run(model, plan, ids, chunk)
     later = len(chunk_bounds(LENGTH, chunk)) - 1
-    assert prefill.PATH_COUNTS["chunk"] - before == later * len(ROWS)
+    assert prefill.PATH_COUNTS[path] - before == later * len(ROWS)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(got[1], want[1])
     for g, w in zip(got[2], want[2], strict=True):
         _same_state(g, w)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 43, 44, 64])
+def test_chunked_prefill_equals_one_shot(model, chunk):
+    check_chunked_equals_one_shot(model, chunk, "chunk")
 
 
 def test_chunked_prefill_matches_the_reference_backend(model):

@@ -18,7 +18,6 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from moa_search.bench.decode_loop import chunk_bounds
 from moa_search.patterns import parse
 from moa_search.plan import uniform_plan
 from moa_search.runtime import flex_prefill as fp
@@ -28,8 +27,11 @@ from moa_search.runtime.cache import HeadLayout, MoACache
 from moa_search.runtime.scores import Logits
 from tests.conftest import tiny_llama
 from tests.families import tiny_family_model
-from tests.runtime.test_chunked_prefill import LENGTH, ROWS, _run, _same_state
 from tests.runtime.test_chunked_prefill import _plan as model_plan
+from tests.runtime.test_chunked_prefill import (
+    _run,
+    check_chunked_equals_one_shot,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -345,17 +347,7 @@ def llama():
 def test_model_chunked_prefill_through_flex_equals_one_shot(llama, chunk, flex_on_cpu):
     """A model's own attention calls (``DecodeLoop.prefill(chunk=)``, whose chunks run
     inside ``MoACache.prompt``): logits, next tokens and every head's cache as one-shot."""
-    plan = model_plan(llama, ROWS)
-    ids = torch.randint(0, 96, (2, LENGTH), generator=torch.Generator().manual_seed(3))
-    want = _run(llama, plan, ids, None)
-    before = prefill.PATH_COUNTS["chunk-flex"]
-    got = _run(llama, plan, ids, chunk)
-    later = len(chunk_bounds(LENGTH, chunk)) - 1
-    assert prefill.PATH_COUNTS["chunk-flex"] - before == later * len(ROWS)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(got[1], want[1])
-    for g, w in zip(got[2], want[2], strict=True):
-        _same_state(g, w)
+    check_chunked_equals_one_shot(llama, chunk, "chunk-flex")
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
